@@ -1,0 +1,329 @@
+"""The synthetic CT cohort: neck-to-pelvis phantoms with known findings, written as a real cohort folder.
+
+CLEAR cannot download CT here, and a user should be able to try the tool before pointing it at their own
+scans, so `python clear.py synth` draws a cohort that looks like CT to the code: int16 NIfTI in Hounsfield
+units with proper affines, varying spacing, slice count and stored orientation, plausible anatomy, scanner
+noise, and findings in a lesion mask. It poses the paper's three tasks with known ground truth:
+
+- tumour location: lesions in the 8 DeepLesion sites (bone, abdomen, mediastinum, liver, lung, kidney, soft
+  tissue, pelvis), small (5-30 mm) and of low contrast to their host tissue (tens of HU, except the
+  inherently dense lung nodules and mediastinal nodes), covering a few slices of a scan: a model that
+  does not look at lesions cannot solve it;
+- lung disease: ground-glass/consolidation patches or emphysema-like low-attenuation areas;
+- stage 0-3, derived from the findings by `stage_of` (a simplified TNM):
+    0 no tumour; 1 one organ site, every lesion < 20 mm; 2 one organ site with a lesion >= 20 mm, or any
+    nodal station (mediastinum, abdomen) involved; 3 distant metastasis: two or more organ sites.
+
+Geometry is built in mm on the canonical RAS+ grid (Z, Y, X): z inferior -> superior, y posterior ->
+anterior, x patient-left -> patient-right; body regions by height fraction h of the scanned length:
+pelvis h < 0.22, abdomen 0.22-0.52, chest 0.52-0.86, neck above. Everything is a function of
+(seed, patient, scan), so a cohort is reproducible file for file.
+"""
+import csv
+import json
+import multiprocessing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data import atomic_path, save_nifti
+
+SITES = ("bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue", "pelvis")
+ORGAN_SITES = ("bone", "liver", "lung", "kidney", "soft_tissue", "pelvis")  # a second one = metastasis
+NODAL_SITES = ("mediastinum", "abdomen")
+LUNG_GGO, LUNG_EMPHYSEMA = 9, 10  # mask labels of lung disease; tumours of site i have label i + 1
+ENDPOINTS = ("lung_disease", "stage") + tuple(f"loc_{s}" for s in SITES)
+
+# Tissue ids of the organ map (returned, not written): where each site's lesions may lie.
+AIR, FAT, MUSCLE, LUNG, HEART, MEDIASTINUM, LIVER, SPLEEN, KIDNEY, BOWEL, BLADDER, BONE, PELVIS, AORTA, \
+    NECK = range(15)
+SITE_TISSUE = {"bone": BONE, "abdomen": BOWEL, "mediastinum": MEDIASTINUM, "liver": LIVER, "lung": LUNG,
+               "kidney": KIDNEY, "soft_tissue": MUSCLE, "pelvis": PELVIS}
+# Lesion density: (HU of the lesion relative to its host tissue, or absolute HU for lesions in air/fat).
+LESION_HU = {"bone": ("rel", -150.0), "abdomen": ("rel", 35.0), "mediastinum": ("abs", 30.0),
+             "liver": ("rel", -35.0), "lung": ("abs", 20.0), "kidney": ("rel", -30.0),
+             "soft_tissue": ("rel", 30.0), "pelvis": ("rel", 35.0)}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    n: int = 200  # scans; enough for every label to have both classes
+    seed: int = 0
+    workers: int = 2  # processes drawing scans in parallel (one per core here)
+    size: int = 128  # in-plane grid; real CT is 512, so pixel spacing is 0.6-0.9 mm x 512 / size
+    thickness: tuple = (1.0, 5.0)  # slice thickness range in mm, drawn per scan
+    contrast: float = 1.0  # difficulty knob: scales every lesion's HU difference to its host
+    lesion_scale: float = 1.0  # difficulty knob: scales lesion diameters (5-30 mm at 1.0)
+    follow_up: float = 0.2  # share of patients with a second scan (a patient's scans share findings)
+
+
+@dataclass
+class Phantom:
+    hu: np.ndarray  # (Z, Y, X) float32, canonical RAS+
+    mask: np.ndarray  # (Z, Y, X) uint8: 0 background, 1-8 tumour by site, 9 ground glass, 10 emphysema
+    tissue: np.ndarray  # (Z, Y, X) uint8 tissue ids (the organ map), for tests and inspection
+    spacing: tuple  # (z, y, x) mm
+    affine: np.ndarray  # (4, 4) voxel (x, y, z) -> RAS+ mm
+    labels: dict  # endpoint -> int
+    lesions: list  # (site, diameter_mm) per tumour lesion
+
+
+def stage_of(lesions):
+    """Stage 0-3 from the tumour lesions [(site, diameter_mm), ...] (see the module docstring)."""
+    organs = {s for s, _ in lesions if s in ORGAN_SITES}
+    if not lesions:
+        return 0
+    if len(organs) >= 2:
+        return 3
+    if any(s in NODAL_SITES for s, _ in lesions) or max(d for _, d in lesions) >= 20:
+        return 2
+    return 1
+
+
+def draw_findings(rng, cfg):
+    """Tumour lesions [(site, diameter_mm)] for a drawn target stage, and the lung disease (0/None, 9, 10)."""
+    size = lambda lo, hi: float(rng.uniform(lo, hi)) * cfg.lesion_scale  # noqa: E731
+    stage = rng.choice(4, p=[0.3, 0.25, 0.25, 0.2])
+    organs = list(rng.choice(ORGAN_SITES, size=1 + (stage == 3) * rng.integers(1, 3), replace=False))
+    lesions = []
+    if stage >= 1:
+        big = stage == 2 and rng.random() < 0.5
+        lesions.append((organs[0], size(20, 30) if big else size(5, 18)))
+        if stage == 2 and not big:
+            lesions.append((str(rng.choice(NODAL_SITES)), size(10, 25)))
+        for site in organs[1:]:
+            lesions += [(site, size(5, 25)) for _ in range(rng.integers(1, 3))]
+        if stage == 3 and rng.random() < 0.4:
+            lesions.append((str(rng.choice(NODAL_SITES)), size(10, 25)))
+    disease = [0, LUNG_GGO, LUNG_EMPHYSEMA][rng.choice(3, p=[0.6, 0.2, 0.2])]
+    return [(str(s), d) for s, d in lesions], disease
+
+
+class Canvas:
+    """A (Z, Y, X) volume in mm coordinates with ellipsoid painting: HU, tissue ids and the lesion mask."""
+
+    def __init__(self, shape, spacing, origin):
+        self.hu = np.full(shape, -1000.0, np.float32)
+        self.tissue = np.zeros(shape, np.uint8)
+        self.mask = np.zeros(shape, np.uint8)
+        self.axes = [o + np.arange(n) * s for n, s, o in zip(shape, spacing, origin)]  # mm along z, y, x
+
+    def ellipsoid(self, center, radii, value=None, tissue=None, inside=None):
+        """The voxels of an axis-aligned ellipsoid (restricted to the tissues `inside`, if given) as
+        (bounding-box slices, boolean (z, y, x) mask within the box); paints `value`/`tissue` if given."""
+        box, d = [], 0.0
+        for axis, (c, r) in enumerate(zip(center, radii)):
+            lo, hi = np.searchsorted(self.axes[axis], [c - r, c + r])
+            box.append(slice(lo, hi))
+            shape = [1, 1, 1]
+            shape[axis] = hi - lo
+            d = d + ((self.axes[axis][lo:hi] - c) / r).reshape(shape) ** 2
+        box = tuple(box)
+        hit = np.broadcast_to(d <= 1.0, self.hu[box].shape).copy()  # (z, y, x) of the box
+        if inside is not None:
+            hit &= np.isin(self.tissue[box], inside)
+        if value is not None:
+            self.hu[box][hit] = value
+        if tissue is not None:
+            self.tissue[box][hit] = tissue
+        return box, hit
+
+
+def _interp(h, knots):
+    """Piecewise-linear profile over height fraction h: knots = [(h, value), ...]."""
+    return np.interp(h, [k for k, _ in knots], [v for _, v in knots])
+
+
+def _body(cv, rng, height, girth):
+    """Subcutaneous fat, muscle wall and body cavity, slice by slice; returns the cavity half-axes (Z,)."""
+    h = (cv.axes[0] - cv.axes[0][0]) / height  # (Z,) height fraction
+    ax = girth * _interp(h, [(0, 170), (0.22, 165), (0.5, 160), (0.55, 170), (0.84, 165), (0.9, 65), (1, 60)])
+    ay = girth * _interp(h, [(0, 115), (0.22, 115), (0.5, 120), (0.55, 112), (0.84, 110), (0.9, 58), (1, 55)])
+    fat = rng.uniform(8, 30) * girth * np.clip((0.9 - h) * 10, 0.3, 1)  # (Z,), thin in the neck
+    wall = fat + rng.uniform(10, 18)
+    Y2, X2 = (cv.axes[1][:, None] ** 2).astype(np.float32), (cv.axes[2][None, :] ** 2).astype(np.float32)
+    cavity = np.select([h < 0.22, h < 0.52, h < 0.86], [PELVIS, BOWEL, MEDIASTINUM], NECK)[:, None, None]
+    cavity_hu = np.select([h < 0.22, h < 0.52, h < 0.86], [35.0, 30.0, -80.0], 40.0)[:, None, None]
+    layers = []  # (Z, Y, X) masks: inside the skin, the muscle wall, the cavity
+    for inset in (0, fat, wall):
+        rx2, ry2 = ((ax - inset) ** 2)[:, None, None], ((ay - inset) ** 2)[:, None, None]  # (Z, 1, 1)
+        layers.append(X2 / rx2 + Y2 / ry2 <= 1)
+    cv.tissue[:] = np.select(layers[::-1], [cavity, MUSCLE, FAT], AIR)
+    cv.hu[:] = np.select(layers[::-1], [cavity_hu, 45.0, -100.0], -1000.0)
+    return ax - wall, ay - wall
+
+
+def _anatomy(cv, rng, height, girth):
+    """Organs, bones and vessels at their heights, with per-patient sizes and positions."""
+    cx, cy = _body(cv, rng, height, girth)
+    z0, z1 = cv.axes[0][0], cv.axes[0][-1]
+    H = lambda f: z0 + f * height  # noqa: E731  (height fraction -> z in mm)
+    j = lambda s=8.0: rng.normal(0, s)  # noqa: E731  (positional jitter, mm)
+    s = lambda: rng.uniform(0.85, 1.15)  # noqa: E731  (size variation)
+    w, d = float(cx.max()), float(cy.max())  # half-width and half-depth of the trunk cavity
+    spine = lambda z: 25 - np.interp(z, cv.axes[0], cy)  # noqa: E731  (vertebral body's y at height z)
+    for zc in np.arange(z0, z1, 30.0):  # vertebrae: cancellous bone (cortex comes from the blur), discs
+        cv.ellipsoid((zc + 12, spine(zc), 0), (12, 16, 16), 400.0, BONE)
+        cv.ellipsoid((zc + 12, spine(zc) - 22, 0), (12, 6, 6), 15.0, MUSCLE)  # spinal canal
+        cv.ellipsoid((zc + 27, spine(zc), 0), (3, 16, 16), 80.0, MUSCLE)  # disc
+    cavity = (PELVIS, BOWEL, MEDIASTINUM, NECK)
+    for side in (-1, 1):
+        cv.ellipsoid((H(0.69) + j(), 5 + j(4), side * (0.48 * w + j(4))),
+                     (0.15 * height * s(), 0.8 * d * s(), 0.4 * w * s()), -850.0, LUNG, inside=cavity)
+        cv.ellipsoid((H(0.15), -0.2 * d + j(4), side * 0.62 * w), (0.09 * height, 50 * s(), 12), 450.0, BONE)
+        cv.ellipsoid((H(0.04), j(3), side * 0.45 * w), (24, 24, 24), 450.0, BONE)  # femoral heads
+        kidney = (H(0.36) + j(), spine(H(0.36)) + 12, side * (0.33 * w + j(3)))
+        cv.ellipsoid(kidney, (65, 38, 38), -90.0, FAT, inside=(BOWEL,))  # perirenal fat
+        cv.ellipsoid(kidney, (55 * s(), 28 * s(), 28 * s()), 35.0, KIDNEY, inside=(FAT,))
+    for zc in np.arange(H(0.55), H(0.86), 22.0):  # ribs: small ovals in the chest wall, none in front
+        rx, ry = np.interp(zc, cv.axes[0], cx) + 6, np.interp(zc, cv.axes[0], cy) + 6
+        for t in np.linspace(0.12, 0.75, 6) * np.pi:  # angle from the back; ribs slope down to the front
+            for side in (-1, 1):
+                c = (zc - 12 * t / np.pi, -ry * np.cos(t), side * rx * np.sin(t))
+                cv.ellipsoid(c, (6, 6, 7), 700.0, BONE, inside=(MUSCLE,))
+    cv.ellipsoid((H(0.6) + j(), 0.3 * d + j(4), -0.15 * w + j(4)), (45 * s(), 50 * s(), 55 * s()), 40.0, HEART,
+                 inside=(MEDIASTINUM, LUNG))
+    cv.ellipsoid((H(0.47) + j(), 0.05 * d + j(4), 0.4 * w + j(4)), (70 * s(), 0.75 * d * s(), 0.5 * w * s()),
+                 60.0, LIVER, inside=(BOWEL, MEDIASTINUM))
+    cv.ellipsoid((H(0.47) + j(), -0.3 * d + j(4), -0.6 * w + j(4)), (45 * s(), 40 * s(), 25 * s()),
+                 50.0, SPLEEN, inside=(BOWEL,))
+    cv.ellipsoid((H(0.1) + j(), 0.35 * d + j(4), j(4)), (35 * s(), 40 * s(), 45 * s()), 10.0, BLADDER,
+                 inside=(PELVIS,))
+    for zc in np.arange(H(0.25), H(0.72), 5.0):  # aorta: a tube of stacked discs
+        cv.ellipsoid((zc, spine(zc) + 28, -12), (4, 12, 12), 45.0, AORTA, inside=(BOWEL, MEDIASTINUM))
+    for zc in np.arange(H(0.72), z1, 5.0):  # trachea
+        cv.ellipsoid((zc, spine(zc) + 40, 0), (4, 9, 9), -1000.0, NECK, inside=cavity)
+    for _ in range(rng.integers(40, 80)):  # mesenteric fat and bowel gas
+        c = (rng.uniform(H(0.05), H(0.5)), rng.uniform(-0.5, 0.8) * d, rng.uniform(-0.8, 0.8) * w)
+        cv.ellipsoid(c, rng.uniform(6, 20, 3), rng.choice([-90.0, -90.0, -1000.0]), None, inside=(BOWEL, PELVIS))
+    for _ in range(rng.integers(40, 70)):  # pulmonary vessels: thin and elongated (nodules are round)
+        c = (rng.uniform(H(0.55), H(0.84)), rng.uniform(-0.6, 0.8) * d, rng.uniform(-0.9, 0.9) * w)
+        r = rng.permutation([rng.uniform(1.5, 3), rng.uniform(1.5, 3), rng.uniform(8, 25)])
+        cv.ellipsoid(c, r, 40.0, None, inside=(LUNG,))
+    return H
+
+
+def _lung_disease(cv, rng, kind, contrast, H):
+    """Ground glass (some patches consolidated) or emphysema-like holes, inside the lungs only."""
+    n, radius, top = ((rng.integers(2, 5), (15, 40), H(0.55)) if kind == LUNG_GGO else
+                      (rng.integers(30, 60), (3, 9), H(0.68)))
+    for _ in range(n):
+        c = (rng.uniform(top, H(0.84)), rng.uniform(-80, 80), rng.choice([-1, 1]) * rng.uniform(30, 120))
+        box, hit = cv.ellipsoid(c, rng.uniform(*radius, 3), inside=(LUNG,))
+        delta = {LUNG_EMPHYSEMA: -130.0, LUNG_GGO: rng.choice([250.0, 250.0, 850.0])}[kind]
+        cv.hu[box][hit] += contrast * delta
+        cv.mask[box][hit] = kind
+
+
+def _lesion(cv, rng, site, diameter, contrast):
+    """A tumour in `site`'s host tissue, centred on a random host voxel; False if none could be placed."""
+    tissue = SITE_TISSUE[site]
+    where = np.flatnonzero(cv.tissue == tissue)
+    for _ in range(20):  # retry until most of the lesion lies in its host tissue
+        center = np.unravel_index(rng.choice(where), cv.hu.shape)
+        center = [ax[i] for ax, i in zip(cv.axes, center)]
+        radii = diameter / 2 * rng.uniform(0.8, 1.2, 3)
+        box, hit = cv.ellipsoid(center, radii)
+        inside = hit & (cv.tissue[box] == tissue)
+        if inside.sum() >= max(1, 0.6 * hit.sum()):
+            kind, hu = LESION_HU[site]
+            cv.hu[box][inside] = (cv.hu[box][inside] + contrast * hu if kind == "rel" else
+                                  HOST_HU[tissue] + contrast * (hu - HOST_HU[tissue]))
+            cv.mask[box][inside] = SITES.index(site) + 1
+            return True
+    return False
+
+
+HOST_HU = {LUNG: -850.0, MEDIASTINUM: -80.0}  # hosts of the lesions given in absolute HU
+
+
+def _blur(hu, sigma_px):
+    """Separable in-plane Gaussian blur (5 taps) of a (Z, Y, X) volume: partial volume, correlated noise."""
+    k = np.exp(-0.5 * (np.arange(-2, 3) / sigma_px) ** 2).astype(np.float32)
+    k /= k.sum()
+    for axis in (1, 2):
+        pad = [(0, 0)] * 3
+        pad[axis] = (2, 2)
+        p, n = np.pad(hu, pad, mode="edge"), hu.shape[axis]
+        hu = sum(w * p.take(np.arange(i, i + n), axis=axis) for i, w in enumerate(k))
+    return hu
+
+
+def make_phantom(cfg, patient, scan=0):
+    """One scan of one patient: anatomy and findings from (seed, patient), acquisition from the scan."""
+    rng_f, rng_a, rng_s = (np.random.default_rng([cfg.seed, patient, k, scan * (k == 2)]) for k in range(3))
+    lesions, disease = draw_findings(rng_f, cfg)
+    height, girth = rng_a.uniform(480, 560), rng_a.uniform(0.85, 1.1)
+    pixel = rng_s.uniform(max(0.6, (2 * 170 * girth + 30) / 512), 0.9) * 512 / cfg.size  # mm, body fits
+    dz = round(rng_s.uniform(*cfg.thickness) * 4) / 4
+    nz = int(height // dz) + 1
+    shift = rng_s.normal(0, 8, 2)  # where the table put the patient
+    origin = (-rng_s.uniform(900, 1100), -cfg.size / 2 * pixel + shift[0], -cfg.size / 2 * pixel + shift[1])
+    cv = Canvas((nz, cfg.size, cfg.size), (dz, pixel, pixel), origin)
+    H = _anatomy(cv, rng_a, height, girth)
+    if disease:
+        _lung_disease(cv, rng_f, disease, cfg.contrast, H)
+    placed = [(s, d) for s, d in lesions if _lesion(cv, rng_s, s, d, cfg.contrast)]
+    noise = rng_s.uniform(8, 20) * 2.5  # HU before the blur, which lowers it about 2.5x
+    hu = cv.hu + rng_s.standard_normal(cv.hu.shape, dtype=np.float32) * noise
+    hu = np.clip(np.rint(_blur(hu, 0.7)), -1024, 3071).astype(np.float32)
+    labels = {"lung_disease": int(disease > 0), "stage": stage_of(placed)}
+    labels.update({f"loc_{s}": int(any(p == s for p, _ in placed)) for s in SITES})
+    affine = np.diag([pixel, pixel, dz, 1.0])
+    affine[:3, 3] = origin[::-1]  # (x, y, z) of voxel 0
+    return Phantom(hu, cv.mask, cv.tissue, (dz, pixel, pixel), affine, labels, placed)
+
+
+def cohort_plan(cfg):
+    """(patient, scan) pairs of the cohort: patients in order, a share of them scanned twice."""
+    plan, patient = [], 0
+    while len(plan) < cfg.n:
+        repeat = np.random.default_rng([cfg.seed, patient, 9]).random() < cfg.follow_up
+        plan += [(patient, k) for k in range(1 + repeat)][: cfg.n - len(plan)]
+        patient += 1
+    return plan
+
+
+STORAGE = (("RAS", np.int16), ("LPS", np.int16), ("LAS", np.int16), ("PRS", np.int16), ("RAS", np.uint16))
+
+
+def write_scan(cfg, out, patient, scan):
+    """Draw one scan and write images/<name>.nii.gz (HU) and masks/<name>.nii.gz; returns its labels row.
+    Stored orientation and dtype vary (DICOM-like LPS, a permuted axis order, uint16 with intercept -1024),
+    as in real exports: the loader must undo every one of them."""
+    ph = make_phantom(cfg, patient, scan)
+    name = f"P{patient:04d}_S{scan + 1}"
+    rng = np.random.default_rng([cfg.seed, patient, 8, scan])
+    axcodes, dtype = STORAGE[rng.choice(len(STORAGE), p=[0.4, 0.3, 0.1, 0.1, 0.1])]
+    inter = -1024.0 if dtype == np.uint16 else 0.0
+    save_nifti(Path(out) / "images" / f"{name}.nii.gz", ph.hu, ph.affine, dtype, inter=inter, axcodes=axcodes)
+    save_nifti(Path(out) / "masks" / f"{name}.nii.gz", ph.mask, ph.affine, np.uint8, axcodes=axcodes)
+    return {"patient": f"P{patient:04d}", "scan": name, **ph.labels}
+
+
+def write_cohort(cfg, out, progress=lambda it, total: it):
+    """Write the whole cohort into `out` (images/, masks/, labels.csv, synth.json); returns the label rows.
+    `progress` wraps the iterator of finished scans (the CLI passes a tqdm bar)."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    plan = cohort_plan(cfg)
+    jobs = [(cfg, out, p, k) for p, k in plan]
+    if cfg.workers > 1:
+        with multiprocessing.get_context("fork").Pool(cfg.workers) as pool:
+            rows = list(progress(pool.imap(_write_job, jobs), len(jobs)))
+    else:
+        rows = list(progress(map(_write_job, jobs), len(jobs)))
+    with atomic_path(out / "labels.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, ["patient", "scan", *ENDPOINTS])
+            writer.writeheader()
+            writer.writerows(rows)
+    with atomic_path(out / "synth.json") as tmp:
+        tmp.write_text(json.dumps(asdict(cfg), indent=1))
+    return rows
+
+
+def _write_job(job):
+    return write_scan(*job)
