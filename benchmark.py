@@ -63,9 +63,178 @@ def matmul_peak_gflops(n=2048, repeat=5):
     return 2 * n**3 / best_time(lambda: torch.mm(a, b), repeat=repeat) / 1e9
 
 
+# ---------------------------------------------------------------- scan: selective scan forward + backward
+
+
+def _release_freed_memory():
+    """Hand memory that glibc keeps after free() back to the OS, so peak_memory's rise in resident set sees
+    every page a candidate touches, not only those beyond what an earlier candidate left behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _mambapy_scan(pscan):
+    """The same computation as selective_scan(u, delta, A, B, C), built around mambapy's pscan the way
+    mambapy's own Mamba block does (deltaA and BX materialised as (B, L, D, N), then y = hs @ C)."""
+
+    def run(u, delta, A, B, C):
+        delta_t, u_t = delta.transpose(1, 2), u.transpose(1, 2)  # (B, L, D)
+        deltaA = torch.exp(delta_t.unsqueeze(-1) * A)  # (B, L, D, N)
+        BX = delta_t.unsqueeze(-1) * B.transpose(1, 2).unsqueeze(2) * u_t.unsqueeze(-1)  # (B, L, D, N)
+        hs = pscan(deltaA, BX)  # (B, L, D, N)
+        return (hs @ C.transpose(1, 2).unsqueeze(-1)).squeeze(3).transpose(1, 2)  # (B, D, L)
+
+    return run
+
+
+def _fwd_bwd(scan, inputs, dy):
+    torch.autograd.grad(scan(*inputs), inputs, dy)
+
+
+def bench_scan(args):
+    """Selective scan forward+backward (batch 8, dim 384, N 16): the loop reference, the default path, the
+    parallel form and, when installed, mambapy's pscan, on the same inputs. Prints a markdown table."""
+    from functools import partial
+
+    from triton_scan import default_method, selective_scan, selective_scan_ref
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        from mambapy.pscan import pscan
+    except ImportError:
+        pscan = None
+    default = default_method(device)
+    candidates = {"reference (loop)": selective_scan_ref,
+                  f"default ({default})": partial(selective_scan, method=default)}
+    for method in ("chunked", "parallel"):
+        if method != default:
+            candidates[method] = partial(selective_scan, method=method)
+    if pscan is not None:
+        candidates["mambapy pscan"] = _mambapy_scan(pscan)
+    batch, dim, N = 8, 384, 16
+    lengths = [196] if args.quick else args.lengths
+    print(f"selective scan fwd+bwd on {device} ({torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f} at start), batch {batch}, dim {dim}, N {N}; best of {args.repeat}; "
+          "peak = extra memory during one call"
+          + ("" if pscan is not None else "; mambapy not installed (pip install mambapy) so no pscan row"))
+    print("\n| L | method | fwd+bwd ms | speed-up vs mambapy | speed-up vs reference | peak MiB |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for L in lengths:
+        gen = torch.Generator().manual_seed(L)
+        u, delta, dy = (torch.randn(batch, dim, L, generator=gen) for _ in range(3))  # (B, D, L)
+        delta = torch.nn.functional.softplus(delta - 2)  # (B, D, L), step sizes around 0.1 as in Mamba
+        A = -torch.exp(torch.randn(dim, N, generator=gen))  # (D, N), negative real
+        B, C = (torch.randn(batch, N, L, generator=gen) for _ in range(2))  # (B, N, L)
+        inputs = [t.to(device).requires_grad_() for t in (u, delta, A, B, C)]
+        dy = dy.to(device)
+        runs = {name: partial(_fwd_bwd, scan, inputs, dy) for name, scan in candidates.items()}
+        peaks, times = {}, {name: float("inf") for name in runs}
+        for name, run in runs.items():
+            _release_freed_memory()
+            peaks[name] = peak_memory(run)  # also each candidate's warm-up run
+        for _ in range(args.repeat):  # interleaved, so a burst of load on the shared machine hits all alike
+            for name, run in runs.items():
+                times[name] = min(times[name], best_time(run, repeat=1, warmup=0))
+        t_ref, t_mpy = times["reference (loop)"], times.get("mambapy pscan")
+        for name, t in times.items():
+            vs_mpy = f"{t_mpy / t:.2f}x" if t_mpy else "n/a"
+            mib = f"{peaks[name] / 2**20:.0f}" if peaks[name] is not None else "n/a"
+            print(f"| {L} | {name} | {t * 1e3:.0f} | {vs_mpy} | {t_ref / t:.2f}x | {mib} |")
+
+
+# ---------------------------------------------------------------- encoders: slices/s and GFLOP/s vs matmul peak
+
+
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs):
+    """FlopCounterMode knows the CUDA attention kernels but not the CPU one; count it as they are counted."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _encoder_flops(encoder, x):
+    """FLOPs of one forward: 2 x MACs of every matmul, convolution and attention (QK^T and PV included), by
+    torch.utils.flop_counter.FlopCounterMode; the SSM's selective scan is counted analytically instead, as 7
+    FLOPs per state update (exp(dt A), the two terms of h_t, C.h; exp as one), so that the count does not depend
+    on which scan implementation runs. Elementwise work (norms, activations, gates) is counted for no encoder."""
+    from unittest import mock
+
+    import models.ssm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    scan_flops = 0
+
+    def counted_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        nonlocal scan_flops
+        scan_flops += 7 * u.numel() * A.shape[1]  # (B, D, L) x N state updates
+        return u * torch.nn.functional.silu(z)  # right shape, no matmul for the counter to see
+
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops})
+    with mock.patch.object(models.ssm, "selective_scan", counted_scan), counter, torch.inference_mode():
+        encoder(x)
+    return counter.get_total_flops() + scan_flops
+
+
+def bench_encoders(args):
+    """Forward throughput (inference_mode) of every encoder at `--size`, on one batch of `--batch` slices at
+    `--img-size`², beside this machine's fp32 matmul peak measured in the same run. Prints a markdown table."""
+    from models import SIZES, build_encoder, count_parameters
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)  # (B, C, H, W)
+    encoders = {name: build_encoder(name, args.size, img_size=args.img_size).to(device).eval() for name in SIZES}
+    flops = {name: _encoder_flops(enc, x) for name, enc in encoders.items()}
+    runs = {name: (lambda enc=enc: enc(x)) for name, enc in encoders.items()}
+    with torch.inference_mode():
+        for run in runs.values():
+            run()  # warm-up
+        times, peak = {name: float("inf") for name in runs}, 0.0
+        for _ in range(args.repeat):  # interleaved, so a burst of load on the shared machine hits all alike
+            with device:  # the peak's operands on the same device as the encoders
+                peak = max(peak, matmul_peak_gflops())  # the highest seen: the fractions are lower bounds
+            for name, run in runs.items():
+                times[name] = min(times[name], best_time(run, repeat=1, warmup=0))
+    print(f"encoders ({args.size}) forward, inference_mode, on {device} ({torch.get_num_threads()} threads, load "
+          f"average {os.getloadavg()[0]:.1f} at the end), batch {args.batch} at {args.img_size}²; best of "
+          f"{args.repeat}; fp32 matmul peak {peak:.0f} GFLOP/s (2048² torch.mm, best seen in this run); FLOPs = "
+          "2 x MACs of matmuls, convs and attention by FlopCounterMode, plus 7 per SSM state update")
+    print("\n| encoder | params M | GFLOP / slice | slices/s | GFLOP/s | % of matmul peak |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, t in times.items():
+        gflops = flops[name] / t / 1e9
+        print(f"| {name}-{args.size} | {count_parameters(encoders[name]) / 1e6:.2f} | "
+              f"{flops[name] / args.batch / 1e9:.2f} | {args.batch / t:.1f} | {gflops:.0f} | {gflops / peak:.0%} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    p_scan = sub.add_parser("scan", help="selective scan fwd+bwd: reference vs default path vs mambapy")
+    p_scan.add_argument("--lengths", type=int, nargs="+", default=[196, 1024, 4096], help="sequence lengths L")
+    p_scan.add_argument("--quick", action="store_true", help="L = 196 only (seconds instead of minutes)")
+    p_scan.add_argument("--repeat", type=int, default=3, help="timed runs per figure; the best is reported")
+    p_scan.add_argument("--device", default="cpu", help="cpu or cuda")
+    p_scan.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    p_scan.set_defaults(func=bench_scan)
+    p_enc = sub.add_parser("encoders", help="encoders' forward slices/s and GFLOP/s vs this machine's matmul peak")
+    p_enc.add_argument("--batch", type=int, default=32, help="slices per forward")
+    p_enc.add_argument("--img-size", type=int, default=224, help="slice side in pixels")
+    p_enc.add_argument("--size", default="tiny", choices=["tiny", "small", "base"], help="encoder size")
+    p_enc.add_argument("--repeat", type=int, default=5, help="timed runs per figure; the best is reported")
+    p_enc.add_argument("--device", default="cpu", help="cpu or cuda")
+    p_enc.set_defaults(func=bench_encoders)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -1,35 +1,92 @@
-"""Selective scan (Mamba, Gu & Dao 2023): the readable reference. The fast path is work in progress.
+"""Selective scan (Mamba, Gu & Dao 2023, Sec. 3.2 and Alg. 2): the readable definition and the default path.
 
-Shapes: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D (D,); delta_bias (D,).
-    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        (Eq. 2a/4, zero-order hold)
-    y_t = C_t . h_t + D * u_t                                      (Eq. 2b)
-    y   = y * silu(z)
+Glossary: B batch, D channels (Mamba's "dim"), N state size, L sequence length. Shapes as in Mamba's
+`selective_scan_ref` (state-spaces/mamba): u, delta, z (B, D, L); A (D, N), real; B, C (B, N, L), i.e.
+input-dependent; D (D,); delta_bias (D,).
+
+    delta <- softplus(delta + delta_bias)                           (bias and softplus both optional)
+    h_t   = exp(delta_t A) * h_{t-1} + delta_t B_t u_t              (Eq. 2a with the zero-order hold of Eq. 4)
+    y_t   = C_t . h_t + D * u_t                                     (Eq. 2b plus the skip connection)
+    y     <- y * silu(z)                                            (the gate of the Mamba block, Fig. 3)
+
+h_t is (B, D, N): every channel d carries its own N-dim diagonal state, driven by the shared B_t, C_t.
+`selective_scan_ref` is that text as a loop over t. `selective_scan` computes the same thing by the form that
+measured fastest for the device (triton_scan/README.md has the equations of each form and the figures):
+`chunked` (chunked.py, a loop with a hand-written, recomputing backward) on CPU, `parallel` (parallel.py, an
+odd-even parallel scan) elsewhere. Departures from Mamba's reference: no complex A, no grouped or
+input-independent B/C, no `return_last_state`; and float64 inputs are computed in float64 (Mamba's reference
+always computes in float32), so that gradcheck can run.
 """
 import torch
 import torch.nn.functional as F
 
+from .chunked import scan_chunked
+from .parallel import scan_parallel
+
+METHODS = {"chunked": scan_chunked, "parallel": scan_parallel}
+
+
+def default_method(device):
+    """The form that measured fastest for this device type; see triton_scan/README.md for the figures."""
+    return "chunked" if torch.device(device).type == "cpu" else "parallel"
+
+
+def _compute_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)  # half/bf16 -> float32, float32 stays, float64 stays
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    expected = {"delta": (delta, (batch, dim, L)), "A": (A, (dim, N)), "B": (B, (batch, N, L)),
+                "C": (C, (batch, N, L)), "D": (D, (dim,)), "z": (z, (batch, dim, L)),
+                "delta_bias": (delta_bias, (dim,))}
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {shape}")
+
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The definition: a loop over time steps (unbind, so backward stays linear in L)."""
-    dtype_in = u.dtype
-    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
+    """The definition: a loop over time steps. Returns y (B, D, L) in u's dtype.
+    Loops over `unbind`-ed steps: slicing x[:, t] instead would make backward quadratic in L (each slice's
+    gradient allocates the full tensor)."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    dtype_in, ct = u.dtype, _compute_dtype(u.dtype)
+    u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]  # (B, D, L)
+        delta = delta + delta_bias.to(ct)[:, None]  # (B, D, L)
     if delta_softplus:
-        delta = F.softplus(delta)
+        delta = F.softplus(delta)  # (B, D, L)
     dA = torch.exp(torch.einsum("bdl,dn->bldn", delta, A))  # (B, L, D, N)
     dBu = torch.einsum("bdl,bnl,bdl->bldn", delta, B, u)  # (B, L, D, N)
     h = u.new_zeros(u.shape[0], A.shape[0], A.shape[1])  # (B, D, N)
     ys = []
     for dA_t, dBu_t, C_t in zip(dA.unbind(1), dBu.unbind(1), C.unbind(2)):
-        h = dA_t * h + dBu_t  # (B, D, N)
-        ys.append(torch.einsum("bdn,bn->bd", h, C_t))  # (B, D)
+        h = dA_t * h + dBu_t  # (B, D, N): h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t
+        ys.append(torch.einsum("bdn,bn->bd", h, C_t))  # (B, D): y_t = C_t . h_t
     y = torch.stack(ys, dim=2)  # (B, D, L)
     if D is not None:
-        y = y + u * D.float()[:, None]
+        y = y + u * D.to(ct)[:, None]  # (B, D, L)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(ct))  # (B, D, L)
     return y.to(dtype_in)
 
 
-selective_scan = selective_scan_ref
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *, method=None):
+    """Same signature, semantics and result as `selective_scan_ref`, by the fastest form for u's device.
+    `method` ("chunked" or "parallel") overrides the choice; both forms are tested against the reference.
+    The lines around `core` repeat the reference's on purpose: the definition stays self-contained."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    core = METHODS[method or default_method(u.device)]
+    dtype_in, ct = u.dtype, _compute_dtype(u.dtype)
+    u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(ct)[:, None]  # (B, D, L)
+    if delta_softplus:
+        delta = F.softplus(delta)  # (B, D, L)
+    y = core(u, delta, A, B, C)  # (B, D, L): C_t . h_t
+    if D is not None:
+        y = y + u * D.to(ct)[:, None]  # (B, D, L)
+    if z is not None:
+        y = y * F.silu(z.to(ct))  # (B, D, L)
+    return y.to(dtype_in)

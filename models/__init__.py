@@ -1,0 +1,63 @@
+"""Slice encoders of CLEAR (arXiv 2411.16803, Sec. 3): a 2D network mapping a batch of CT slices (B, C, H, W)
+to slice embeddings (B, D), later pooled per scan by attention-MIL and pre-trained with LeCL.
+
+    enc = build_encoder("vit", size="tiny", in_chans=3, img_size=128)
+    enc(torch.randn(4, 3, 128, 128)).shape == (4, enc.embed_dim)
+    build_encoder(**enc.encoder_config)      # the same architecture, e.g. to load a checkpoint into
+
+Three families, each in three sizes from the one table below:
+    vit   Vision Transformer /16 (DeiT sizes)                         models/vit.py
+    gcnn  gated CNN, MambaOut (sizes chosen by compute, see gcnn.py)   models/gcnn.py
+    ssm   bidirectional Mamba over patches (Vim sizes)                 models/ssm.py
+Every encoder takes any H, W that are multiples of its patch size (16 for vit and ssm; gcnn takes any size,
+and multiples of 32 keep its grids exact), so the 64-128 px synthetic slices work as well as 224².
+"""
+import dataclasses
+
+import torch.nn as nn
+
+from .common import check_choice, count_parameters
+from .gcnn import GatedCNN, GCNNConfig
+from .ssm import SSMConfig, VisionMamba
+from .vit import VisionTransformer, ViTConfig
+
+ENCODERS = {"vit": VisionTransformer, "gcnn": GatedCNN, "ssm": VisionMamba}
+
+# name -> size -> architecture (in_chans and img_size are filled in by build_encoder).
+SIZES = {
+    "vit": {  # DeiT-Ti/S/B, patch 16: head width 64 throughout
+        "tiny": ViTConfig(embed_dim=192, depth=12, num_heads=3),
+        "small": ViTConfig(embed_dim=384, depth=12, num_heads=6),
+        "base": ViTConfig(embed_dim=768, depth=12, num_heads=12),
+    },
+    "gcnn": {  # MambaOut-Femto / -Tiny / -Base, matched to the ViT of the same name by MACs
+        "tiny": GCNNConfig(depths=(3, 3, 9, 3), dims=(48, 96, 192, 288)),
+        "small": GCNNConfig(depths=(3, 3, 9, 3), dims=(96, 192, 384, 576)),
+        "base": GCNNConfig(depths=(3, 4, 27, 3), dims=(128, 256, 512, 768)),
+    },
+    "ssm": {  # Vim-Ti/S/B: depth 24, N = 16, expand 2
+        "tiny": SSMConfig(embed_dim=192, depth=24),
+        "small": SSMConfig(embed_dim=384, depth=24),
+        "base": SSMConfig(embed_dim=768, depth=24),
+    },
+}
+
+
+def build_encoder(name, size="tiny", in_chans=3, img_size=224) -> nn.Module:
+    """An encoder mapping (B, in_chans, H, W) to (B, embed_dim). `img_size` sets the stored position grid of
+    vit and ssm (other input sizes are resampled to); the returned module records its arguments in
+    `encoder_config`, so `build_encoder(**enc.encoder_config)` rebuilds the same architecture."""
+    check_choice("encoder", name, tuple(SIZES))
+    check_choice(f"{name} size", size, tuple(SIZES[name]))
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+    if not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+    cfg = dataclasses.replace(SIZES[name][size], in_chans=in_chans, img_size=img_size)
+    encoder = ENCODERS[name](cfg)
+    encoder.encoder_config = {"name": name, "size": size, "in_chans": in_chans, "img_size": img_size}
+    return encoder
+
+
+__all__ = ["ENCODERS", "SIZES", "build_encoder", "count_parameters", "GCNNConfig", "SSMConfig", "ViTConfig",
+           "GatedCNN", "VisionMamba", "VisionTransformer"]
