@@ -25,17 +25,17 @@ def config_from(cls, args, **overrides):
 
 
 def prepare_out_dir(out, force, owned=()):
-    """Refuse an --out that exists and is not empty unless --force; with --force remove only `owned` entries
-    (what this subcommand itself writes there), never anything else of the user's."""
+    """Refuse an --out that exists and is not empty unless --force; with --force remove only the `owned` glob
+    patterns (what this subcommand itself writes there), never anything else of the user's."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ClearError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise ClearError(f"{out}: exists and is not empty (use --force to overwrite)")
-        for name in owned:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        for pattern in owned:
+            for p in out.glob(pattern):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -90,6 +90,248 @@ def add_synth(sub):
     p.set_defaults(func=cmd_synth)
 
 
+# ------------------------------------------------------------------------------------------ pretrain
+
+
+def cmd_pretrain(args):
+    import signal
+
+    from pretrain import PretrainConfig, pretrain
+
+    labels = tuple(args.lesion_labels) if args.lesion_labels else None
+    cfg = config_from(PretrainConfig, args, lesion_labels=labels)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ClearError(f"{out}: is a folder; --out names the checkpoint file to write")
+    if out.exists() and not args.resume and not args.force:
+        raise ClearError(f"{out}: exists (continue that run with --resume {out}, or overwrite it with --force)")
+    how = f"continue with the same options plus --resume {out}"
+    asked = []
+
+    def on_sigint(signum, frame):  # the first Ctrl-C ends the step, writes a checkpoint and stops
+        asked.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one stops at once
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        r = pretrain(cfg, args.data, out, args.resume, args.cache, progress=bar, should_stop=lambda: bool(asked))
+    except KeyboardInterrupt:
+        print(f"\nclear.py pretrain: interrupted; "
+              f"{f'the last checkpoint is {out}: {how}' if out.exists() else 'run the same command again'}",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if r.rank != 0:
+        return
+    if r.interrupted:
+        print(f"\nclear.py pretrain: interrupted at step {r.step} of {r.total}, checkpoint written; {how}",
+              file=sys.stderr)
+        raise SystemExit(130)
+    c = r.cache
+    print(f"slice cache {c['folder']} ({'built' if c['built'] else 'reused'}): {c['slices']} slices of "
+          f"{c['scans']} scans, {c['lesion_slices']} with lesions")
+    if r.step == r.start:
+        print(f"{out}: nothing to do, already at step {r.step} of {r.total}")
+        return
+    run = r.losses[r.start:]
+    k = max(1, min(10, len(run) // 4))
+    print(f"wrote {out}: {cfg.encoder}/{cfg.size} {cfg.method}, steps {r.start}-{r.step} of {r.total} in "
+          f"{r.seconds:.0f} s, {r.slices_per_s:.1f} slices/s; loss (mean of {k} steps) "
+          f"{sum(run[:k]) / k:.3f} -> {sum(run[-k:]) / k:.3f}")
+
+
+def lesion_fraction(text):
+    return None if text == "cohort" else float(text)
+
+
+def add_pretrain(sub):
+    from pretrain import PretrainConfig
+
+    d = PretrainConfig()
+    p = sub.add_parser("pretrain", help="pre-train a slice encoder with LeCL (or plain MoCo v3)",
+                       description="Self-supervised pre-training of a 2D slice encoder on a cohort's slices: "
+                                   "LeCL (lesion-centred crops, lesion keys as up-weighted hard negatives) or "
+                                   "MoCo v3. Runs under torchrun too (one process per GPU, or gloo on CPU).")
+    p.add_argument("--data", required=True, help="cohort folder (images/, and masks/ for --method lecl)")
+    p.add_argument("--out", required=True, help="checkpoint file to write (e.g. runs/vit-lecl.pt)")
+    p.add_argument("--encoder", default=d.encoder, help="vit | gcnn | ssm (default vit)")
+    p.add_argument("--size", default=d.size, help="tiny | small | base (default tiny)")
+    p.add_argument("--method", default=d.method, help="lecl | moco: the ablation without lesion crops or term")
+    n = p.add_mutually_exclusive_group()
+    n.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    n.add_argument("--epochs", type=float, help="instead of --steps: passes over the cohort's slices")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global, over all processes")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW lr at batch 256, scaled by batch/256 "
+                                                          f"(default {d.lr})")
+    p.add_argument("--img-size", type=int, default=d.img_size, help="encoder input size S (default 224)")
+    p.add_argument("--thickness", type=float, help="resample slices to this spacing in mm (default: as stored)")
+    p.add_argument("--lesion-fraction", type=lesion_fraction, default=d.lesion_fraction,
+                   help="share of lesion slices per batch, or 'cohort' to sample slices as they come "
+                        f"(default {d.lesion_fraction})")
+    p.add_argument("--lesion-weight", type=float, default=d.lesion_weight,
+                   help=f"w, the weight of lesion keys as hard negatives (default {d.lesion_weight})")
+    p.add_argument("--lesion-labels", type=int, nargs="+", help="mask labels that are lesions (default: all)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"default {d.temperature}")
+    p.add_argument("--mlp-dim", type=int, default=d.mlp_dim, help="hidden width of the heads (default 4096)")
+    p.add_argument("--proj-dim", type=int, default=d.proj_dim, help="projection width d (default 256)")
+    p.add_argument("--cache", help="slice cache folder (default: OUT.cache); runs can share one")
+    p.add_argument("--cache-size", type=int, help="slice size in the cache (default: --img-size)")
+    p.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint")
+    p.add_argument("--seed", type=int, default=d.seed, help="weights, data order and views follow from it")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=cmd_pretrain)
+
+
+# ------------------------------------------------------------------------------------------- extract
+
+
+def cmd_extract(args):
+    from data import Cohort
+    from extract import EncoderSpec, extract_bags, load_encoder, shard_from_env
+
+    spec = EncoderSpec(checkpoint=args.checkpoint, module=args.encoder_module, size=args.size,
+                       img_size=args.img_size, seed=args.seed,
+                       name=args.encoder if args.random_init else None)
+    if args.encoder and not args.random_init:
+        raise ClearError("--encoder NAME needs --random-init (or give --checkpoint CKPT)")
+    encoder, identity, slices = load_encoder(spec)
+    if args.thickness is not None:
+        slices = dataclasses.replace(slices, thickness_mm=args.thickness)
+    shard = parse_shard(args.shard) if args.shard else shard_from_env()
+    cohort = Cohort(args.data)
+    device = pick_device(args.device)
+    todo = len(cohort.scans[shard[0]::shard[1]])
+    failed, n_slices, t0 = [], 0, time.time()
+    with tqdm(total=todo, desc=f"extract {identity['name']}", unit="scan", dynamic_ncols=True) as pbar:
+        for status, scan, detail in extract_bags(cohort, encoder, identity, slices, args.out,
+                                                 args.batch_size, device, shard):
+            if status == "failed":
+                failed.append(detail)
+                tqdm.write(f"clear.py extract: skipped {detail}", file=sys.stderr)
+            n_slices += detail if status == "done" else 0
+            pbar.set_postfix(slices_per_s=f"{n_slices / (time.time() - t0):.0f}")
+            pbar.update()
+    print(f"{todo - len(failed)} bags in {args.out} ({n_slices} slices embedded in {time.time() - t0:.0f} s, "
+          f"{n_slices / max(time.time() - t0, 1e-9):.0f} slices/s on {device})")
+    if failed:
+        raise ClearError(f"{len(failed)} scan(s) skipped, no bag written for them: "
+                         + "; ".join(failed))
+
+
+def parse_shard(text):
+    try:
+        k, n = (int(v) for v in text.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        raise ClearError(f"--shard {text}: expected K/N with 0 <= K < N") from None
+    return k, n
+
+
+def pick_device(name):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ClearError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def add_extract(sub):
+    p = sub.add_parser("extract", help="embed every slice of every scan with a frozen encoder (bags)",
+                       description="Embed every axial slice of every scan of a cohort with a frozen encoder; "
+                                   "one bag file per scan. Re-running continues where a run stopped.")
+    p.add_argument("--data", required=True, help="cohort folder (images/, optional labels.csv)")
+    p.add_argument("--out", required=True, help="bag folder")
+    src = p.add_argument_group("encoder (one of)")
+    src.add_argument("--checkpoint", help="a clear.py pretrain checkpoint")
+    src.add_argument("--encoder", help="vit | gcnn | ssm, with --random-init")
+    src.add_argument("--random-init", action="store_true", help="random weights (a baseline)")
+    src.add_argument("--encoder-module", metavar="FILE.py:FACTORY",
+                     help="your own nn.Module mapping (B, C, H, W) to (B, D)")
+    p.add_argument("--size", default="tiny", help="encoder size for --encoder (tiny | small | base)")
+    p.add_argument("--img-size", type=int, default=224, help="input size for --encoder/--encoder-module")
+    p.add_argument("--thickness", type=float, help="resample slices to this spacing in mm (default: as stored)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard", metavar="K/N", help="process scans K, K+N, ... (default under torchrun: the rank's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
+    p.set_defaults(func=cmd_extract)
+
+
+# ----------------------------------------------------------------------------------------- fit, predict
+
+
+def cmd_fit(args):
+    import cv
+    import metrics
+    from data import save_overlay
+    from mil import load_bags
+
+    cfg = config_from(cv.FitConfig, args, targets=tuple(t for t in args.target.split(",") if t))
+    bags = load_bags(args.bags)
+    out = prepare_out_dir(args.out, args.force, owned=("metrics.json", "predictions.csv", "fold*.pt", "attention"))
+    result = cv.fit_cv(bags, args.labels, cfg, progress=lambda total, desc: tqdm(
+        total=total, desc=f"fit {args.target}", unit="epoch", dynamic_ncols=True))
+    cv.save_run(out, result)
+    overlays = []
+    for top in result.top:
+        if top["image"] and Path(top["image"]).is_file():
+            path = out / "attention" / f"{top['scan']}.nii.gz"
+            save_overlay(top["image"], *result.attention[top["scan"]], path)
+            overlays.append(path.name)
+    print(metrics.format_table(result.metrics))
+    print(f"run saved in {out}: metrics.json, predictions.csv, fold models, attention/ per test scan"
+          + (f", NIfTI attention overlays for {len(overlays)} top scans" if overlays else ""))
+
+
+def add_fit(sub):
+    import cv
+
+    d = cv.FitConfig(targets=("x",))
+    p = sub.add_parser("fit", help="cross-validate the attention-MIL head on bags and labels",
+                       description="Fit the attention-MIL head with patient-level stratified k-fold "
+                                   "cross-validation; report AUROC with patient-bootstrap 95% CIs.")
+    p.add_argument("--bags", required=True, help="bag folder from clear.py extract")
+    p.add_argument("--labels", required=True, help="labels.csv: patient,scan,<endpoint>...")
+    p.add_argument("--target", required=True, help="label column(s), comma-separated (several 0/1 = multi-label)")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--task", choices=("binary", "multilabel", "multiclass", "ordinal"),
+                   help="default: inferred from the target columns")
+    for name in ("folds", "epochs", "patience", "batch_size", "max_slices", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), help=f"default {getattr(d, name)}")
+    for name in ("lr", "weight_decay", "dropout", "val_fraction"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name), help=f"default {getattr(d, name)}")
+    p.add_argument("--gated", action="store_true", help="gated attention (Ilse et al. Eq. 9)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.set_defaults(func=cmd_fit)
+
+
+def cmd_predict(args):
+    import cv
+    from mil import load_bags, predict
+
+    bags = load_bags(args.bags)
+    rows = predict(args.model, bags)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ClearError(f"{out}: is a folder, expected a .csv file name")
+    cv.write_csv(out, rows)
+    print(f"wrote predictions for {len(rows)} scans to {out}")
+
+
+def add_predict(sub):
+    p = sub.add_parser("predict", help="apply a fitted run's fold ensemble to new bags",
+                       description="Score new scans with the mean of a fit run's fold models.")
+    p.add_argument("--model", required=True, help="run folder from clear.py fit")
+    p.add_argument("--bags", required=True, help="bag folder (same encoder as the run's)")
+    p.add_argument("--out", required=True, help="predictions .csv to write")
+    p.set_defaults(func=cmd_predict)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -97,7 +339,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="clear.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    for add in (add_synth,):
+    for add in (add_synth, add_pretrain, add_extract, add_fit, add_predict):
         add(sub)
     return parser
 

@@ -1,0 +1,167 @@
+"""From scans to bags: every axial slice of every scan embedded once by a frozen 2D encoder (CLEAR, Sec. 3.2).
+
+    encoder, identity, slices = load_encoder(EncoderSpec(checkpoint="ckpt.pt"))
+    for event in extract_bags(Cohort("data/synth"), encoder, identity, slices, "bags"): ...
+
+A bag is one file per scan, `BAGS/<scan>.pt` (torch.save of a dict, read with weights_only=True):
+    features  float32 (n_slices, D)   the slice embeddings, inferior -> superior
+    z_mm      float64 (n_slices,)     each slice's z position in mm from the scan's most inferior slice
+    encoder   dict                    the encoder's identity: name, size, source, sha256 of its weights
+    image     str                     the source image (attention overlays are drawn on its grid)
+and `BAGS/manifest.json` holds the encoder identity and the slice settings. Bags of different encoders
+never share a folder. Features made elsewhere (a foundation model, another pipeline) can be fitted with
+`clear.py fit` by writing the same format.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data import ClearError, SliceConfig, atomic_path, load_ct, prepare_slices
+from models import build_encoder
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Where the encoder comes from: exactly one of checkpoint, name (random init) or module."""
+    checkpoint: str | None = None  # a `clear.py pretrain` checkpoint: architecture, weights, slice settings
+    name: str | None = None  # vit | gcnn | ssm with random weights: the baseline LeCL must beat
+    size: str = "tiny"
+    module: str | None = None  # "file.py:factory": any nn.Module mapping (B, C, H, W) -> (B, D)
+    img_size: int = 224  # input size for name/module encoders (a checkpoint brings its own)
+    seed: int = 0  # random init is seeded, so shards and re-runs build the same encoder
+
+
+def weights_sha256(module):
+    """A fingerprint of a module's weights: two bags are comparable only if their encoders match."""
+    h = hashlib.sha256()
+    for key, t in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ClearError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with code in it, a truncated file, not a checkpoint at all
+        raise ClearError(f"{path}: not a loadable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    missing = [k for k in ("encoder_config", "encoder", "slice_config") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ClearError(f"{path}: not a CLEAR pretrain checkpoint (no {missing[0]!r})")
+    try:
+        encoder = build_encoder(**ckpt["encoder_config"])
+        encoder.load_state_dict(ckpt["encoder"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ClearError(f"{path}: encoder weights do not fit {ckpt['encoder_config']} "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    sc = ckpt["slice_config"]
+    slices = SliceConfig(windows=tuple(tuple(w) for w in sc["windows"]), img_size=int(sc["img_size"]),
+                         thickness_mm=sc.get("thickness_mm"))
+    return encoder, {**ckpt["encoder_config"], "source": f"checkpoint {path.name}"}, slices
+
+
+def _load_module(spec, img_size):
+    file, _, factory = spec.rpartition(":")
+    if not file or not factory or not Path(file).is_file():
+        raise ClearError(f"{spec}: expected FILE.py:FACTORY naming an existing file")
+    module_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # the user's own code, named by the user on the command line
+    if not callable(getattr(module, factory, None)):
+        raise ClearError(f"{file}: has no callable {factory!r}")
+    encoder = getattr(module, factory)()
+    if not isinstance(encoder, torch.nn.Module):
+        raise ClearError(f"{file}: {factory}() returned {type(encoder).__name__}, not a torch.nn.Module")
+    return encoder, {"name": f"{Path(file).name}:{factory}", "source": "module"}, SliceConfig(img_size=img_size)
+
+
+def load_encoder(spec):
+    """(encoder in eval mode, identity dict, SliceConfig) for an EncoderSpec."""
+    if sum(x is not None for x in (spec.checkpoint, spec.name, spec.module)) != 1:
+        raise ClearError("give exactly one of --checkpoint, --encoder NAME --random-init, --encoder-module")
+    if spec.checkpoint is not None:
+        encoder, identity, slices = _load_checkpoint(spec.checkpoint)
+    elif spec.module is not None:
+        encoder, identity, slices = _load_module(spec.module, spec.img_size)
+    else:
+        torch.manual_seed(spec.seed)
+        try:
+            encoder = build_encoder(spec.name, spec.size, img_size=spec.img_size)
+        except ValueError as e:
+            raise ClearError(f"--encoder: {e}") from None
+        identity, slices = {**encoder.encoder_config, "source": f"random init, seed {spec.seed}"}, \
+            SliceConfig(img_size=spec.img_size)
+    return encoder.eval(), {**identity, "sha256": weights_sha256(encoder)}, slices
+
+
+def embed_slices(encoder, slices, batch_size=64, device="cpu"):
+    """(n, C, S, S) slices -> (n, D) float32 embeddings, in batches, without gradients."""
+    out = []
+    with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                                                enabled=torch.device(device).type == "cuda"):
+        for chunk in slices.split(batch_size):
+            out.append(encoder(chunk.to(device)).float().cpu())  # (b, D)
+    return torch.cat(out)  # (n, D)
+
+
+def read_manifest(bags):
+    path = Path(bags) / "manifest.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ClearError(f"{path}: unreadable ({e})") from None
+
+
+def extract_bags(cohort, encoder, identity, slices, out, batch_size=64, device="cpu", shard=(0, 1)):
+    """Embed every scan of the shard `shard = (k, n)` (scans k, k + n, ...) into `out`/<scan>.pt.
+
+    A generator: yields ("done" | "skipped" | "failed", scan, detail) per scan, where detail is the number of
+    slices embedded, or the one-line cause of a failure. Scans whose bag exists are skipped (re-running after
+    a crash continues); a scan that cannot be read fails alone, without stopping the others. One volume
+    in memory at a time; every file is written to a temporary name and renamed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"encoder": identity, "slices": {"windows": [list(w) for w in slices.windows],
+                                                "img_size": slices.img_size,
+                                                "thickness_mm": slices.thickness_mm}}
+    existing = read_manifest(out)
+    if existing is not None and existing != manifest:
+        raise ClearError(f"{out}: holds bags from another encoder or slice setting "
+                         f"({existing.get('encoder', {}).get('name')}, {existing.get('slices')}); "
+                         "use another --out")
+    if existing is None:
+        with atomic_path(out / "manifest.json") as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1))
+    encoder = encoder.to(device)
+    k, n = shard
+    for scan in cohort.scans[k::n]:
+        target = out / f"{scan.scan}.pt"
+        if target.exists():
+            yield "skipped", scan.scan, 0
+            continue
+        try:
+            volume, spacing = load_ct(scan.image)
+        except ClearError as e:
+            yield "failed", scan.scan, str(e)
+            continue
+        x, z_mm = prepare_slices(volume, spacing, slices)  # (Z', C, S, S), (Z',)
+        del volume
+        features = embed_slices(encoder, x, batch_size, device)  # (Z', D)
+        with atomic_path(target) as tmp:
+            torch.save({"features": features, "z_mm": z_mm.double(), "encoder": identity,
+                        "image": str(scan.image)}, tmp)
+        yield "done", scan.scan, len(features)
+
+
+def shard_from_env():
+    """Under torchrun every rank takes its own shard: (RANK, WORLD_SIZE), else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

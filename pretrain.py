@@ -1,0 +1,307 @@
+"""How `clear.py pretrain` runs LeCL (lecl.py) on a cohort: the run's settings, the lr schedule, the training
+loop, checkpoints and resume, and torchrun. The slice cache, the sampler and the two views are views.py.
+
+    python clear.py pretrain --data data/synth --encoder vit --method lecl --out runs/vit-lecl.pt
+    torchrun --nproc_per_node=K clear.py pretrain ...             # K processes: GPUs (nccl) or CPU (gloo)
+
+    step t of T:  ids = batch_ids(t) (a set share of lesion slices);  x1, x2 = make_views(ids)   (views.py)
+                  loss = MoCo(x1, x2, lesion, m_t), m_t = momentum_at(t, T, m_0)                    (lecl.py)
+                  AdamW at lr_t = base_lr · batch / 256, linear warm-up over warmup · T steps, then cosine
+
+`method="moco"` is the ablation: the same slices without lesion crops and with w = 0, i.e. MoCo v3's InfoNCE.
+
+Checkpoints (rank 0 writes `out` atomically every `checkpoint_every` steps, at the end, and when asked to stop)
+hold only tensors, dicts, lists, numbers and strings, so torch.load(weights_only=True) reads them:
+`encoder_config`, `encoder` and `slice_config` are what extract.py needs; `config`, `step`, `steps`, `losses`,
+`data` and `state` (heads, momentum copies, AdamW, GradScaler, RNG) let --resume continue the same run, which
+then ends with the weights of an uninterrupted one (exactly, on CPU); a checkpoint of other settings
+(`device` and `checkpoint_every` aside) or of other data is refused.
+
+Distributed (torchrun): DDP on the trainable branch; each process takes its share of every global batch, and
+lecl.py gathers the keys and BatchNorm statistics of all; rank 0 builds the slice cache while the others wait.
+The heads' BatchNorm becomes SyncBatchNorm on CUDA (as MoCo v3); on CPU, where gloo has none, it stays
+lecl.GlobalBatchNorm1d.
+
+Departures from the official code (KatherLab/CLEAR, a MoCo v3 fork): its `--sampling Lesion` path crashes on
+undefined arguments, so this follows the paper's description and is tested instead; slices come from a cache
+with a set share of lesion slices per batch; the lr warm-up starts at lr/warm-up steps (MoCo v3: at 0).
+"""
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from data import ClearError, Cohort, SliceConfig, atomic_path
+from lecl import MoCo, momentum_at
+from models import build_encoder
+from views import ViewConfig, batch_ids, make_views, mix, open_cache
+
+FORMAT = "clear-pretrain/1"
+RUNTIME_FIELDS = ("device", "checkpoint_every")  # may change on --resume; every other field defines the run
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    encoder: str = "vit"  # vit | gcnn | ssm: the paper's three encoder families (models/)
+    size: str = "tiny"  # tiny | small | base: the smallest trains on a laptop CPU
+    method: str = "lecl"  # lecl, or moco: the same pipeline without lesion crops and lesion term (ablation)
+    steps: int = 1000  # optimizer steps: enough to see the loss fall on a small cohort
+    epochs: float | None = None  # if set, replaces steps: ceil(epochs · cached slices / batch_size)
+    batch_size: int = 256  # global over all processes; MoCo v3 states its lr rule per 256
+    lr: float = 1.5e-4  # base lr at batch 256: MoCo v3's ViT recipe (AdamW)
+    weight_decay: float = 0.1  # MoCo v3's ViT recipe
+    warmup: float = 0.1  # share of the steps spent warming the lr up (MoCo v3: 40 of 300 epochs)
+    momentum: float = 0.99  # m_0, rising to 1 on a cosine: MoCo v3's ViT value
+    temperature: float = 0.2  # τ: MoCo v3's ViT recipe (its code's default 1.0 is for ResNets)
+    lesion_weight: float = 10.0  # w: how strongly lesion keys count again as hard negatives
+    lesion_fraction: float | None = 0.5  # share of lesion slices per batch; None: as often as in the cohort
+    lesion_labels: tuple | None = None  # mask labels that are lesions; None: any non-zero label
+    proj_dim: int = 256  # d: MoCo v3's --moco-dim
+    mlp_dim: int = 4096  # hidden width of projector and predictor: MoCo v3's --moco-mlp-dim
+    img_size: int = 224  # S: the encoder's input, so extraction makes slices this size
+    cache_size: int | None = None  # slice size in the cache; None: img_size (views.py says why)
+    thickness: float | None = None  # resample slices to this spacing in mm; None: as stored (data.SliceConfig)
+    windows: tuple = SliceConfig.windows  # HU (level, width) per channel: lung, soft tissue, bone
+    views: ViewConfig = ViewConfig()  # crops and augmentations
+    seed: int = 0  # initial weights, data order and every view follow from it
+    device: str = "auto"  # auto: CUDA if present (bf16 autocast, fp16 where bf16 is missing), else CPU
+    checkpoint_every: int = 500  # steps between checkpoints; one is also written at the end
+
+    def __post_init__(self):
+        rules = {"--method lecl or moco": self.method in ("lecl", "moco"), "--steps >= 1": self.steps >= 1,
+                 "--batch-size >= 2": self.batch_size >= 2, "--epochs > 0": self.epochs is None or self.epochs > 0,
+                 "--lr > 0": self.lr > 0, "warmup in [0, 1)": 0 <= self.warmup < 1,
+                 "momentum in [0, 1)": 0 <= self.momentum < 1, "--temperature > 0": self.temperature > 0,
+                 "--lesion-weight >= 0": self.lesion_weight >= 0,
+                 "--checkpoint-every >= 1": self.checkpoint_every >= 1,
+                 "--lesion-fraction in [0, 1]": self.lesion_fraction is None or 0 <= self.lesion_fraction <= 1,
+                 "--device auto, cpu or cuda": self.device in ("auto", "cpu", "cuda"),
+                 "--cache-size >= --img-size": (self.cache_size or self.img_size) >= self.img_size,
+                 "--thickness > 0": self.thickness is None or self.thickness > 0}
+        for rule, ok in rules.items():
+            if not ok:
+                name = rule.split()[0].lstrip("-").replace("-", "_")
+                raise ClearError(f"expected {rule} (got {getattr(self, name)!r})")
+
+
+def lr_at(step, total, cfg):
+    """AdamW lr: base · batch / 256, rising linearly over warmup · total steps, then a half cosine to 0."""
+    peak, warm = cfg.lr * cfg.batch_size / 256, max(1, round(cfg.warmup * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _plain(x):
+    """Tuples -> lists, recursively: a checkpoint holds only tensors, dicts, lists, numbers and strings."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, data_info):
+    """What `extract` needs at top level (encoder_config, encoder, slice_config); the rest is for --resume."""
+    sd = model.state_dict()
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {"format": FORMAT, "encoder_config": dict(model.encoder.encoder_config),
+            "encoder": {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
+            "slice_config": {"windows": _plain(cfg.windows), "img_size": cfg.img_size,
+                             "thickness_mm": cfg.thickness},
+            "config": _plain(asdict(cfg)), "step": step, "steps": total, "losses": list(losses),
+            "data": data_info, "state": {"model": {k: v for k, v in sd.items() if not k.startswith("encoder.")},
+                                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                         "rng": rng}}
+
+
+def load_checkpoint(path):
+    """Read a pre-training checkpoint as the untrusted input it is (weights_only=True), or raise ClearError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClearError(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or holding objects that weights_only refuses
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        raise ClearError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise ClearError(f"{path}: not a CLEAR pre-training checkpoint (format {FORMAT})")
+    return ck
+
+
+def check_resume(ck, path, encoder_config, cfg):
+    """Raise ClearError unless checkpoint `ck` is of this very run: same encoder, same settings."""
+    have, want = ck["encoder_config"], encoder_config
+    if have != want:
+        raise ClearError(f"{path}: a checkpoint of encoder {have['name']}/{have['size']} at {have['img_size']} "
+                         f"px; this command asks for {want['name']}/{want['size']} at {want['img_size']} px")
+    for k, v in _plain(asdict(cfg)).items():
+        if k not in RUNTIME_FIELDS and ck["config"].get(k) != v:
+            raise ClearError(f"{path}: trained with {k}={ck['config'].get(k)!r}, this command has {k}={v!r}; "
+                             "resume with the same settings")
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class PretrainResult:
+    model: nn.Module  # the MoCo model as trained: encoder, heads, momentum copies
+    start: int  # the step this call began at (> 0 when resumed)
+    step: int  # the step it reached: total, unless interrupted
+    total: int  # steps of the whole run
+    losses: list  # loss per step of the whole run, mean over processes
+    seconds: float  # training time of this call, cache excluded
+    slices_per_s: float  # global-batch slices per second (each gives two views)
+    cache: dict = field(default_factory=dict)  # folder, built, scans, slices, lesion_slices
+    rank: int = 0
+    interrupted: bool = False
+
+
+def _join(pref):
+    """(device, rank, world, own_group): CUDA where asked for or auto and present; joins torchrun's processes
+    (WORLD_SIZE > 1) unless a process group is up already: nccl on CUDA, gloo on CPU."""
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise ClearError("--device cuda: no CUDA device is visible to torch here")
+    cuda = pref != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    own = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if own:
+        if cuda:
+            torch.cuda.set_device(device)
+        # a long timeout: the other processes wait while rank 0 builds the slice cache
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+    if dist.is_initialized():
+        return device, dist.get_rank(), dist.get_world_size(), own
+    return device, 0, 1, own
+
+
+def _open_data(cfg, cohort, folder, rank, world, progress, should_stop):
+    """The slice cache (built by rank 0 while the others wait), its counts, and the steps of the run."""
+    slice_cfg = SliceConfig(cfg.windows, cfg.cache_size or cfg.img_size, cfg.thickness)
+    if rank == 0:
+        bar = progress and progress("cache", "scan")
+        sc, built = open_cache(cohort, folder, slice_cfg, cfg.lesion_labels, bar, should_stop)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        sc, built = open_cache(cohort, folder, slice_cfg, cfg.lesion_labels)
+    info = {"scans": len(cohort), "slices": len(sc), "lesion_slices": len(sc.lesion_ids)}
+    if cfg.method == "lecl" and not len(sc.lesion_ids):
+        raise ClearError(f"{cohort.root}: the masks mark no lesion"
+                         f"{'' if cfg.lesion_labels is None else ' of --lesion-labels'}; use --method moco")
+    mixed = cfg.lesion_fraction is not None and len(sc.lesion_ids)  # else slices are drawn as they come
+    n_les = round(cfg.lesion_fraction * cfg.batch_size) if mixed else 0
+    if cfg.batch_size > len(sc) or mixed and (n_les > len(sc.lesion_ids)
+                                              or cfg.batch_size - n_les > len(sc.other_ids)):
+        raise ClearError(f"{cohort.root}: a batch of {cfg.batch_size} slices, {n_les} with lesions, needs more "
+                         f"than the cohort's {len(sc)} slices ({len(sc.lesion_ids)} with lesions); lower "
+                         "--batch-size or --lesion-fraction")
+    total = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * len(sc) / cfg.batch_size)
+    return sc, {"folder": str(folder), "built": built}, info, total
+
+
+def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop=None):
+    """Pre-train an encoder on the cohort folder `data`; checkpoints go to `out` (atomically, by rank 0).
+
+    resume: a checkpoint of this same run to continue. cache: the slice cache folder (default: `out` +
+    ".cache", e.g. runs/vit.pt.cache). progress(desc, unit) -> ((iterable, total) -> iterable), e.g. a tqdm
+    factory; a bar with `set_postfix_str` shows loss, lr, momentum and slices/s. should_stop() is polled after
+    every step: true writes a checkpoint and returns with `interrupted`. Under torchrun it runs distributed."""
+    device, rank, world, own_group = _join(cfg.device)
+    progress, out = progress if rank == 0 else None, Path(out)
+    try:
+        cohort = Cohort(data)
+        if cfg.method == "lecl" and not cohort.has_masks:
+            raise ClearError(f"{data}: no lesion masks (masks/<scan>.nii.gz), and LeCL finds lesion slices in "
+                             "them; use --method moco for plain MoCo v3")
+        if cfg.batch_size % world:
+            raise ClearError(f"--batch-size {cfg.batch_size} does not split over {world} processes")
+        torch.manual_seed(cfg.seed)
+        try:
+            encoder = build_encoder(cfg.encoder, cfg.size, in_chans=len(cfg.windows), img_size=cfg.img_size)
+        except ValueError as e:
+            raise ClearError(f"--encoder/--size/--img-size: {e}") from None
+        model = MoCo(encoder, cfg.proj_dim, cfg.mlp_dim, cfg.temperature,
+                     cfg.lesion_weight if cfg.method == "lecl" else 0.0)
+        ck = load_checkpoint(resume) if resume else None
+        if ck is not None:
+            check_resume(ck, resume, encoder.encoder_config, cfg)
+        sc, cache_info, info, total = _open_data(cfg, cohort, Path(cache) if cache else Path(f"{out}.cache"),
+                                                 rank, world, progress, should_stop)
+        start, losses = 0, []
+        if ck is not None:
+            if ck["data"] != info or ck["steps"] != total:
+                raise ClearError(f"{resume}: a run of {ck['steps']} steps on {ck['data']}; this cohort gives "
+                                 f"{info} and {total} steps")
+            encoder_state = {f"encoder.{k}": v for k, v in ck["encoder"].items()}
+            model.load_state_dict({**encoder_state, **ck["state"]["model"]})
+            start, losses = ck["step"], list(ck["losses"])
+            torch.set_rng_state(ck["state"]["rng"]["torch"])
+        net = model.to(device)
+        if world > 1:
+            if device.type == "cuda":
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # the fused kernels replace GlobalBatchNorm1d
+            net = nn.parallel.DistributedDataParallel(  # BN statistics are global already: no buffer sync
+                net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+        amp = None  # CPU: float32
+        if device.type == "cuda":
+            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0,
+                                      weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        if ck is not None:
+            optimizer.load_state_dict(ck["state"]["optimizer"])
+            if ck["state"]["scaler"]:  # empty when saved without fp16 (CPU or bf16): a fresh scaler then
+                scaler.load_state_dict(ck["state"]["scaler"])
+            if device.type == "cuda" and len(ck["state"]["rng"]["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(ck["state"]["rng"]["cuda"])
+
+        n, steps = cfg.batch_size // world, range(start, total)
+        steps = progress("pretrain", "step")(steps, len(steps)) if progress else steps
+        postfix, t0, step, interrupted = getattr(steps, "set_postfix_str", None), time.perf_counter(), start, False
+        for step in steps:
+            lr, m = lr_at(step, total, cfg), momentum_at(step, total, cfg.momentum)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ids = batch_ids(sc, step, cfg.batch_size, cfg.seed, cfg.lesion_fraction)[rank * n:(rank + 1) * n]
+            seeds = [mix(cfg.seed, step, i) for i in range(rank * n, (rank + 1) * n)]  # by place in global batch
+            x1, x2, lesion = make_views(sc, ids, seeds, cfg.img_size, cfg.method == "lecl", cfg.views, device)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = net(x1, x2, lesion, m)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            stop = float(bool(should_stop and should_stop()))
+            stats = torch.stack([loss.detach().float(), loss.new_tensor(stop)])
+            if world > 1:
+                dist.all_reduce(stats)  # the loss summed over processes; stop if any one was asked to
+            losses.append(stats[0].item() / world)
+            if not math.isfinite(losses[-1]):
+                raise ClearError(f"training diverged (loss {losses[-1]} at step {step}); lower --lr")
+            if postfix:
+                rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
+                postfix(f"loss={losses[-1]:.3f} lr={lr:.2e} m={m:.4f} {rate:.1f} slices/s")
+            interrupted = stats[1].item() > 0
+            if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted):
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(out) as tmp:
+                    torch.save(make_checkpoint(model, optimizer, scaler, cfg, step + 1, total, losses, info), tmp)
+            if interrupted:
+                break
+        done, seconds = (step + 1 if total > start else start), time.perf_counter() - t0
+        return PretrainResult(model, start, done, total, losses, seconds, (done - start) * cfg.batch_size
+                              / max(seconds, 1e-9), {**cache_info, **info}, rank, interrupted)
+    finally:
+        if own_group:
+            dist.destroy_process_group()

@@ -1,0 +1,264 @@
+"""pretrain.py and views.py: views, the slice cache, the lr schedule, a CPU pre-training run, exact resume, bad
+input, and two gloo processes against one."""
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import clear
+import lecl
+import views
+from data import Cohort, SliceConfig, lesion_boxes, load_ct, load_mask, prepare_slices
+from models import build_encoder
+from pretrain import PretrainConfig, lr_at, pretrain
+from test_lecl import one_thread  # noqa: F401  (autouse fixture: one thread for these tiny tensors)
+
+REPO = Path(__file__).resolve().parents[1]
+# Small and fast: vit/tiny at 32 px (2 x 2 patches), narrow heads, a global batch of 16.
+FAST = ["--img-size", "32", "--batch-size", "16", "--mlp-dim", "128", "--proj-dim", "64", "--lr", "0.02"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lecl")
+    assert clear.main(["synth", "--out", str(root / "c"), "--n", "8", "--size", "32", "--thickness", "4", "5",
+                       "--workers", "1"]) == 0
+    return root
+
+
+def cli_pretrain(root, out, *extra):
+    """`clear.py pretrain` on the test cohort, small and fast."""
+    return clear.main(["pretrain", "--data", str(root / "c"), "--out", str(out), "--cache", str(root / "cache"),
+                       *FAST, *extra])
+
+
+# ---------------------------------------------------------------------------------------- views and cache
+
+
+def test_lesion_crop_holds_the_lesion_box_and_centres_on_it():
+    g = torch.Generator().manual_seed(3)
+    S, B = 64, 400
+    y0, x0 = torch.rand(B, generator=g) * 60, torch.rand(B, generator=g) * 60
+    h, w = 1 + torch.rand(B, generator=g) * (S - y0 - 1), 1 + torch.rand(B, generator=g) * (S - x0 - 1)
+    h, w = h.clamp(max=S - y0), w.clamp(max=S - x0)
+    box = torch.stack([y0, x0, y0 + h, x0 + w], 1)  # (B, 4) inside the image
+    crop = views.lesion_crop_boxes(box, torch.rand(B, generator=g), S, 0.08)
+    side = crop[:, 2] - crop[:, 0]
+    assert torch.allclose(side, crop[:, 3] - crop[:, 1]) and (side >= math.sqrt(0.08) * S - 1e-4).all()
+    assert (crop[:, :2] >= -1e-4).all() and (crop[:, 2:] <= S + 1e-4).all()  # inside the image
+    assert (crop[:, :2] <= box[:, :2] + 1e-4).all() and (crop[:, 2:] >= box[:, 2:] - 1e-4).all()  # holds it
+    free = (crop[:, :2] > 1e-3).all(1) & (crop[:, 2:] < S - 1e-3).all(1)  # not pushed in by a border
+    assert free.sum() > 20 and torch.allclose((crop[free, :2] + crop[free, 2:]) / 2,
+                                              (box[free, :2] + box[free, 2:]) / 2, atol=1e-4)
+    # and in pixels: a bright lesion square stays whole in the crop (its mass, rescaled, is all there)
+    img = torch.zeros(1, 1, S, S)
+    img[..., 40:46, 10:14] = 1.0
+    crop = views.lesion_crop_boxes(torch.tensor([[40.0, 10.0, 46.0, 14.0]]), torch.tensor([0.3]), S, 0.08)
+    out = views.crop_resize(img, crop, torch.tensor([True]), 32)
+    side = float(crop[0, 2] - crop[0, 0])
+    assert out.sum().item() * (side / 32) ** 2 == pytest.approx(24.0, rel=0.02)
+
+
+def test_cache_holds_prepare_slices_and_lesion_boxes_and_is_reused(cohort, tmp_path):
+    data = Cohort(cohort / "c")
+    cfg = SliceConfig(img_size=32)
+    sc, built = views.open_cache(data, tmp_path / "cache", cfg)
+    assert built and len(sc.lesion_ids) > 16
+    start = 0
+    for i, scan in enumerate(data):
+        volume, spacing = load_ct(scan.image)
+        slices, _ = prepare_slices(volume, spacing, cfg)  # (Z', C, S, S)
+        flags, boxes = lesion_boxes(load_mask(scan.mask, volume.shape), spacing[0], cfg)
+        got = torch.from_numpy(sc.slices[start:start + len(slices)].copy()).float() / 255
+        assert (got - slices).abs().max() <= 0.5 / 255 + 1e-6
+        part = slice(start, start + len(slices))
+        assert torch.equal(sc.flags[part], flags) and (sc.scan[part] == i).all()
+        t = start + int(flags.nonzero()[0]) if flags.any() else start
+        got_boxes = sc.boxes[sc.box_start[t]:sc.box_start[t + 1]]  # (K, 4)
+        assert torch.allclose(got_boxes, torch.tensor(boxes[t - start]).float())
+        start += len(slices)
+    assert start == len(sc)
+    assert views.open_cache(data, tmp_path / "cache", cfg)[1] is False  # same settings: reused
+    big, built = views.open_cache(data, tmp_path / "cache", SliceConfig(img_size=64))
+    assert built  # other settings: rebuilt; and a cache above the input size gives (nearly) the same slice
+    ids = torch.arange(0, len(sc), 7)
+    cpu, everything = torch.device("cpu"), torch.tensor([[0.0, 0, 64, 64]]).expand(len(ids), 4)
+    whole = views.crop_resize(big.read(ids, cpu), everything, torch.zeros(len(ids), dtype=torch.bool), 32)
+    assert (whole - sc.read(ids, cpu)).abs().mean() < 0.01
+
+
+def test_views_do_not_depend_on_how_the_batch_is_split(cohort, tmp_path):
+    sc, _ = views.open_cache(Cohort(cohort / "c"), tmp_path / "cache", SliceConfig(img_size=32))
+    ids = views.batch_ids(sc, step=3, batch=12, seed=7, lesion_fraction=0.5)
+    assert sc.flags[ids].sum() == 6 and len(set(ids.tolist())) == 12
+    seeds = [views.mix(7, 3, i) for i in range(12)]
+    cpu, cfg = torch.device("cpu"), views.ViewConfig()
+    x1, x2, les = views.make_views(sc, ids, seeds, 32, True, cfg, cpu)
+    a1, a2, _ = views.make_views(sc, ids[:5], seeds[:5], 32, True, cfg, cpu)
+    b1, b2, _ = views.make_views(sc, ids[5:], seeds[5:], 32, True, cfg, cpu)
+    assert torch.equal(x1, torch.cat([a1, b1])) and torch.equal(x2, torch.cat([a2, b2]))
+    assert x1.shape == (12, 3, 32, 32) and 0 <= x1.min() and x1.max() <= 1 and les.sum() == 6
+
+
+# ------------------------------------------------------------------------------------------- lr schedule
+
+
+def test_lr_schedule_by_hand():
+    cfg = PretrainConfig(lr=1e-3, batch_size=512, warmup=0.1)  # peak 1e-3 · 512 / 256 = 2e-3
+    assert lr_at(9, 100, cfg) == pytest.approx(2e-3) and lr_at(0, 100, cfg) == pytest.approx(2e-4)
+    assert lr_at(55, 100, cfg) == pytest.approx(1e-3) and lr_at(99, 100, cfg) < 1e-5
+
+
+# -------------------------------------------------------------------------------------------- training runs
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)  # checkpoints are untrusted input
+
+
+@pytest.fixture(scope="module")
+def run60(cohort):
+    out = cohort / "run60.pt"
+    assert cli_pretrain(cohort, out, "--steps", "60", "--checkpoint-every", "25") == 0
+    return out
+
+
+def test_sixty_steps_lower_the_loss_and_the_checkpoint_rebuilds_the_encoder(run60):
+    ck = load(run60)
+    assert ck["step"] == 60 and len(ck["losses"]) == 60
+    first, last = sum(ck["losses"][:10]) / 10, sum(ck["losses"][-10:]) / 10
+    assert last < 0.75 * first, (first, last)
+    encoder = build_encoder(**ck["encoder_config"])
+    encoder.load_state_dict(ck["encoder"])  # strict: no heads, nothing missing
+    assert ck["slice_config"] == {"windows": [list(w) for w in SliceConfig.windows], "img_size": 32,
+                                  "thickness_mm": None}
+    assert ck["config"]["method"] == "lecl" and ck["encoder_config"]["name"] == "vit"
+
+
+def test_resume_after_ctrl_c_ends_with_the_uninterrupted_weights(cohort, monkeypatch, capsys):
+    args = ["--steps", "12", "--checkpoint-every", "100", "--seed", "3"]
+    assert cli_pretrain(cohort, cohort / "full.pt", *args) == 0
+
+    def ctrl_c_at_step_5(desc, unit="scan"):  # a progress bar whose user presses Ctrl-C during step 5
+        def wrap(it, total):
+            for i, x in enumerate(it):
+                if desc == "pretrain" and i == 5:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield x
+        return wrap
+
+    monkeypatch.setattr(clear, "bar", ctrl_c_at_step_5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli_pretrain(cohort, cohort / "cut.pt", *args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert stop.value.code == 130 and len(err) == 1 and f"--resume {cohort / 'cut.pt'}" in err[0]
+    assert load(cohort / "cut.pt")["step"] == 6  # the step running at Ctrl-C was finished and saved
+    monkeypatch.undo()
+    assert cli_pretrain(cohort, cohort / "cut.pt", *args, "--resume", str(cohort / "cut.pt")) == 0
+    full, resumed = load(cohort / "full.pt"), load(cohort / "cut.pt")
+    assert resumed["step"] == 12 and resumed["losses"] == full["losses"]  # exactly: CPU, same seed
+
+    def weights(ck):  # the encoder, heads, momentum copies and AdamW's moments
+        adam = ck["state"]["optimizer"]["state"]
+        return {**ck["encoder"], **{f"state.{k}": v for k, v in ck["state"]["model"].items()},
+                **{f"adam.{i}.{k}": v for i, s in adam.items() for k, v in s.items()}}
+
+    a, b = weights(full), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def bare(cohort):
+    """The cohort without its masks."""
+    shutil.copytree(cohort / "c" / "images", cohort / "bare" / "images")
+    return cohort / "bare"
+
+
+def test_bad_input_is_one_line_and_exit_2(cohort, bare, run60, capsys):
+    cases = [(["--data", str(bare)], "--method moco"),
+             (["--encoder", "resnet"], "unknown encoder 'resnet'"),
+             (["--batch-size", "4000"], "lower --batch-size"),
+             (["--encoder", "gcnn", "--resume", str(run60)], "a checkpoint of encoder vit/tiny")]
+    for args, expect in cases:
+        argv = ["pretrain", "--data", str(cohort / "c"), "--out", str(cohort / "bad.pt"), "--cache",
+                str(cohort / "cache"), *FAST, "--steps", "2", *args]
+        assert clear.main(argv) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expect in err[0], err
+    assert not (cohort / "bad.pt").exists()
+
+
+def test_moco_ablation_needs_no_masks(cohort, bare):
+    out = cohort / "moco.pt"
+    assert clear.main(["pretrain", "--data", str(bare), "--out", str(out), "--method", "moco", *FAST,
+                       "--steps", "3"]) == 0
+    ck = load(out)
+    assert ck["config"]["method"] == "moco" and ck["data"]["lesion_slices"] == 0 and len(ck["losses"]) == 3
+
+
+WORKER = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import lecl
+from models import build_encoder
+from pretrain import PretrainConfig, pretrain
+dist.init_process_group("gloo")
+rank, n = dist.get_rank(), 4
+# 1) one step by hand: this process's half of a fixed global batch of 8, through DDP
+torch.manual_seed(0)
+model = lecl.MoCo(build_encoder("vit", "tiny", 3, 32), proj_dim=64, mlp_dim=128)
+x1, x2, lesion = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32), torch.arange(8) % 3 == 0
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+loss = ddp(x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n], lesion[rank * n:(rank + 1) * n], 0.99)
+loss.backward()
+mean = loss.detach().clone()
+dist.all_reduce(mean)
+grads = {{k: p.grad for k, p in model.named_parameters() if p.grad is not None}}
+# 2) the whole pipeline
+r = pretrain(PretrainConfig(**{cfg!r}), {data!r}, {out!r}, cache={cache!r})
+torch.save({{"loss": mean / 2, "grads": grads, "losses": r.losses, "weights": r.model.state_dict()}},
+           {out!r} + ".rank" + os.environ["RANK"])
+"""
+
+
+def test_two_gloo_processes_compute_what_one_does(cohort):
+    cfg = dict(steps=4, batch_size=16, img_size=32, mlp_dim=128, proj_dim=64, lr=0.002, seed=5)
+    paths = dict(data=str(cohort / "c"), cache=str(cohort / "cache"))
+    script = cohort / "worker.py"
+    script.write_text(WORKER.format(repo=str(REPO), cfg=cfg, out=str(cohort / "two.pt"), **paths))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = (torch.load(f"{cohort / 'two.pt'}.rank{r}", weights_only=True) for r in (0, 1))
+    # 1) one step by hand: the loss and every gradient equal one process's on the whole batch
+    torch.manual_seed(0)
+    model = lecl.MoCo(build_encoder("vit", "tiny", 3, 32), proj_dim=64, mlp_dim=128)
+    x1, x2, lesion = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32), torch.arange(8) % 3 == 0
+    loss = model(x1, x2, lesion, 0.99)
+    loss.backward()
+    assert r0["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    scale = max(g.abs().max().item() for g in grads.values())  # the few that are ~0 (LN bias before BN) are noise
+    for r in (r0, r1):
+        assert r["grads"].keys() == grads.keys()
+        for k, g in grads.items():
+            torch.testing.assert_close(r["grads"][k], g, rtol=1e-3, atol=1e-5 * scale, msg=k)
+    # 2) the pipeline: the processes stay identical, and follow the one-process run on the same global batches:
+    # the same first loss; after it, Adam turns the float noise in gradients that are ~0 in exact arithmetic
+    # (a LayerNorm bias before BatchNorm) into steps of up to ~3 lr, so weights part by a few lr per step
+    one = pretrain(PretrainConfig(**cfg), out=cohort / "one.pt", **paths)
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k  # DDP keeps the processes identical
+    assert r0["losses"] == r1["losses"] and r0["losses"][0] == pytest.approx(one.losses[0], rel=1e-5)
+    assert r0["losses"] == pytest.approx(one.losses, rel=1e-2)
+    w1 = dict(one.model.named_parameters())  # (BatchNorm's running statistics, unused in training, drift more)
+    diff = max((r0["weights"][k] - w1[k]).abs().max().item() for k in w1)
+    assert diff < 8 * cfg["steps"] * cfg["lr"] * cfg["batch_size"] / 256, diff

@@ -1,0 +1,281 @@
+"""The data side of LeCL (arXiv 2411.16803, Sec. 3.2; the method is lecl.py, the training loop that draws from
+here is pretrain.py): a slice cache built once per cohort, the batch sampler, and the two views of every
+sampled slice, all batched in torch (no torchvision).
+
+    lesion slice:     view 1 = square crop centred on one of its lesion boxes (picked at random), side s drawn
+                      uniformly in [max(√crop_min·S, box extent), S];  view 2 = the whole slice
+    other slice:      two random resized crops (area share in [crop_min, 1], aspect in [3/4, 4/3])
+    then, per view:   left-right flip, intensity/contrast jitter per window channel, Gaussian blur, noise
+
+Cache: every scan is read once (load_ct -> prepare_slices; its mask -> lesion_boxes), one volume at a time,
+into `slices.u8`, a (T, C, Sc, Sc) uint8 memmap (the [0, 1] windows quantised to 1/255, a quarter of float32's
+size), `index.npz` (scan of each slice, lesion flags, boxes) and `cache.json` (the settings, written last: a
+cache whose settings and scan files match is reused on a re-run or --resume). Sc, the cache size, defaults
+to the encoder's input size S: the whole-slice view then starts from exactly the slice extraction will feed
+(up to the 1/255 quantisation), at the cost of lesion crops upsampled by up to 1/√crop_min ≈ 3.5x; a larger
+`cache_size` keeps crops sharp (4x the disk at 2x), and views that shrink their crop are pre-blurred against
+aliasing (σ = (shrink - 1) / 2, as skimage's resize).
+
+Randomness: the views of the i-th sample of the global batch at step t depend on (seed, t, i) alone, so a
+run resumed mid-way, or split over any number of processes, sees exactly the same views.
+
+Shapes: B batch, T slices in the cache, C window channels, S encoder input size, Sc cache slice size.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import ClearError, atomic_path, lesion_boxes, load_ct, load_mask, prepare_slices
+
+CACHE_VERSION = 1
+MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """Crops and augmentations: MoCo v3's recipe (Chen et al. 2021, Sec. 4 and its main_moco.py) for CT."""
+    crop_min: float = 0.08  # smallest crop area share: MoCo v3's --crop-min; lesion crop side >= √0.08·S
+    ratio: tuple = (3 / 4, 4 / 3)  # aspect range of random resized crops, torchvision's default
+    hflip: float = 0.5  # left-right mirror (bodies are near-symmetric); no up-down flip, never seen in CT
+    jitter: float = 0.8  # chance of intensity jitter: MoCo v3's ColorJitter probability
+    contrast: float = 0.4  # contrast factor in 1 ± 0.4 per window channel: ColorJitter's contrast=0.4
+    brightness: float = 0.1  # level shift in ± 0.1 window widths per channel: a window set a little off
+    blur: tuple = (1.0, 0.1)  # chance of Gaussian blur in view 1 / view 2: MoCo v3's asymmetric recipe
+    sigma: tuple = (0.1, 2.0)  # blur σ in pixels at 224 px (MoCo v3), scaled to the input size
+    noise: float = 0.5  # chance of added Gaussian noise; replaces MoCo v3's grayscale/solarize (not for CT)
+    noise_std: float = 0.03  # largest noise σ, in window units (~45 HU in the lung window)
+
+
+def mix(*keys):
+    """A seed from integers, splitmix64-style, so that (seed, step, sample) give unrelated random streams."""
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = ((h ^ (int(k) & MASK64)) * 0xBF58476D1CE4E5B9) & MASK64
+        h = ((h ^ (h >> 31)) * 0x94D049BB133111EB) & MASK64
+        h ^= h >> 29
+    return h >> 1  # 63 bits: torch.manual_seed accepts it on every device
+
+
+# ------------------------------------------------------------------------------------------------- cache
+
+
+class SliceCache:
+    """A built cache folder, read-only: slices (T, C, Sc, Sc) uint8 memmap, lesion flags (T,), boxes per slice."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "cache.json").read_text())
+        T, C, Sc = self.meta["n_slices"], self.meta["channels"], self.meta["size"]
+        self.size = Sc
+        self.slices = np.memmap(self.folder / "slices.u8", np.uint8, "r", shape=(T, C, Sc, Sc))
+        with np.load(self.folder / "index.npz", allow_pickle=False) as z:
+            self.scan = torch.from_numpy(z["scan"])  # (T,) scan number of each slice
+            self.flags = torch.from_numpy(z["flags"])  # (T,) bool: the slice shows a lesion
+            self.box_start = torch.from_numpy(z["box_start"])  # (T + 1,): boxes of slice t are rows [t, t+1)
+            self.boxes = torch.from_numpy(z["boxes"])  # (K, 4) float32 (y0, x0, y1, x1) in Sc pixels
+        self.lesion_ids = self.flags.nonzero()[:, 0]  # (T_lesion,)
+        self.other_ids = (~self.flags).nonzero()[:, 0]  # (T - T_lesion,)
+
+    def __len__(self):
+        return self.slices.shape[0]
+
+    def read(self, ids, device):
+        """The slices `ids` (B,) as float in [0, 1] on `device`: (B, C, Sc, Sc)."""
+        x = torch.from_numpy(np.ascontiguousarray(self.slices[ids.numpy()]))  # (B, C, Sc, Sc) uint8
+        if device.type == "cuda":
+            x = x.pin_memory()
+        return x.to(device, non_blocking=True).float().div_(255)
+
+
+def _cohort_files(cohort):
+    """What the cache depends on in the cohort: each scan's image and mask, with size and mtime."""
+    def stamp(path):
+        return None if path is None else [str(path), path.stat().st_size, path.stat().st_mtime_ns]
+    return [[s.scan, stamp(s.image), stamp(s.mask)] for s in cohort]
+
+
+def open_cache(cohort, folder, slice_cfg, lesion_labels=None, progress=None, should_stop=None):
+    """The cache of `cohort` in `folder` for these settings: reused when it matches, else built (one volume in
+    memory at a time). Returns (SliceCache, built: bool). `progress(iterable, total)` wraps the scan loop;
+    `should_stop()` true aborts the build with KeyboardInterrupt, leaving no partial file under its name."""
+    folder = Path(folder)
+    want = json.loads(json.dumps({  # through JSON, so tuples compare equal to the lists read back
+        "version": CACHE_VERSION, "windows": slice_cfg.windows, "size": slice_cfg.img_size,
+        "thickness_mm": slice_cfg.thickness_mm, "lesion_labels": lesion_labels, "files": _cohort_files(cohort)}))
+    meta_path = folder / "cache.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            meta = {}
+        if {k: meta.get(k) for k in want} == want:
+            return SliceCache(folder), False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClearError(f"{folder}: cannot create the cache folder ({e.strerror})") from None
+    meta_path.unlink(missing_ok=True)  # invalidate first: a build cut short never looks valid
+    scans = enumerate(cohort.scans)
+    scans = progress(scans, len(cohort)) if progress else scans
+    scan_of, flags, box_start, boxes = [], [], [0], []
+    with atomic_path(folder / "slices.u8") as tmp, open(tmp, "wb") as f:
+        for i, scan in scans:
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
+            volume, spacing = load_ct(scan.image)  # (Z, Y, X) HU
+            slices, _ = prepare_slices(volume, spacing, slice_cfg)  # (Z', C, Sc, Sc) in [0, 1]
+            f.write(slices.mul_(255).round_().to(torch.uint8).numpy().tobytes())
+            if scan.mask is not None:
+                fl, bx = lesion_boxes(load_mask(scan.mask, volume.shape), spacing[0], slice_cfg, lesion_labels)
+            else:  # a scan without a mask counts as lesion-free
+                fl, bx = torch.zeros(len(slices), dtype=torch.bool), [[] for _ in range(len(slices))]
+            del volume, slices  # one volume in float memory at a time
+            scan_of += [i] * len(fl)
+            flags += fl.tolist()
+            for b in bx:
+                boxes += b
+                box_start.append(box_start[-1] + len(b))
+    with atomic_path(folder / "index.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, scan=np.asarray(scan_of, np.int32), flags=np.asarray(flags, bool),
+                 box_start=np.asarray(box_start, np.int64), boxes=np.asarray(boxes, np.float32).reshape(-1, 4))
+    meta = {**want, "n_slices": len(flags), "channels": len(slice_cfg.windows), "scans": len(cohort),
+            "lesion_slices": int(sum(flags))}
+    with atomic_path(meta_path) as tmp:
+        tmp.write_text(json.dumps(meta))
+    return SliceCache(folder), True
+
+
+# ------------------------------------------------------------------------------------------------ sampler
+
+
+def batch_ids(cache, step, batch, seed, lesion_fraction):
+    """The global batch of step `step`: (batch,) slice ids, distinct, a function of (seed, step) alone.
+    With `lesion_fraction` f (and lesion slices in the cache) round(f·batch) of them are lesion slices."""
+    g = torch.Generator().manual_seed(mix(seed, step))
+    if lesion_fraction is None or len(cache.lesion_ids) == 0:
+        return torch.randperm(len(cache), generator=g)[:batch]  # (batch,)
+    n = round(lesion_fraction * batch)
+    les = cache.lesion_ids[torch.randperm(len(cache.lesion_ids), generator=g)[:n]]  # (n,)
+    other = cache.other_ids[torch.randperm(len(cache.other_ids), generator=g)[:batch - n]]  # (batch - n,)
+    ids = torch.cat([les, other])  # (batch,)
+    return ids[torch.randperm(batch, generator=g)]  # shuffled, so every process gets its share of lesions
+
+
+# -------------------------------------------------------------------------------------------------- crops
+
+
+def random_resized_boxes(u, size, crop_min, ratio):
+    """torchvision's RandomResizedCrop box from uniforms u (B, 4) = (area, aspect, y, x): (B, 4) (y0, x0, y1, x1).
+    Departure: a box wider or taller than the image is clipped to it (torchvision redraws up to 10 times)."""
+    area = size * size * (crop_min + (1 - crop_min) * u[:, 0])  # (B,)
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    w = (area * log_r.exp()).sqrt().clamp(max=size)  # (B,)
+    h = (area / log_r.exp()).sqrt().clamp(max=size)
+    y0, x0 = u[:, 2] * (size - h), u[:, 3] * (size - w)
+    return torch.stack([y0, x0, y0 + h, x0 + w], dim=1)  # (B, 4)
+
+
+def lesion_crop_boxes(box, u, size, crop_min):
+    """Square crops holding lesion boxes `box` (B, 4): side s uniform (from u (B,)) in [max(√crop_min·size,
+    box extent), size], centred on the box, shifted inward where it would leave the image (it still holds the
+    box, as s >= its extent). Returns (B, 4) (y0, x0, y1, x1)."""
+    extent = torch.maximum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1])  # (B,)
+    lo = extent.clamp(min=math.sqrt(crop_min) * size, max=size)
+    side = lo + (size - lo) * u  # (B,)
+    half = side / 2
+    cy = ((box[:, 0] + box[:, 2]) / 2).clamp(min=half, max=size - half)  # (B,)
+    cx = ((box[:, 1] + box[:, 3]) / 2).clamp(min=half, max=size - half)
+    return torch.stack([cy - half, cx - half, cy + half, cx + half], dim=1)  # (B, 4)
+
+
+def gaussian_blur(x, sigma, sigma_max):
+    """Blur each image of x (B, C, H, W) with its own σ (B,) in pixels (0: unchanged); separable, reflect pad.
+    The kernel spans ±3 sigma_max, a bound fixed beforehand, so an image's result never depends on its batch."""
+    r = min(math.ceil(3 * sigma_max), x.shape[-1] - 1, x.shape[-2] - 1)
+    if r <= 0:
+        return x
+    B, C, H, W = x.shape
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)  # (K,)
+    k = torch.exp(-t[None] ** 2 / (2 * sigma.to(x)[:, None] ** 2 + 1e-12))  # (B, K); σ = 0 gives a delta
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B·C, K)
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")  # (1, B·C, H + 2r, W + 2r)
+    y = F.conv2d(y, k[:, None, None, :], groups=B * C)  # (1, B·C, H + 2r, W): along x
+    y = F.conv2d(y, k[:, None, :, None], groups=B * C)  # (1, B·C, H, W): along y
+    return y.view(B, C, H, W)
+
+
+def crop_resize(images, boxes, flip, out_size):
+    """Sample `boxes` (B, 4) (y0, x0, y1, x1, pixels) of images (B, C, Sc, Sc) at out_size², mirrored where
+    `flip` (B,): one affine grid_sample for the batch. Crops that shrink are pre-blurred against aliasing."""
+    B, C, Sc, _ = images.shape
+    shrink = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / out_size  # (B,)
+    if shrink.max() > 1:  # boxes lie inside the image, so shrink <= Sc / out_size
+        images = gaussian_blur(images, ((shrink - 1) / 2).clamp(min=0), (Sc / out_size - 1) / 2)  # skimage's σ
+    y0, x0, y1, x1 = boxes.to(images).unbind(1)  # (B,) each
+    theta = torch.zeros(B, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = (x1 - x0) / Sc * torch.where(flip.to(images.device), -1.0, 1.0)  # x_src = a x_out + b,
+    theta[:, 0, 2] = (x0 + x1) / Sc - 1  # in grid_sample's [-1, 1] frame (align_corners=False: pixel edges)
+    theta[:, 1, 1] = (y1 - y0) / Sc
+    theta[:, 1, 2] = (y0 + y1) / Sc - 1
+    grid = F.affine_grid(theta, (B, C, out_size, out_size), align_corners=False)  # (B, S, S, 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B, C, S, S)
+
+
+# ----------------------------------------------------------------------------------------------------- views
+
+
+def _uniforms(seeds, n):
+    """(B, n) uniforms, row i from its own generator seeded seeds[i]: independent of how the batch is split."""
+    g = torch.Generator()
+    return torch.stack([torch.rand(n, generator=g.manual_seed(s)) for s in seeds])  # (B, n)
+
+
+def augment(x, u, blur_p, seeds, cfg: ViewConfig):
+    """Jitter, blur and noise on views x (B, C, S, S) in [0, 1]; u (B, 5 + 2C) uniforms; blur_p (B,) chance;
+    seeds (B,) of each view's noise."""
+    B, C, S, _ = x.shape
+    u = u.to(x)  # (B, 5 + 2C), on the views' device
+    contrast = 1 + cfg.contrast * (2 * u[:, 1:1 + C] - 1)  # (B, C)
+    level = cfg.brightness * (2 * u[:, 1 + C:1 + 2 * C] - 1)  # (B, C)
+    on = (u[:, :1] < cfg.jitter).to(x)  # (B, 1)
+    contrast, level = 1 + on * (contrast - 1), on * level
+    x = ((x - 0.5) * contrast[..., None, None] + 0.5 + level[..., None, None]).clamp(0, 1)  # (B, C, S, S)
+    u = u[:, 1 + 2 * C:]  # (B, 4): blur on, σ, noise on, noise σ
+    sigma = (cfg.sigma[0] + (cfg.sigma[1] - cfg.sigma[0]) * u[:, 1]) * S / 224  # (B,)
+    x = gaussian_blur(x, torch.where(u[:, 0] < blur_p.to(x.device), sigma, 0.0), cfg.sigma[1] * S / 224)
+    std = torch.where(u[:, 2] < cfg.noise, cfg.noise_std * u[:, 3], 0.0)  # (B,)
+    if (std > 0).any():
+        g = torch.Generator(device=x.device)
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g.manual_seed(s), device=x.device)
+                             if v > 0 else x.new_zeros(x.shape[1:]) for s, v in zip(seeds, std.tolist())])
+        x = (x + std.to(x)[:, None, None, None] * noise).clamp(0, 1)  # (B, C, S, S)
+    return x
+
+
+def make_views(cache, ids, seeds, out_size, lesion_crops, cfg: ViewConfig, device):
+    """The two views of slices `ids` (B,): (x1, x2) each (B, C, S, S) on `device`, and lesion (B,) bool, the
+    slices given lesion crops (all False unless `lesion_crops`). `seeds` (B,) ints fix each sample's randomness."""
+    src = cache.read(ids, device)  # (B, C, Sc, Sc)
+    B, C, Sc = src.shape[0], src.shape[1], cache.size
+    n = 10 + 2 * C  # per view: crop 4, flip 1, jitter 1 + 2C, blur 2, noise 2; then the lesion box pick
+    u = _uniforms(seeds, 2 * n + 1)  # (B, 2n + 1)
+    u1, u2, pick = u[:, :n], u[:, n:2 * n], u[:, -1]
+    lesion = cache.flags[ids] & lesion_crops  # (B,)
+    box1 = random_resized_boxes(u1[:, :4], Sc, cfg.crop_min, cfg.ratio)  # (B, 4)
+    box2 = random_resized_boxes(u2[:, :4], Sc, cfg.crop_min, cfg.ratio)
+    if lesion.any():
+        start, count = cache.box_start[ids], cache.box_start[ids + 1] - cache.box_start[ids]  # (B,), (B,)
+        chosen = start + (pick * count).long().clamp(max=(count - 1).clamp(min=0))  # (B,) a random box
+        les_box = cache.boxes[chosen.clamp(max=max(len(cache.boxes) - 1, 0))]  # (B, 4)
+        box1 = torch.where(lesion[:, None], lesion_crop_boxes(les_box, u1[:, 0], Sc, cfg.crop_min), box1)
+        box2 = torch.where(lesion[:, None], torch.tensor([0.0, 0.0, Sc, Sc]), box2)  # the whole slice
+    flip = torch.cat([u1[:, 4], u2[:, 4]]) < cfg.hflip  # (2B,)
+    x = crop_resize(torch.cat([src, src]), torch.cat([box1, box2]), flip, out_size)  # (2B, C, S, S)
+    blur_p = torch.tensor([cfg.blur[0]] * B + [cfg.blur[1]] * B)  # (2B,)
+    x = augment(x, torch.cat([u1[:, 5:], u2[:, 5:]]), blur_p, [mix(s, v) for v in (1, 2) for s in seeds], cfg)
+    return x[:B], x[B:], lesion.to(device)
