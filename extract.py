@@ -23,6 +23,7 @@ import torch
 
 from data import ClearError, SliceConfig, atomic_path, load_ct, prepare_slices
 from models import build_encoder
+from pretrain import load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -46,27 +47,17 @@ def weights_sha256(module):
 
 
 def _load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise ClearError(f"{path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code in it, a truncated file, not a checkpoint at all
-        raise ClearError(f"{path}: not a loadable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
-    missing = [k for k in ("encoder_config", "encoder", "slice_config") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ClearError(f"{path}: not a CLEAR pretrain checkpoint (no {missing[0]!r})")
+    ckpt = load_checkpoint(path)  # weights_only=True: a checkpoint is untrusted input
     try:
         encoder = build_encoder(**ckpt["encoder_config"])
         encoder.load_state_dict(ckpt["encoder"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ClearError(f"{path}: encoder weights do not fit {ckpt['encoder_config']} "
-                         f"({str(e).splitlines()[0][:200]})") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ClearError(f"{path}: encoder weights do not fit {ckpt.get('encoder_config')} "
+                         f"({(str(e).splitlines() or [''])[0][:200]})") from None
     sc = ckpt["slice_config"]
     slices = SliceConfig(windows=tuple(tuple(w) for w in sc["windows"]), img_size=int(sc["img_size"]),
                          thickness_mm=sc.get("thickness_mm"))
-    return encoder, {**ckpt["encoder_config"], "source": f"checkpoint {path.name}"}, slices
+    return encoder, {**ckpt["encoder_config"], "source": f"checkpoint {Path(path).name}"}, slices
 
 
 def _load_module(spec, img_size):

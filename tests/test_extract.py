@@ -10,6 +10,7 @@ import phantom as P
 from data import ClearError, Cohort, SliceConfig, load_ct, prepare_slices
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from models import build_encoder
+from pretrain import FORMAT
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_another_encoder_cannot_write_into_the_same_folder(cohort, tmp_path):
 def test_checkpoint_and_module_encoders(cohort, tmp_path):
     torch.manual_seed(3)
     enc = build_encoder("gcnn", img_size=32)
-    torch.save({"encoder_config": enc.encoder_config, "encoder": enc.state_dict(),
+    torch.save({"format": FORMAT, "encoder_config": enc.encoder_config, "encoder": enc.state_dict(),
                 "slice_config": {"windows": [[40, 400]] * 3, "img_size": 32, "thickness_mm": 20.0}},
                tmp_path / "ckpt.pt")
     encoder, identity, slices = load_encoder(EncoderSpec(checkpoint=str(tmp_path / "ckpt.pt")))
@@ -112,7 +113,7 @@ def test_a_pickled_payload_checkpoint_is_refused_and_never_runs(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"encoder_config": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(ClearError, match="not a loadable checkpoint"):
+    with pytest.raises(ClearError, match="not a readable checkpoint"):
         load_encoder(EncoderSpec(checkpoint=str(tmp_path / "evil.pt")))
     assert not marker.exists()
 
