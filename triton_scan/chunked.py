@@ -35,7 +35,7 @@ inputs, instead of the (B, L, D, N) tensors that autograd would keep for the loo
 """
 import torch
 
-CHUNK = 16  # time steps per block: the fastest of 8, 16, 32, 64 measured on 2 CPU cores (README.md); a
+CHUNK = 16  # time steps per block: the fastest of 8, 16, 32, 64 in README.md's measurement; a
 #             (T, B, N, D) block is then 3 MiB at B=8, D=384, N=16, so the backward's four fit in L3 together.
 LOG2_E = 1.4426950408889634  # exp(x) = 2 ** (x log2 e); torch.exp2 measured 1.8x faster than torch.exp here
 
