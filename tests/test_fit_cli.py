@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 import clear
+import metrics
 
 
 def _cohort(tmp_path, n=24):
@@ -51,9 +52,8 @@ def test_fit_then_predict(tmp_path, capsys):
     assert clear.main(["predict", "--model", str(root / "run"), "--bags", str(root / "bags"),
                        "--out", str(root / "p.csv")]) == 0
     rows = list(csv.DictReader(open(root / "p.csv")))
-    pos = [float(r["score_y"]) for r in rows if int(r["scan"][1:]) % 2]
-    neg = [float(r["score_y"]) for r in rows if not int(r["scan"][1:]) % 2]
-    assert len(rows) == 24 and min(pos) > max(neg)
+    y = [int(r["scan"][1:]) % 2 for r in rows]
+    assert len(rows) == 24 and metrics.auroc(np.array(y), np.array([float(r["score_y"]) for r in rows])) > 0.9
 
 
 def test_fit_bad_target_is_one_line(tmp_path, capsys):

@@ -161,3 +161,20 @@ def test_mixed_encoders_and_widths(tmp_path):
     (tmp_path / "c" / "s000.pt").rename(tmp_path / "a" / "s999.pt")
     assert "width 24" in error(mil.load_bags, tmp_path / "a")
 
+
+
+def test_standardisation_makes_the_head_blind_to_feature_scale():
+    torch.manual_seed(0)
+    bags = [torch.randn(n, 6) for n in (3, 7, 5)]
+    model = mil.AttentionMIL(6, 2).eval().standardize(bags)
+    allx = torch.cat(bags).double()
+    torch.testing.assert_close(model.shift, allx.mean(0).float())
+    torch.testing.assert_close(model.scale, allx.std(0).float())  # (hand: the unbiased std over all slices)
+    scale, offset = torch.tensor([1e3, 1e-2, 5.0, 1.0, 20.0, 0.1]), torch.randn(6) * 3
+    rescaled = [b * scale + offset for b in bags]  # what another encoder's units might look like
+    other = mil.AttentionMIL(6, 2).eval()
+    other.load_state_dict(model.state_dict())
+    other.standardize(rescaled)
+    x, mask = mil.pad_bags(bags)
+    xr, _ = mil.pad_bags(rescaled)
+    torch.testing.assert_close(other(xr, mask)[0], model(x, mask)[0], rtol=1e-4, atol=1e-4)
