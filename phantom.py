@@ -205,12 +205,15 @@ def _anatomy(cv, rng, height, girth):
 
 
 def _lung_disease(cv, rng, kind, contrast, H):
-    """Ground glass (some patches consolidated) or emphysema-like holes, inside the lungs only."""
-    n, radius, top = ((rng.integers(2, 5), (15, 40), H(0.55)) if kind == LUNG_GGO else
-                      (rng.integers(30, 60), (3, 9), H(0.68)))
+    """Diffuse lung disease, inside the lungs only: ground glass (+250 HU, some patches consolidated, +850)
+    over several lobes, or emphysema: many low-attenuation holes (-130 HU, so below -950) in the upper lungs,
+    together a few to 15 % of the lung, as in disease that a radiologist would call."""
+    n, radius, top = ((rng.integers(3, 8), (20, 45), H(0.55)) if kind == LUNG_GGO else
+                      (rng.integers(100, 250), (3, 8), H(0.62)))
     for _ in range(n):
         c = (rng.uniform(top, H(0.84)), rng.uniform(-80, 80), rng.choice([-1, 1]) * rng.uniform(30, 120))
         box, hit = cv.ellipsoid(c, rng.uniform(*radius, 3), inside=(LUNG,))
+        hit &= cv.mask[box] != kind  # overlapping patches do not add up
         delta = {LUNG_EMPHYSEMA: -130.0, LUNG_GGO: rng.choice([250.0, 250.0, 850.0])}[kind]
         cv.hu[box][hit] += contrast * delta
         cv.mask[box][hit] = kind
