@@ -1,10 +1,15 @@
 """CLEAR command line: the only entry point, the only place that parses arguments or prints for the user.
 
-    python clear.py synth --out data/synth           # a synthetic CT cohort with known findings
+    python clear.py demo                                          # all of the below on a small cohort
+    python clear.py synth    --out data/synth                     # a synthetic CT cohort with known findings
+    python clear.py pretrain --data data/synth --out runs/vit-lecl.pt --encoder vit --method lecl
+    python clear.py extract  --data data/synth --out runs/bags --checkpoint runs/vit-lecl.pt
+    python clear.py fit      --bags runs/bags --labels data/synth/labels.csv --target stage --out runs/stage
+    python clear.py predict  --model runs/stage --bags new_bags --out predictions.csv
 
 Every subcommand reads the same way: inputs (--data, --bags, ...), --out, then options that map one to one
 onto the fields of a config dataclass of the module doing the work. A problem with the input is reported
-as one line naming the file, with exit code 2.
+as one line naming the file, with exit code 2; long work shows a progress bar and continues when re-run.
 """
 import argparse
 import dataclasses

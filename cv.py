@@ -78,6 +78,21 @@ def patient_folds(patients, strata, k, seed):
     fold[order] = np.arange(len(stratum)) % k
     return fold[p]
 
+
+def fold_split(fold, k, patients, strata, cfg):
+    """Fold k's scans -> (train, val, test) indices. val: an inner stratified share `val_fraction` of the
+    training patients, for early stopping; with `train_fraction` < 1 only a stratified share of the remaining
+    training patients is kept (data efficiency: the test folds stay the same). Shares are 1 / round(1 / f)."""
+    train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+    val = np.zeros(len(train), dtype=bool)
+    if cfg.val_fraction > 0:
+        val = patient_folds(patients[train], strata[train], round(1 / cfg.val_fraction), cfg.seed + 1 + k) == 0
+    train, val = train[~val], train[val]
+    if cfg.train_fraction < 1:
+        keep = patient_folds(patients[train], strata[train], round(1 / cfg.train_fraction), cfg.seed + 101 + k) == 0
+        train = train[keep]
+    return train, val, test
+
 # ----------------------------------------------------------------------------------------------- fit
 
 
@@ -97,6 +112,7 @@ class FitConfig:
     dropout: float = 0.5  # the CLEAR code's nn.Dropout() default
     max_slices: int | None = 128  # random slices per bag in training (caps thin-slice scans); eval uses all
     val_fraction: float = 0.2  # training patients held out for early stopping; 0 trains every epoch
+    train_fraction: float = 1.0  # share of the (other) training patients used: data-efficiency curves
     seed: int = 1337  # the CLEAR code's seed; same seed, same results
     n_bootstrap: int = 1000  # patient-bootstrap resamples for the 95 % CIs
     n_top: int = 3  # scans per label returned for attention overlays
@@ -111,6 +127,7 @@ class FitConfig:
                          "--task: must be binary, multilabel, multiclass or ordinal"),
                         (self.folds >= 2, "--folds: must be at least 2"),
                         (0 <= self.val_fraction <= 0.5, "--val-fraction: must be in [0, 0.5]"),
+                        (0 < self.train_fraction <= 1, "--train-fraction: must be in (0, 1]"),
                         (self.lr > 0, "--lr: must be positive"),
                         (0 <= self.dropout < 1, "--dropout: must be in [0, 1)"),
                         *[(v >= 1, f"--{k.replace('_', '-')}: must be at least 1") for k, v in sizes.items()]]:
@@ -228,11 +245,8 @@ def _fit_cv(bags, labels, cfg, progress):
     bar = progress(total=cfg.folds * cfg.epochs, desc="fit") if progress else None
     scores, attention, models = np.zeros((len(scans), len(task.labels))), {}, []
     for k in range(cfg.folds):
-        train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-        val = np.zeros(len(train), dtype=bool)  # inner split of the training patients, for early stopping
-        if cfg.val_fraction > 0:
-            val = patient_folds(patients[train], strata[train], round(1 / cfg.val_fraction), cfg.seed + 1 + k) == 0
-        model, best_epoch = _train_fold(task, bags, y_bag, index[train[~val]], index[train[val]], cfg, cfg.seed + k,
+        train, val, test = fold_split(fold, k, patients, strata, cfg)
+        model, best_epoch = _train_fold(task, bags, y_bag, index[train], index[val], cfg, cfg.seed + k,
                                         bar.update if bar else lambda n: None)
         logits, att = infer(model, [bags.features[i] for i in index[test]])
         scores[test] = task.scores(logits).numpy()

@@ -227,3 +227,18 @@ def test_predict_checks_the_run_and_the_encoder(tmp_path):
     assert error(mil.predict, tmp_path, mil.load_bags(bags_dir)).startswith(f"{tmp_path}: no fold")
     (run / "fold0.pt").write_bytes(b"garbage")
     assert error(mil.load_run, run).startswith(f"{run / 'fold0.pt'}: not a CLEAR MIL model")
+
+
+def test_fold_split_keeps_a_stratified_share_of_training_patients():
+    patients = np.repeat(np.arange(100), 2)  # 100 patients, 2 scans each
+    strata = (patients % 4 == 0).astype(np.int64)[:, None]  # a quarter positive
+    fold = cv.patient_folds(patients, strata, 5, 0)
+    cfg = cv.FitConfig(targets=("y",), val_fraction=0.2, train_fraction=0.25)
+    train, val, test = cv.fold_split(fold, 2, patients, strata, cfg)
+    full, _, _ = cv.fold_split(fold, 2, patients, strata, dataclasses.replace(cfg, train_fraction=1.0))
+    assert set(train) <= set(full) and not set(full) & (set(val) | set(test)) and not set(val) & set(test)
+    assert np.array_equal(test, np.flatnonzero(fold == 2))
+    assert len(set(patients[val])) == 16 and len(set(patients[full])) == 64  # 80 training patients: 1/5 for val
+    assert len(set(patients[train])) == 16 and strata[train].mean() == 0.25  # a quarter of 64, stratified
+    for part in (train, val, test):  # a patient's two scans stay together
+        assert len(part) == 2 * len(set(patients[part]))
