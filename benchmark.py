@@ -187,35 +187,35 @@ def _encoder_flops(encoder, x):
 def bench_encoders(args):
     """Forward throughput (inference_mode) of every encoder at `--size`, on one batch of `--batch` slices at
     `--img-size`², beside this machine's fp32 matmul peak measured in the same run. Prints a markdown table."""
-    from models import SIZES, build_encoder, count_parameters
+    from models import build_encoder, count_parameters
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)  # (B, C, H, W)
-    encoders = {name: build_encoder(name, args.size, img_size=args.img_size).to(device).eval() for name in SIZES}
-    flops = {name: _encoder_flops(enc, x) for name, enc in encoders.items()}
-    runs = {name: (lambda enc=enc: enc(x)) for name, enc in encoders.items()}
-    with torch.inference_mode():
-        for run in runs.values():
-            run()  # warm-up
-        times, peak = {name: float("inf") for name in runs}, 0.0
-        for _ in range(args.repeat):  # interleaved, so a burst of load on the shared machine hits all alike
-            with device:  # the peak's operands on the same device as the encoders
-                peak = max(peak, matmul_peak_gflops())  # the highest seen: the fractions are lower bounds
-            for name, run in runs.items():
-                times[name] = min(times[name], best_time(run, repeat=1, warmup=0))
-    print(f"encoders ({args.size}) forward, inference_mode, on {device} ({torch.get_num_threads()} threads, load "
-          f"average {os.getloadavg()[0]:.1f} at the end), batch {args.batch} at {args.img_size}²; best of "
-          f"{args.repeat}; fp32 matmul peak {peak:.0f} GFLOP/s (2048² torch.mm, best seen in this run); FLOPs = "
+    rows = []
+    for name in args.names:
+        encoder = build_encoder(name, args.size, img_size=args.img_size).to(device).eval()
+        flops = _encoder_flops(encoder, x)
+        t, peak = float("inf"), 0.0
+        with torch.inference_mode(), device:  # the peak's operands on the encoder's device too
+            best_time(lambda: encoder(x), repeat=1, warmup=1)  # two warm-ups: the allocator settles
+            for _ in range(args.repeat):  # peak and encoder interleaved, the best of each kept
+                peak = max(peak, matmul_peak_gflops(repeat=2))
+                t = min(t, best_time(lambda: encoder(x), repeat=1, warmup=0))
+        gflops = flops / t / 1e9
+        rows.append(f"| {name}-{args.size} | {count_parameters(encoder) / 1e6:.2f} | "
+                    f"{flops / args.batch / 1e9:.2f} | {args.batch / t:.1f} | {gflops:.0f} | {peak:.0f} | "
+                    f"{gflops / peak:.0%} |")
+        del encoder
+    print(f"encoders forward, inference_mode, on {device} ({torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f} at the end), batch {args.batch} at {args.img_size}²; best of {args.repeat}; "
+          "matmul peak = fp32 2048² torch.mm, best of runs interleaved with the encoder's; FLOPs = "
           "2 x MACs of matmuls, convs and attention by FlopCounterMode, plus 7 per SSM state update")
-    print("\n| encoder | params M | GFLOP / slice | slices/s | GFLOP/s | % of matmul peak |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, t in times.items():
-        gflops = flops[name] / t / 1e9
-        print(f"| {name}-{args.size} | {count_parameters(encoders[name]) / 1e6:.2f} | "
-              f"{flops[name] / args.batch / 1e9:.2f} | {args.batch / t:.1f} | {gflops:.0f} | {gflops / peak:.0%} |")
+    print("\n| encoder | params M | GFLOP / slice | slices/s | GFLOP/s | matmul peak GFLOP/s | % of peak |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
 
 
 def main(argv=None):
@@ -231,6 +231,8 @@ def main(argv=None):
     p_enc = sub.add_parser("encoders", help="encoders' forward slices/s and GFLOP/s vs this machine's matmul peak")
     p_enc.add_argument("--batch", type=int, default=32, help="slices per forward")
     p_enc.add_argument("--img-size", type=int, default=224, help="slice side in pixels")
+    p_enc.add_argument("--names", nargs="+", default=["vit", "gcnn", "ssm"], choices=["vit", "gcnn", "ssm"],
+                       help="encoders to time")
     p_enc.add_argument("--size", default="tiny", choices=["tiny", "small", "base"], help="encoder size")
     p_enc.add_argument("--repeat", type=int, default=5, help="timed runs per figure; the best is reported")
     p_enc.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -308,7 +308,7 @@ def add_fit(sub):
                    help="default: inferred from the target columns")
     for name in ("folds", "epochs", "patience", "batch_size", "max_slices", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), help=f"default {getattr(d, name)}")
-    for name in ("lr", "weight_decay", "dropout", "val_fraction"):
+    for name in ("lr", "weight_decay", "dropout", "val_fraction", "train_fraction"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name), help=f"default {getattr(d, name)}")
     p.add_argument("--gated", action="store_true", help="gated attention (Ilse et al. Eq. 9)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")

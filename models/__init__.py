@@ -1,4 +1,4 @@
-"""Slice encoders of CLEAR (arXiv 2411.16803, Sec. 3): a 2D network mapping a batch of CT slices (B, C, H, W)
+"""Slice encoders of CLEAR (arXiv 2411.16803): a 2D network mapping a batch of CT slices (B, C, H, W)
 to slice embeddings (B, D), later pooled per scan by attention-MIL and pre-trained with LeCL.
 
     enc = build_encoder("vit", size="tiny", in_chans=3, img_size=128)

@@ -1,7 +1,7 @@
 """Gated CNN, the MambaOut encoder (Yu & Wang 2024, "MambaOut: Do We Really Need Mamba for Vision?"): a Mamba
 block with its state-space model taken out, stacked in a 4-stage hierarchy.
 
-Gated CNN block (MambaOut Fig. 1 and Alg. 1; the gated linear unit of Dauphin et al. 2017 with a token mixer):
+Gated CNN block (MambaOut Alg. 1; the gated linear unit of Dauphin et al. 2017 with a token mixer):
     g, i, c = split(Linear_{D -> 2E}(LN(x)))          gate (E), identity (E - D_c), conv part (D_c = D)
     c = DWConv_{7x7}(c)                               depthwise: one 7x7 filter per channel
     x = x + Linear_{E -> D}(GELU(g) * [i, c])         E = 8/3 D, the hidden width of MambaOut

@@ -83,7 +83,8 @@ class Direction(nn.Module):
     def forward(self, x, z):  # x, z: (B, E, L), in this direction's time order
         L = x.shape[-1]
         x = F.silu(self.conv1d(x)[..., :L])  # (B, E, L): left padding only, so causal
-        dt, Bm, Cm = torch.split(self.x_proj(x.transpose(1, 2)), [self.rank, self.d_state, self.d_state], dim=-1)
+        proj = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
+        dt, Bm, Cm = torch.split(proj, [self.rank, self.d_state, self.d_state], dim=-1)  # (B, L, R|N|N)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, E, L); b_dt is added inside the scan
         A = -torch.exp(self.A_log)  # (E, N): negative real, so exp(Δ A) decays
         return selective_scan(x, dt, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D, z=z,
