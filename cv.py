@@ -175,7 +175,7 @@ def _train_fold(task, bags, y, train, val, cfg, seed, tick):
             opt.step()
         tick(1)
         if len(val):  # early stopping on the validation AUROC; a tie goes to the later, longer-trained epoch
-            score = _val_auroc(task, infer(model, [bags.features[i] for i in val])[0], y[val])
+            score = macro_auroc(task, infer(model, [bags.features[i] for i in val])[0], y[val])
             if score >= best_score:
                 best_score, best_epoch = score, epoch
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -187,8 +187,9 @@ def _train_fold(task, bags, y, train, val, cfg, seed, tick):
     return model.eval(), best_epoch
 
 
-def _val_auroc(task, logits, y):
-    """Macro AUROC of the validation scans (NaN-safe: labels absent from the split are skipped)."""
+def macro_auroc(task, logits, y):
+    """Macro AUROC of logits against y (NaN-safe: labels absent from the split are skipped); early stopping
+    uses it on the validation scans."""
     rows = metrics.summarize(task.kind, y.numpy(), task.scores(logits).numpy(), task.labels,
                              np.arange(len(y)), n_bootstrap=0)
     values = [r["value"] for r in rows if r["metric"] == "AUROC" and r["label"] != "macro" and r["value"] is not None]

@@ -42,6 +42,23 @@ from data import ClearError
 # --------------------------------------------------------------------------------------------- model
 
 
+class CumulativeLink(nn.Module):
+    """The ordinal output: one score g (B, 1) -> C-1 cumulative logits g - theta_k (B, C-1), logit P(y > k),
+    with theta = cut0 + cumsum(softplus(gaps)) increasing, so class probabilities are never negative."""
+
+    def __init__(self, n_cuts):
+        super().__init__()
+        self.cut0 = nn.Parameter(torch.tensor([-(n_cuts - 1) / 2]))  # cut-points start one logit apart around 0
+        self.gaps = nn.Parameter(torch.full((n_cuts - 1,), math.log(math.e - 1)))  # softplus(gap) = 1
+
+    def thresholds(self):
+        """The cut-points (C-1,), increasing."""
+        return torch.cat([self.cut0, self.cut0 + torch.cumsum(F.softplus(self.gaps), 0)])
+
+    def forward(self, g):
+        return g - self.thresholds()  # (B, 1) - (C-1,) -> (B, C-1)
+
+
 class AttentionMIL(nn.Module):
     """forward(x (B, L, D), mask (B, L) bool, True = real slice) -> (logits (B, n_out), attention (B, L)).
     ordinal=True: n_out = C - 1 cumulative logits, logit P(y > k)."""
@@ -58,9 +75,7 @@ class AttentionMIL(nn.Module):
         self.w = nn.Linear(att_dim, 1, bias=False)  # a bias would cancel in the softmax
         self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.Dropout(dropout), nn.SiLU(),
                                   nn.Linear(hidden, 1 if ordinal else n_out))
-        if ordinal:  # theta = cut0 + cumsum(softplus(gaps)): increasing, starting one logit apart around 0
-            self.cut0 = nn.Parameter(torch.tensor([-(n_out - 1) / 2]))
-            self.gaps = nn.Parameter(torch.full((n_out - 1,), math.log(math.e - 1)))
+        self.link = CumulativeLink(n_out) if ordinal else nn.Identity()
 
     @torch.no_grad()
     def standardize(self, features):
@@ -85,15 +100,10 @@ class AttentionMIL(nn.Module):
         padded = h.new_zeros(*mask.shape, h.shape[1]).masked_scatter(mask[..., None], h)  # (B, L, H)
         return torch.einsum("bl,blh->bh", a, padded), a  # (B, H), (B, L)
 
-    def thresholds(self):
-        """The ordinal cut-points (C-1,), increasing."""
-        return torch.cat([self.cut0, self.cut0 + torch.cumsum(F.softplus(self.gaps), 0)])
-
     def forward(self, x, mask=None):
         mask = torch.ones(x.shape[:2], dtype=torch.bool) if mask is None else mask
         z, a = self.pool(self.embed((x[mask] - self.shift) / self.scale), mask)  # x[mask]: (T, D) -> (B, H), (B, L)
-        out = self.head(z)  # (B, n_out); ordinal (B, 1)
-        return (out - self.thresholds() if self.config["ordinal"] else out), a  # ordinal: (B, C-1)
+        return self.link(self.head(z)), a  # (B, n_out), ordinal: (B, 1) -> (B, C-1)
 
 
 def pad_bags(features):

@@ -121,7 +121,7 @@ def test_ordinal_head_gives_class_probabilities():
     with torch.no_grad():
         logits, _ = model(torch.randn(50, 4, 8) * 5)
     assert logits.shape == (50, 3)
-    assert (model.thresholds().diff() > 0).all()
+    assert (model.link.thresholds().diff() > 0).all()
     p = mil.Task("ordinal", ("stage",), (1.0, 2.0, 3.0, 4.0)).scores(logits)  # (50, 4)
     assert (p >= 0).all() and torch.allclose(p.sum(1), torch.ones(50))
 
