@@ -2,6 +2,7 @@
 
     python clear.py demo                                          # all of the below on a small cohort
     python clear.py synth    --out data/synth                     # a synthetic CT cohort with known findings
+    python clear.py convert  dicom/series_3 data/ct/images/P001_S1.nii.gz   # a DICOM CT series -> NIfTI in HU
     python clear.py pretrain --data data/synth --out runs/vit-lecl.pt --encoder vit --method lecl
     python clear.py extract  --data data/synth --out runs/bags --checkpoint runs/vit-lecl.pt
     python clear.py fit      --bags runs/bags --labels data/synth/labels.csv --target stage --out runs/stage
@@ -15,6 +16,7 @@ import argparse
 import dataclasses
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,16 +37,16 @@ def prepare_out_dir(out, force, owned=()):
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ClearError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ClearError(f"{out}: exists and is not empty (use --force to overwrite)")
-        for pattern in owned:
-            for p in out.glob(pattern):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ClearError(f"{out}: exists and is not empty (use --force to overwrite)")
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ClearError(f"{out}: cannot create folder ({e.strerror})") from None
+        tempfile.TemporaryFile(dir=out).close()  # writable? Found out now, not after the work; as root, only
+    except OSError as e:                         # this finds a read-only mount or an immutable folder
+        raise ClearError(f"{out}: cannot create folder or write in it ({e.strerror})") from None
+    for pattern in owned if force else ():
+        for p in out.glob(pattern):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     return out
 
 
@@ -60,9 +62,9 @@ def cmd_synth(args):
     from phantom import SynthConfig, write_cohort, ENDPOINTS
 
     cfg = config_from(SynthConfig, args, thickness=tuple(args.thickness))
-    if cfg.n < 1 or cfg.size < 32 or cfg.workers < 1:
-        raise ClearError(f"--n must be >= 1, --size >= 32 and --workers >= 1 (got {cfg.n}, {cfg.size}, "
-                         f"{cfg.workers})")
+    if cfg.n < 1 or cfg.size < 32 or cfg.workers < 1 or not 0 < cfg.thickness[0] <= cfg.thickness[1]:
+        raise ClearError(f"--n must be >= 1, --size >= 32, --workers >= 1 and --thickness 0 < MIN <= MAX (got "
+                         f"{cfg.n}, {cfg.size}, {cfg.workers}, {cfg.thickness[0]:g} {cfg.thickness[1]:g})")
     out = prepare_out_dir(args.out, args.force, owned=("images", "masks", "labels.csv", "synth.json"))
     t0 = time.time()
     rows = write_cohort(cfg, out, progress=bar("synth"))
@@ -93,6 +95,45 @@ def add_synth(sub):
     p.add_argument("--workers", type=int, default=d.workers, help="parallel processes")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.set_defaults(func=cmd_synth)
+
+
+# ------------------------------------------------------------------------------------------- convert
+
+
+def cmd_convert(args):
+    from dicom import read_series, save_series
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise ClearError(f"{out}: is a folder; OUT names the .nii.gz file to write")
+    if out.exists() and not args.force:
+        raise ClearError(f"{out}: exists (overwrite it with --force)")
+    t0 = time.time()
+    s = read_series(args.dicom, args.series, args.gap_tolerance, args.resample)
+    prepare_out_dir(out.parent, force=True)  # made if missing, and writable
+    save_series(s, out)
+    (z, y, x), (dz, dy, dx) = s.volume.shape, s.spacing
+    print(f"wrote {out}: {z} slices of {y} x {x}, spacing {dz:.4g} x {dy:.4g} x {dx:.4g} mm (z, y, x), HU "
+          f"{s.volume.min():.0f} to {s.volume.max():.0f}, from {s.files} files of series {s.description!r} "
+          f"({s.uid}) in {time.time() - t0:.1f} s")
+    for note in s.notes:
+        print(f"  note: {note}")
+
+
+def add_convert(sub):
+    p = sub.add_parser("convert", help="a DICOM CT series (one folder of slices) -> NIfTI in HU",
+                       description="Convert one CT series from a DICOM export (one folder of slice files) into a "
+                                   "NIfTI volume in Hounsfield units, slices ordered along the slice normal and "
+                                   "the affine from the DICOM geometry. Needs pydicom (pip install pydicom).")
+    p.add_argument("dicom", metavar="DICOM_DIR", help="folder of one series' slice files (or one slice file)")
+    p.add_argument("out", metavar="OUT", help="NIfTI file to write, e.g. cohort/images/P001_S1.nii.gz")
+    p.add_argument("--series", metavar="UID", help="the SeriesInstanceUID to take from a folder holding several")
+    p.add_argument("--resample", action="store_true",
+                   help="interpolate uneven slice gaps onto the median gap instead of refusing the series")
+    p.add_argument("--gap-tolerance", type=float, default=0.01,
+                   help="largest deviation of a slice gap from the median, as a fraction of it (default 0.01)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    p.set_defaults(func=cmd_convert)
 
 
 # ------------------------------------------------------------------------------------------ pretrain
@@ -202,12 +243,15 @@ def cmd_extract(args):
                        name=args.encoder if args.random_init else None)
     if args.encoder and not args.random_init:
         raise ClearError("--encoder NAME needs --random-init (or give --checkpoint CKPT)")
+    if args.batch_size < 1 or args.thickness is not None and not args.thickness > 0:
+        raise ClearError(f"expected --batch-size >= 1 and --thickness > 0 (got {args.batch_size}, {args.thickness})")
     encoder, identity, slices = load_encoder(spec)
     if args.thickness is not None:
         slices = dataclasses.replace(slices, thickness_mm=args.thickness)
     shard = parse_shard(args.shard) if args.shard else shard_from_env()
     cohort = Cohort(args.data)
     device = pick_device(args.device)
+    prepare_out_dir(args.out, force=True)  # a folder that exists already is continued
     todo = len(cohort.scans[shard[0]::shard[1]])
     failed, n_slices, t0 = [], 0, time.time()
     with tqdm(total=todo, desc=f"extract {identity['name']}", unit="scan", dynamic_ncols=True) as pbar:
@@ -414,7 +458,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="clear.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    for add in (add_synth, add_pretrain, add_extract, add_fit, add_predict, add_demo):
+    for add in (add_synth, add_convert, add_pretrain, add_extract, add_fit, add_predict, add_demo):
         add(sub)
     return parser
 

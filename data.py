@@ -41,7 +41,10 @@ def atomic_path(path):
     A crash or Ctrl-C inside the block leaves no half-written file under the final name (the rename is
     atomic on POSIX), and the temporary file is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only folder, a missing one, a file where the folder should be
+        raise ClearError(f"{path}: cannot write ({e.strerror})") from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -276,8 +279,11 @@ def read_labels(path):
     path = Path(path)
     if not path.is_file():
         raise ClearError(f"{path}: no such file")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:  # UTF-16 "Unicode text" from a spreadsheet, a binary file
+        raise ClearError(f"{path}: not a UTF-8 CSV table ({type(e).__name__}: {e})") from None
     rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows:
         raise ClearError(f"{path}: empty, expected a header line 'patient,scan,<endpoint>...'")

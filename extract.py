@@ -51,12 +51,12 @@ def _load_checkpoint(path):
     try:
         encoder = build_encoder(**ckpt["encoder_config"])
         encoder.load_state_dict(ckpt["encoder"])
+        sc = ckpt["slice_config"]
+        slices = SliceConfig(windows=tuple(tuple(w) for w in sc["windows"]), img_size=int(sc["img_size"]),
+                             thickness_mm=sc.get("thickness_mm"))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ClearError(f"{path}: encoder weights do not fit {ckpt.get('encoder_config')} "
-                         f"({(str(e).splitlines() or [''])[0][:200]})") from None
-    sc = ckpt["slice_config"]
-    slices = SliceConfig(windows=tuple(tuple(w) for w in sc["windows"]), img_size=int(sc["img_size"]),
-                         thickness_mm=sc.get("thickness_mm"))
+                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
     return encoder, {**ckpt["encoder_config"], "source": f"checkpoint {Path(path).name}"}, slices
 
 
