@@ -1,0 +1,214 @@
+"""The paper's claim, measured on known truth: `python benchmark.py accuracy` runs this.
+
+CLEAR (arXiv 2411.16803) claims that LeCL pre-training plus attention-MIL pooling beats generic encoders on
+tumour location, lung disease and staging, at a fraction of the compute and data of end-to-end 3D networks.
+On a synthetic cohort (phantom.py) with known findings this module runs, with the project's own pipeline:
+
+    encoder {vit, gcnn, ssm} x pre-training {lecl, moco, random init}:  pretrain -> extract -> fit (5-fold)
+    the end-to-end 3D baseline (baseline3d.py) on the same folds
+    data efficiency: MIL (the first encoder, LeCL) and 3D baseline on 10-100 % of the training patients
+
+and writes `results/accuracy.json` and `.md`: AUROC with patient-bootstrap 95 % CIs per task (location: macro
+over the 8 sites), wall time, estimated training FLOPs and peak memory of every row. Nothing is tuned to the
+outcome: the cohort, the budgets and the settings are the defaults below, whatever the numbers say.
+"""
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import cv
+from baseline3d import Net3DConfig, ResNet3D, Volume3DConfig, fit_cv_3d, load_volumes
+from data import Cohort, atomic_path
+from extract import EncoderSpec, extract_bags, load_encoder
+from mil import AttentionMIL, load_bags
+from phantom import SITES, SynthConfig, write_cohort
+from pretrain import PretrainConfig, pretrain
+
+TASKS = {"location": (tuple(f"loc_{s}" for s in SITES), None), "lung_disease": (("lung_disease",), None),
+         "stage": (("stage",), "ordinal")}
+
+
+@dataclass(frozen=True)
+class AccuracyConfig:
+    cohort: SynthConfig = SynthConfig(n=400)  # the issue's 400 scans, default difficulty, seed 0
+    thickness: float = 10.0  # mm between the slices that pre-training and extraction see (a 2D pipeline's
+    #                          usual 5-10 mm; 1-5 mm stored slices would cost 3x the extraction)
+    img_size: int = 64  # encoder input: 2x below the 128-px cohort, so that 2 CPU cores pre-train 9 encoders
+    encoders: tuple = ("vit", "gcnn", "ssm")
+    methods: tuple = ("lecl", "moco", "random")
+    steps: int = 600  # pre-training steps per encoder (batch 64): equal for every encoder and method
+    batch_size: int = 64
+    lr: float = 3e-3  # AdamW at batch 256 (so 7.5e-4 here): stable for all three encoders at this batch
+    mlp_dim: int = 1024  # heads' hidden width (MoCo v3: 4096; 1024 for CPU)
+    fit: cv.FitConfig = cv.FitConfig(targets=("x",), n_bootstrap=1000)  # targets are set per task
+    volume: Volume3DConfig = Volume3DConfig()
+    net: Net3DConfig = Net3DConfig()
+    epochs_3d: int = 30  # the 3D network's epochs (early-stopped on validation AUROC like the MIL)
+    fractions: tuple = (0.1, 0.25, 0.5, 1.0)
+
+
+QUICK = AccuracyConfig(cohort=SynthConfig(n=40, size=48, thickness=(8.0, 10.0), workers=1), img_size=32,
+                       encoders=("vit",), steps=3, batch_size=8, mlp_dim=64, epochs_3d=2, fractions=(0.5, 1.0),
+                       fit=cv.FitConfig(targets=("x",), folds=3, epochs=3, n_bootstrap=50),
+                       volume=Volume3DConfig(depth=8, size=16), net=Net3DConfig(widths=(4, 8, 8, 8)))
+
+
+def flops(module, *inputs):
+    """FLOPs (2 x MACs) of one forward pass, counted by torch's FlopCounterMode."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module.eval()(*inputs)
+    return counter.get_total_flops()
+
+
+def _task_targets(cohort, name, folds):
+    """A task's label columns, without those too rare to stratify into `folds` (dropped, and reported)."""
+    targets, kind = TASKS[name]
+    keep = [t for t in targets if min(sum(s.labels[t] == v for s in cohort) for v in (0, 1)) >= folds] \
+        if kind is None and len(targets) > 1 else list(targets)
+    return tuple(keep), kind, [t for t in targets if t not in keep]
+
+
+def _auroc(rows):
+    """The headline AUROC of a metrics summary: the macro row where there is one."""
+    auc = [r for r in rows if r["metric"] == "AUROC"]
+    return next((r for r in auc if r["label"] == "macro"), auc[0])
+
+
+class Meter:
+    """Wall time and peak resident memory (Linux VmHWM, reset per stage) of the stages of one row."""
+
+    def __init__(self):
+        self.seconds, self.peak = {}, 0
+
+    def __call__(self, stage, fn):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        t0 = time.perf_counter()
+        out = fn()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+        with open("/proc/self/status") as f:
+            self.peak = max(self.peak, next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM")))
+        return out
+
+
+def _fit_tasks(bags, labels, cfg, cohort, meter, fraction=1.0):
+    out = {}
+    for name in TASKS:
+        targets, kind, _ = _task_targets(cohort, name, cfg.fit.folds)
+        fit = replace(cfg.fit, targets=targets, task=kind, train_fraction=fraction)
+        result = meter(f"fit {name}", lambda: cv.fit_cv(bags, labels, fit))
+        out[name] = {**_auroc(result.metrics["rows"]), "epochs": result.metrics["best_epochs"]}
+    return out
+
+
+def run_encoder(cfg, work, cohort, encoder, method, progress):
+    """pretrain (unless random) -> extract -> fit the three tasks: one row of the table."""
+    meter, tag = Meter(), f"{encoder}-{method}"
+    spec = EncoderSpec(name=encoder, img_size=cfg.img_size)
+    steps = 0
+    if method != "random":
+        ckpt = work / f"{tag}.pt"
+        pcfg = PretrainConfig(encoder=encoder, method=method, steps=cfg.steps, batch_size=cfg.batch_size,
+                              lr=cfg.lr, mlp_dim=cfg.mlp_dim, img_size=cfg.img_size, thickness=cfg.thickness,
+                              checkpoint_every=max(1, cfg.steps // 4), seed=cfg.cohort.seed)
+        if not ckpt.exists() or torch.load(ckpt, weights_only=True)["step"] < cfg.steps:  # resumes a killed run
+            meter("pretrain", lambda: pretrain(pcfg, cohort.root, ckpt, ckpt if ckpt.exists() else None,
+                                               work / "cache", progress=progress))
+        spec, steps = EncoderSpec(checkpoint=str(ckpt)), cfg.steps
+    enc, identity, slices = load_encoder(spec)
+    slices = replace(slices, thickness_mm=cfg.thickness)
+    bags_dir = work / f"bags-{tag}"
+    n_slices = meter("extract", lambda: sum(n for status, _, n in extract_bags(cohort, enc, identity, slices, bags_dir)
+                                            if status == "done"))
+    bags = load_bags(bags_dir)
+    n_slices = n_slices or sum(len(f) for f in bags.features)
+    per_slice = flops(enc, torch.zeros(1, len(slices.windows), cfg.img_size, cfg.img_size))
+    mil = AttentionMIL(bags.dim, 8, cfg.fit.hidden, att_dim=cfg.fit.att_dim)
+    per_bag_slice = flops(mil, torch.zeros(1, 100, bags.dim)) / 100
+    fits = _fit_tasks(bags, cohort.root / "labels.csv", cfg, cohort, meter)
+    mil_flops = 3 * per_bag_slice * sum(len(f) for f in bags.features) * cfg.fit.epochs * cfg.fit.folds * len(TASKS)
+    train_flops = steps * cfg.batch_size * 2 * 4 * per_slice + n_slices * per_slice + mil_flops  # 2 views x (3+1)
+    return {"encoder": encoder, "method": method, "tasks": fits, "seconds": meter.seconds,
+            "train_flops": train_flops, "peak_bytes": meter.peak, "slices": n_slices, "bags": str(bags_dir)}
+
+
+def run_3d(cfg, cohort, volumes, fraction=1.0):
+    meter, out = Meter(), {}
+    for name in TASKS:
+        targets, kind, _ = _task_targets(cohort, name, cfg.fit.folds)
+        fit = replace(cfg.fit, targets=targets, task=kind, epochs=cfg.epochs_3d, train_fraction=fraction)
+        result = meter(f"fit {name}", lambda: fit_cv_3d(volumes, cohort, fit, cfg.net))
+        out[name] = {**_auroc(result["rows"]), "epochs": result["best_epochs"]}
+    per_volume = flops(ResNet3D(volumes.shape[1], 1, cfg.net), volumes[:1].float())
+    train_flops = 3 * per_volume * len(volumes) * (1 - 1 / cfg.fit.folds) * cfg.epochs_3d * cfg.fit.folds * len(TASKS)
+    return {"encoder": "3D ResNet", "method": "supervised", "tasks": out, "seconds": meter.seconds,
+            "train_flops": train_flops, "peak_bytes": meter.peak}
+
+
+def run(cfg, out, work, progress, log=print):
+    """The whole experiment; results are written after every row, so a killed run keeps what it finished."""
+    out, work = Path(out), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (work / "cohort" / "labels.csv").exists():
+        write_cohort(cfg.cohort, work / "cohort", progress=lambda it, total: progress("synth", "scan")(it, total))
+    cohort = Cohort(work / "cohort")
+    report = {"config": _plain(asdict(cfg)), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}", "dropped_labels": {n: _task_targets(cohort, n, cfg.fit.folds)[2]
+                                                               for n in TASKS}, "rows": [], "efficiency": []}
+    for encoder in cfg.encoders:
+        for method in cfg.methods:
+            log(f"[accuracy] {encoder} / {method}")
+            report["rows"].append(run_encoder(cfg, work, cohort, encoder, method, progress))
+            write_report(report, out)
+    log("[accuracy] 3D baseline")
+    volumes = load_volumes(cohort, cfg.volume, progress=lambda it, total: progress("volumes", "scan")(it, total))
+    report["rows"].append(run_3d(cfg, cohort, volumes))
+    write_report(report, out)
+    first = report["rows"][0]
+    for fraction in cfg.fractions:
+        log(f"[accuracy] data efficiency: {fraction:.0%} of the training patients")
+        mil = _fit_tasks(load_bags(first["bags"]), cohort.root / "labels.csv", cfg, cohort, Meter(), fraction)
+        report["efficiency"].append({"fraction": fraction, f"{first['encoder']}-{first['method']} + MIL": mil,
+                                     "3D ResNet": run_3d(cfg, cohort, volumes, fraction)["tasks"]})
+        write_report(report, out)
+    return report
+
+
+def _plain(x):
+    return {k: _plain(v) for k, v in x.items()} if isinstance(x, dict) else list(x) if isinstance(x, tuple) else x
+
+
+def _cell(t):
+    return f"{t['value']:.3f} [{t['ci_low']:.2f}, {t['ci_high']:.2f}]" if t["value"] is not None else "n/a"
+
+
+def write_report(report, out):
+    """results/accuracy.json (everything) and results/accuracy.md (the tables), atomically."""
+    with atomic_path(Path(out) / "accuracy.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    lines = ["| encoder | pre-training | location (macro AUROC) | lung disease | stage (macro AUROC) | wall time (s) "
+             "| training FLOPs | peak memory |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        t = r["tasks"]
+        lines.append(f"| {r['encoder']} | {r['method']} | {_cell(t['location'])} | {_cell(t['lung_disease'])} | "
+                     f"{_cell(t['stage'])} | {sum(r['seconds'].values()):.0f} | {r['train_flops']:.2g} | "
+                     f"{r['peak_bytes'] / 2**30:.1f} GiB |")
+    if report["efficiency"]:
+        keys = [k for k in report["efficiency"][0] if k != "fraction"]
+        lines += ["", "| training patients | " + " | ".join(f"{k}: {n}" for k in keys for n in TASKS) + " |",
+                  "|---|" + "---|" * (len(keys) * len(TASKS))]
+        for e in report["efficiency"]:
+            lines.append(f"| {e['fraction']:.0%} | " + " | ".join(f"{e[k][n]['value']:.3f}" if e[k][n]["value"] is not None
+                                                               else "n/a" for k in keys for n in TASKS) + " |")
+    with atomic_path(Path(out) / "accuracy.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
