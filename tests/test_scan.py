@@ -100,6 +100,20 @@ def test_chunk_length_does_not_matter(chunk):
         assert_rel_close(g_got, g_want)
 
 
+def test_reused_workspace_between_interleaved_calls():
+    # Two graphs of different sizes, forward, forward, backward, backward: the shared work blocks are scratch
+    # within one call only, so each result and gradient is its own reference's.
+    cases = [make_inputs(3, 5, 4, 37, seed=1), make_inputs(1, 2, 6, 9, seed=2)]
+    inputs = [[t.requires_grad_() for t in c[:5]] for c in cases]
+    got = [scan_chunked(*i, chunk=8) for i in inputs]
+    for i, y in zip(inputs, got):
+        want = selective_scan_ref(*i)
+        assert_rel_close(y, want, what="y")
+        dy = torch.randn_like(want)
+        for g_got, g_want in zip(torch.autograd.grad(y, i, dy), torch.autograd.grad(want, i, dy)):
+            assert_rel_close(g_got, g_want)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_gradcheck_fp64(method):
     u, delta, A, B, C, D, z, bias = (t.requires_grad_() for t in make_inputs(2, 2, 3, 5, dtype=torch.float64))

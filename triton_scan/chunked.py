@@ -31,13 +31,36 @@ Chunks are visited last to first; inside a chunk the states are recomputed from 
 forward code), g is run backwards in place, and every sum above is one vectorised op over the (T, B, N, D)
 block. Nothing is divided, so strong decay only drives a_t toward 0 (no underflow turned into inf/NaN).
 Memory: K checkpoints of (B, N, D), four (T, B, N, D) work blocks and time-major copies of the (B, D, L)
-inputs, instead of the (B, L, D, N) tensors that autograd would keep for the loop.
+inputs, instead of the (B, L, D, N) tensors that autograd would keep for the loop. The work blocks are kept
+between calls (`Workspace`): a fresh CPU tensor of many MiB comes from mmap, and the first write into it pays a
+page fault per 4 KiB page; for Vim-Ti at 64 px that was 2/3 of the encoder's time.
 """
+import math
+import threading
+
 import torch
 
 CHUNK = 16  # time steps per block: the fastest of 8, 16, 32, 64 in README.md's measurement; a
 #             (T, B, N, D) block is then 3 MiB at B=8, D=384, N=16, so the backward's four fit in L3 together.
 LOG2_E = 1.4426950408889634  # exp(x) = 2 ** (x log2 e); torch.exp2 measured 1.8x faster than torch.exp here
+
+
+class Workspace(threading.local):
+    """The (T, B, N, D) work blocks, reused from call to call (per thread, per device and dtype) and grown to the
+    largest size asked for: at most 4 T B N D numbers, 100 MiB for Vim-Ti at B = 64."""
+
+    def __init__(self):
+        self.flat = {}
+
+    def blocks(self, count, shape, like):
+        numel = count * math.prod(shape)
+        key = (like.device, like.dtype)
+        if key not in self.flat or self.flat[key].numel() < numel:
+            self.flat[key] = like.new_empty(numel)
+        return self.flat[key][:numel].view(count, *shape).unbind(0)  # count x (T, B, N, D)
+
+
+WORKSPACE = Workspace()
 
 
 def _time_major(x):
@@ -94,7 +117,7 @@ class ChunkedScan(torch.autograd.Function):
         starts = range(0, L, T)
         checkpoints = u.new_empty(len(starts), batch, N, dim)  # (K, B, N, D): the state entering each chunk
         checkpoints[0].zero_()
-        a, h = u.new_empty(T, batch, N, dim), u.new_empty(T, batch, N, dim)  # (T, B, N, D) work blocks
+        a, h = WORKSPACE.blocks(2, (T, batch, N, dim), u)  # (T, B, N, D) work blocks
         y = u.new_empty(L, batch, dim)  # (L, B, D)
         for k, s in enumerate(starts):
             e = min(s + T, L)
@@ -121,7 +144,7 @@ class ChunkedScan(torch.autograd.Function):
         d_u, d_delta = torch.empty_like(u_tm), torch.empty_like(u_tm)  # (L, B, D)
         d_B, d_C = torch.empty_like(B_tm), torch.empty_like(B_tm)  # (L, B, N)
         d_A_t = torch.zeros_like(A_t)  # (N, D)
-        a, h, g, work = (u_tm.new_empty(T, batch, N, dim) for _ in range(4))  # (T, B, N, D) work blocks
+        a, h, g, work = WORKSPACE.blocks(4, (T, batch, N, dim), u_tm)  # (T, B, N, D) work blocks
         g_next = u_tm.new_zeros(batch, N, dim)  # (B, N, D): a_{s+T} g_{s+T}, what flows in from the next chunk
         for k, s in reversed(list(enumerate(range(0, L, T)))):
             e = min(s + T, L)
