@@ -50,9 +50,25 @@ def prepare_out_dir(out, force, owned=()):
     return out
 
 
+BARS = []  # the progress bars this process drew; end_bars() closes those left open
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar on stderr, remembered for end_bars()."""
+    BARS.append(tqdm(iterable, dynamic_ncols=True, **kwargs))
+    return BARS[-1]
+
+
+def end_bars():
+    """Close the bars still open (an error or Ctrl-C stopped their loop): each ends its line, so the message
+    printed next stands on a line of its own instead of being glued to the end of a bar."""
+    while BARS:
+        BARS.pop().close()
+
+
 def bar(desc, unit="scan"):
     """A tqdm progress bar factory for library functions that take `progress(iterable, total)`."""
-    return lambda it, total: tqdm(it, total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    return lambda it, total: progress_bar(it, total=total, desc=desc, unit=unit)
 
 
 # --------------------------------------------------------------------------------------------- synth
@@ -108,9 +124,9 @@ def cmd_convert(args):
         raise ClearError(f"{out}: is a folder; OUT names the .nii.gz file to write")
     if out.exists() and not args.force:
         raise ClearError(f"{out}: exists (overwrite it with --force)")
+    prepare_out_dir(out.parent, force=True)  # made if missing, and writable: found out before the reading
     t0 = time.time()
     s = read_series(args.dicom, args.series, args.gap_tolerance, args.resample)
-    prepare_out_dir(out.parent, force=True)  # made if missing, and writable
     save_series(s, out)
     (z, y, x), (dz, dy, dx) = s.volume.shape, s.spacing
     print(f"wrote {out}: {z} slices of {y} x {x}, spacing {dz:.4g} x {dy:.4g} x {dx:.4g} mm (z, y, x), HU "
@@ -162,7 +178,8 @@ def cmd_pretrain(args):
     try:
         r = pretrain(cfg, args.data, out, args.resume, args.cache, progress=bar, should_stop=lambda: bool(asked))
     except KeyboardInterrupt:
-        print(f"\nclear.py pretrain: interrupted; "
+        end_bars()
+        print(f"clear.py pretrain: interrupted; "
               f"{f'the last checkpoint is {out}: {how}' if out.exists() else 'run the same command again'}",
               file=sys.stderr)
         raise SystemExit(130) from None
@@ -171,7 +188,8 @@ def cmd_pretrain(args):
     if r.rank != 0:
         return
     if r.interrupted:
-        print(f"\nclear.py pretrain: interrupted at step {r.step} of {r.total}, checkpoint written; {how}",
+        end_bars()
+        print(f"clear.py pretrain: interrupted at step {r.step} of {r.total}, checkpoint written; {how}",
               file=sys.stderr)
         raise SystemExit(130)
     c = r.cache
@@ -254,7 +272,7 @@ def cmd_extract(args):
     prepare_out_dir(args.out, force=True)  # a folder that exists already is continued
     todo = len(cohort.scans[shard[0]::shard[1]])
     failed, n_slices, t0 = [], 0, time.time()
-    with tqdm(total=todo, desc=f"extract {identity['name']}", unit="scan", dynamic_ncols=True) as pbar:
+    with progress_bar(total=todo, desc=f"extract {identity['name']}", unit="scan") as pbar:
         for status, scan, detail in extract_bags(cohort, encoder, identity, slices, args.out,
                                                  args.batch_size, device, shard):
             if status == "failed":
@@ -323,8 +341,8 @@ def cmd_fit(args):
     cfg = config_from(cv.FitConfig, args, targets=tuple(t for t in args.target.split(",") if t))
     bags = load_bags(args.bags)
     out = prepare_out_dir(args.out, args.force, owned=("metrics.json", "predictions.csv", "fold*.pt", "attention"))
-    result = cv.fit_cv(bags, args.labels, cfg, progress=lambda total, desc: tqdm(
-        total=total, desc=f"fit {args.target}", unit="epoch", dynamic_ncols=True))
+    result = cv.fit_cv(bags, args.labels, cfg, progress=lambda total, desc: progress_bar(
+        total=total, desc=f"fit {args.target}", unit="epoch"))
     cv.save_run(out, result)
     overlays = []
     for top in result.top:
@@ -468,10 +486,13 @@ def main(argv=None):
     try:
         args.func(args)
     except ClearError as e:
-        print(f"clear.py {args.cmd}: error: {e}", file=sys.stderr)
+        end_bars()
+        one_line = " / ".join(line.strip() for line in str(e).splitlines() if line.strip())  # should one slip in
+        print(f"clear.py {args.cmd}: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nclear.py {args.cmd}: interrupted; finished files are kept, run the same command again "
+        end_bars()
+        print(f"clear.py {args.cmd}: interrupted; finished files are kept, run the same command again "
               "to continue", file=sys.stderr)
         return 130
     return 0

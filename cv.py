@@ -32,7 +32,7 @@ import torch
 
 import metrics
 from data import ClearError, atomic_path, read_labels
-from mil import AttentionMIL, Task, infer, pad_bags, torch_threads
+from mil import MIL_FORMAT, AttentionMIL, Task, infer, pad_bags, torch_threads
 
 # ----------------------------------------------------------------------------------------- task, folds
 
@@ -247,12 +247,15 @@ def _fit_cv(bags, labels, cfg, progress):
     scores, attention, models = np.zeros((len(scans), len(task.labels))), {}, []
     for k in range(cfg.folds):
         train, val, test = fold_split(fold, k, patients, strata, cfg)
+        if not len(train):
+            raise ClearError(f"{labels}: fold {k} keeps no training scan once {len(set(patients[val]))} validation "
+                             "patient(s) are held out; lower --folds or --val-fraction, or label more patients")
         model, best_epoch = _train_fold(task, bags, y_bag, index[train], index[val], cfg, cfg.seed + k,
                                         bar.update if bar else lambda n: None)
         logits, att = infer(model, [bags.features[i] for i in index[test]])
         scores[test] = task.scores(logits).numpy()
         attention.update({scans[i]: (bags.z_mm[index[i]].numpy(), a.numpy()) for i, a in zip(test, att)})
-        models.append(dict(format="clear-mil-1", fold=k, best_epoch=best_epoch, model=model.config,
+        models.append(dict(format=MIL_FORMAT, fold=k, best_epoch=best_epoch, model=model.config,
                            state_dict=model.state_dict(), task=asdict(task), encoder=bags.encoder,
                            test_scans=[scans[i] for i in test]))
     if bar:

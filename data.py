@@ -19,6 +19,8 @@ import contextlib
 import csv
 import math
 import os
+import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,17 +36,28 @@ class ClearError(Exception):
     By convention the message starts with the file it is about: "scans/a.nii.gz: not a NIfTI file"."""
 
 
+def cause(e):
+    """An exception as a short cause for a one-line message: its type and the first line of its text."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+UMASK = os.umask(0o022)  # read once (it can only be read by setting it), and put back at once
+os.umask(UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes.
 
     A crash or Ctrl-C inside the block leaves no half-written file under the final name (the rename is
-    atomic on POSIX), and the temporary file is removed."""
+    atomic on POSIX), and the temporary file is removed; a SIGKILL can leave it behind, under its own name
+    (".<name>.<random>.tmp"), never under `path`."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:  # a read-only folder, a missing one, a file where the folder should be
         raise ClearError(f"{path}: cannot write ({e.strerror})") from None
+    os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes it owner-only; the file is to read as any file written here
     os.close(fd)
     try:
         yield Path(tmp)
@@ -52,6 +65,23 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def load_untrusted(path, refusal):
+    """torch.load a file that is untrusted input (a checkpoint, a bag, a fold model) with weights_only=True: only
+    tensors and plain data are read; a pickled object that would run code is refused, never built. Any failure
+    is one ClearError, "<path>: <refusal> (<cause>)", e.g. refusal = "cannot read bag"."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ClearError(f"{path}: {refusal} (empty file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # refused by weights_only (torch's own text advises weights_only=False)
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise ClearError(f"{path}: {refusal}: it holds pickled Python objects{f' ({found[1]})' if found else ''} "
+                         "that could run code when loaded; refused, only tensors and plain data are read") from None
+    except Exception as e:  # not a torch file, truncated, ...
+        raise ClearError(f"{path}: {refusal} ({cause(e)})") from None
 
 
 # ----------------------------------------------------------------------------------------------- NIfTI
@@ -64,6 +94,22 @@ def _to_ras(affine, shape):
     return ornt, affine @ nib.orientations.inv_ornt_aff(ornt, shape)
 
 
+DEFLATE_MAX_RATIO = 1032  # gzip (deflate) never shrinks data by more than ~1032:1
+
+
+def _check_size(path, img):
+    """Refuse a header that claims more voxels than the file can hold (a truncated file, or a wrong dim[]),
+    from the header and the file size alone, before the voxel data is allocated and read."""
+    size = path.stat().st_size
+    offset = int(getattr(img.dataobj, "offset", 0))  # where the voxel data starts
+    need = math.prod(int(n) for n in img.shape) * img.get_data_dtype().itemsize  # bytes of voxel data
+    most = size * DEFLATE_MAX_RATIO if path.name.endswith(".gz") else size - offset
+    if need > most:
+        raise ClearError(f"{path}: the header claims {' x '.join(map(str, img.shape))} voxels of "
+                         f"{img.get_data_dtype()} ({need:,} bytes), more than this file of {size:,} bytes can hold: "
+                         "file truncated or corrupt")
+
+
 def _read_nifti(path):
     """Open a NIfTI image and move it to canonical RAS+; returns (array (X, Y, Z) in RAS+, affine, img)."""
     path = Path(path)
@@ -74,7 +120,7 @@ def _read_nifti(path):
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises several types for files that are not NIfTI at all
-        raise ClearError(f"{path}: not a NIfTI image ({type(e).__name__}: {e})") from None
+        raise ClearError(f"{path}: not a NIfTI image ({cause(e)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ClearError(f"{path}: not a NIfTI image ({type(img).__name__})")
     shape = img.shape
@@ -84,11 +130,11 @@ def _read_nifti(path):
         raise ClearError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)}")
     if min(shape) < 1:
         raise ClearError(f"{path}: empty volume of shape {tuple(img.shape)}")
+    _check_size(path, img)
     try:
         arr = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope / scl_inter
     except Exception as e:  # truncated gzip, header claiming more voxels than the file holds, ...
-        raise ClearError(f"{path}: cannot read the voxel data, file truncated or corrupt "
-                         f"({type(e).__name__}: {e})") from None
+        raise ClearError(f"{path}: cannot read the voxel data, file truncated or corrupt ({cause(e)})") from None
     arr = arr.reshape(shape)
     ornt, affine = _to_ras(img.affine, shape)
     return np.ascontiguousarray(nib.orientations.apply_orientation(arr, ornt)), affine, img
@@ -131,7 +177,7 @@ def canonical_grid(path):
     try:
         img = nib.load(str(path))
     except Exception as e:
-        raise ClearError(f"{path}: not a NIfTI image ({type(e).__name__}: {e})") from None
+        raise ClearError(f"{path}: not a NIfTI image ({cause(e)})") from None
     ornt, affine = _to_ras(img.affine, img.shape[:3])
     xyz = [0, 0, 0]
     for n, (axis, _) in zip(img.shape[:3], ornt):  # stored axis i becomes canonical axis ornt[i, 0]
@@ -283,7 +329,7 @@ def read_labels(path):
         with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
             rows = list(csv.reader(f))
     except (UnicodeDecodeError, csv.Error) as e:  # UTF-16 "Unicode text" from a spreadsheet, a binary file
-        raise ClearError(f"{path}: not a UTF-8 CSV table ({type(e).__name__}: {e})") from None
+        raise ClearError(f"{path}: not a UTF-8 CSV table ({cause(e)})") from None
     rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows:
         raise ClearError(f"{path}: empty, expected a header line 'patient,scan,<endpoint>...'")

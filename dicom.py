@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from data import ClearError, _spacing, _to_ras, resample_z, save_nifti
+from data import ClearError, _spacing, _to_ras, cause, resample_z, save_nifti
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -58,10 +58,6 @@ def _pydicom(folder):
     return pydicom
 
 
-def _first_line(e):
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-
-
 def _headers(folder, pydicom):
     """(headers of the DICOM image files directly in `folder`, notes). Pixel data is not read yet."""
     files = [folder] if folder.is_file() else sorted(p for p in folder.iterdir() if p.is_file())
@@ -73,7 +69,7 @@ def _headers(folder, pydicom):
             not_dicom += 1
             continue
         except Exception as e:  # DICOM preamble, then a truncated or garbled header
-            raise ClearError(f"{path}: unreadable DICOM ({_first_line(e)})") from None
+            raise ClearError(f"{path}: unreadable DICOM ({cause(e)})") from None
         if "Rows" not in ds:  # DICOMDIR, structured reports, presentation states: no image
             no_image += 1
             continue
@@ -180,7 +176,7 @@ def _pixels(series, pydicom):
             syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
             hint = (f"; {syntax.name} needs pydicom's optional decoders: pip install pylibjpeg pylibjpeg-libjpeg "
                     "pylibjpeg-openjpeg" if syntax is not None and syntax.is_compressed else "")
-            raise ClearError(f"{ds.filename}: cannot read the pixel data ({_first_line(e)}){hint}") from None
+            raise ClearError(f"{ds.filename}: cannot read the pixel data ({cause(e)}){hint}") from None
         if raw.shape != (rows, cols):
             raise ClearError(f"{ds.filename}: pixel data of shape {raw.shape}, the header says {(rows, cols)}")
         volume[k] = raw * float(ds.RescaleSlope) + float(ds.RescaleIntercept)  # HU

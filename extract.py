@@ -55,8 +55,10 @@ def _load_checkpoint(path):
         slices = SliceConfig(windows=tuple(tuple(w) for w in sc["windows"]), img_size=int(sc["img_size"]),
                              thickness_mm=sc.get("thickness_mm"))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+        why = (lines[1] if len(lines) > 1 else lines[0])[:200]  # load_state_dict's first line only says "Error(s)"
         raise ClearError(f"{path}: encoder weights do not fit {ckpt.get('encoder_config')} "
-                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+                         f"({type(e).__name__}: {why})") from None
     return encoder, {**ckpt["encoder_config"], "source": f"checkpoint {Path(path).name}"}, slices
 
 

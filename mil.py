@@ -37,7 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metrics
-from data import ClearError
+from data import ClearError, cause, load_untrusted
+
+MIL_FORMAT = "clear-mil-1"  # the `format` of a fold model that cv.save_run writes
 
 # --------------------------------------------------------------------------------------------- model
 
@@ -193,15 +195,8 @@ class Bags:
     images: tuple  # source image paths
 
 
-def _first_line(e):
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-
-
 def _read_bag(path):
-    try:
-        bag = torch.load(path, weights_only=True)  # bags are untrusted input: tensors and plain types only
-    except Exception as e:  # refused pickles, truncated zips, ...
-        raise ClearError(f"{path}: cannot read bag ({_first_line(e)})") from None
+    bag = load_untrusted(path, "cannot read bag")  # bags are untrusted input: tensors and plain types only
     if not isinstance(bag, dict) or not {"features", "z_mm", "encoder", "image"} <= bag.keys():
         got = sorted(map(str, bag)) if isinstance(bag, dict) else type(bag).__name__
         raise ClearError(f"{path}: expected a dict with features, z_mm, encoder and image, got {got}")
@@ -268,14 +263,16 @@ def load_run(run_dir):
         raise ClearError(f"{run_dir}: no fold*.pt models; not a run folder written by `clear.py fit`")
     runs = []
     for path in paths:
+        saved = load_untrusted(path, "not a CLEAR MIL model")
+        if not isinstance(saved, dict) or saved.get("format") != MIL_FORMAT:
+            raise ClearError(f"{path}: not a CLEAR MIL model (format {MIL_FORMAT})")
         try:
-            saved = torch.load(path, weights_only=True)
             model = AttentionMIL(**saved["model"])
             model.load_state_dict(saved["state_dict"])
             t = saved["task"]
             task = Task(t["kind"], tuple(t["targets"]), tuple(t["classes"]))
         except Exception as e:
-            raise ClearError(f"{path}: not a CLEAR MIL model ({_first_line(e)})") from None
+            raise ClearError(f"{path}: not a CLEAR MIL model ({cause(e)})") from None
         if runs and (task, saved["encoder"]) != runs[0][:2]:
             raise ClearError(f"{path}: task or encoder differ from {paths[0].name}'s; two runs in one folder")
         runs.append((task, saved["encoder"], model.eval()))

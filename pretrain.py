@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from data import ClearError, Cohort, SliceConfig, atomic_path
+from data import ClearError, Cohort, SliceConfig, atomic_path, load_untrusted
 from lecl import MoCo, momentum_at
 from models import build_encoder
 from views import ViewConfig, batch_ids, make_views, mix, open_cache
@@ -128,11 +128,7 @@ def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise ClearError(f"{path}: no such checkpoint")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or holding objects that weights_only refuses
-        first_line = (str(e).splitlines() or [""])[0][:200]
-        raise ClearError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
+    ck = load_untrusted(path, "not a readable checkpoint")
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise ClearError(f"{path}: not a CLEAR pre-training checkpoint (format {FORMAT})")
     return ck

