@@ -61,3 +61,15 @@ def trunc_normal_(tensor, std=0.02):
     """timm's default initialiser: normal(0, std) cut at ±2 (absolute, so ±100 std at std=0.02)."""
     return nn.init.trunc_normal_(tensor, std=std, a=-2.0, b=2.0)
 
+
+def init_weights_(module, layers=(nn.Linear,)):
+    """timm's and MambaOut's scheme for every submodule: weights of `layers` trunc_normal(0.02) with zero bias,
+    LayerNorms at identity; other layers keep PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, layers):
+            trunc_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import check_images, trunc_normal_
+from .common import check_images, init_weights_
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,7 @@ class GatedCNN(nn.Module):
 
     def reset_parameters(self):
         """MambaOut's scheme: conv and linear weights trunc_normal(0.02), biases zero; norms at identity."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                trunc_normal_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights_(self, (nn.Conv2d, nn.Linear))
 
     def forward(self, x):  # x: (B, C, H, W)
         check_images(x, self.in_chans, 1, "gcnn")

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import PatchEmbed, check_choice, resize_pos_embed, trunc_normal_
+from .common import PatchEmbed, check_choice, init_weights_, resize_pos_embed, trunc_normal_
 
 
 @dataclass(frozen=True)
@@ -110,13 +110,7 @@ class VisionTransformer(nn.Module):
         trunc_normal(0.02), class token normal(1e-6); the patch convolution keeps PyTorch's default."""
         trunc_normal_(self.pos_embed)
         nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights_(self, (nn.Linear,))
 
     def forward(self, x):  # x: (B, C, H, W)
         x, grid = self.patch_embed(x)  # (B, h·w, D), (h, w)
