@@ -2,6 +2,8 @@
 
     python benchmark.py scan        # selective scan: sequential reference vs default path (vs mambapy)
     python benchmark.py encoders    # slices/s and achieved GFLOP/s of the three encoders vs matmul peak
+    python benchmark.py speed       # one table: scan, encoders, extraction, MIL fit, peak memory
+    python benchmark.py accuracy    # the paper's claim on the synthetic cohort: results/accuracy.md
 
 These machines are shared and noisy: every figure is the best of several repeats and is printed beside a
 reference measured in the same run, so ratios are what to read.
@@ -95,58 +97,76 @@ def _fwd_bwd(scan, inputs, dy):
     torch.autograd.grad(scan(*inputs), inputs, dy)
 
 
-def bench_scan(args):
-    """Selective scan forward+backward (batch 8, dim 384, N 16): the loop reference, the default path, the
-    parallel form and, when installed, mambapy's pscan, on the same inputs. Prints a markdown table."""
+def scan_candidates(device):
+    """name -> scan function (u, delta, A, B, C) -> y: the loop reference, the default path, the other path and,
+    when installed, mambapy's pscan."""
     from functools import partial
 
     from triton_scan import default_method, selective_scan, selective_scan_ref
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        from mambapy.pscan import pscan
-    except ImportError:
-        pscan = None
     default = default_method(device)
     candidates = {"reference (loop)": selective_scan_ref,
                   f"default ({default})": partial(selective_scan, method=default)}
     for method in ("chunked", "parallel"):
         if method != default:
             candidates[method] = partial(selective_scan, method=method)
-    if pscan is not None:
+    try:
+        from mambapy.pscan import pscan
+    except ImportError:
+        pass
+    else:
         candidates["mambapy pscan"] = _mambapy_scan(pscan)
-    batch, dim, N = 8, 384, 16
-    lengths = [196] if args.quick else args.lengths
+    return candidates
+
+
+def scan_figures(candidates, L, device, repeat, batch=8, dim=384, N=16):
+    """{name: (fwd+bwd seconds, extra peak bytes or None)} on the same inputs for every candidate."""
+    from functools import partial
+
+    gen = torch.Generator().manual_seed(L)
+    u, delta, dy = (torch.randn(batch, dim, L, generator=gen) for _ in range(3))  # (B, D, L)
+    delta = torch.nn.functional.softplus(delta - 2)  # (B, D, L), step sizes around 0.1 as in Mamba
+    A = -torch.exp(torch.randn(dim, N, generator=gen))  # (D, N), negative real
+    B, C = (torch.randn(batch, N, L, generator=gen) for _ in range(2))  # (B, N, L)
+    inputs = [t.to(device).requires_grad_() for t in (u, delta, A, B, C)]
+    dy = dy.to(device)
+    runs = {name: partial(_fwd_bwd, scan, inputs, dy) for name, scan in candidates.items()}
+    peaks, times = {}, {name: float("inf") for name in runs}
+    for name, run in runs.items():
+        _release_freed_memory()
+        peaks[name] = peak_memory(run)  # also each candidate's warm-up run
+    for _ in range(repeat):  # interleaved, so a burst of load on the shared machine hits all alike
+        for name, run in runs.items():
+            times[name] = min(times[name], best_time(run, repeat=1, warmup=0))
+    return {name: (times[name], peaks[name]) for name in runs}
+
+
+def _device(name):
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    return device
+
+
+def bench_scan(args):
+    """Selective scan forward+backward (batch 8, dim 384, N 16): the loop reference, the default path, the
+    parallel form and, when installed, mambapy's pscan, on the same inputs. Prints a markdown table."""
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    candidates = scan_candidates(device)
     print(f"selective scan fwd+bwd on {device} ({torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.1f} at start), batch {batch}, dim {dim}, N {N}; best of {args.repeat}; "
+          f"{os.getloadavg()[0]:.1f} at start), batch 8, dim 384, N 16; best of {args.repeat}; "
           "peak = extra memory during one call"
-          + ("" if pscan is not None else "; mambapy not installed (pip install mambapy) so no pscan row"))
+          + ("" if "mambapy pscan" in candidates else "; mambapy not installed (pip install mambapy) so no pscan row"))
     print("\n| L | method | fwd+bwd ms | speed-up vs mambapy | speed-up vs reference | peak MiB |")
     print("|---:|---|---:|---:|---:|---:|")
-    for L in lengths:
-        gen = torch.Generator().manual_seed(L)
-        u, delta, dy = (torch.randn(batch, dim, L, generator=gen) for _ in range(3))  # (B, D, L)
-        delta = torch.nn.functional.softplus(delta - 2)  # (B, D, L), step sizes around 0.1 as in Mamba
-        A = -torch.exp(torch.randn(dim, N, generator=gen))  # (D, N), negative real
-        B, C = (torch.randn(batch, N, L, generator=gen) for _ in range(2))  # (B, N, L)
-        inputs = [t.to(device).requires_grad_() for t in (u, delta, A, B, C)]
-        dy = dy.to(device)
-        runs = {name: partial(_fwd_bwd, scan, inputs, dy) for name, scan in candidates.items()}
-        peaks, times = {}, {name: float("inf") for name in runs}
-        for name, run in runs.items():
-            _release_freed_memory()
-            peaks[name] = peak_memory(run)  # also each candidate's warm-up run
-        for _ in range(args.repeat):  # interleaved, so a burst of load on the shared machine hits all alike
-            for name, run in runs.items():
-                times[name] = min(times[name], best_time(run, repeat=1, warmup=0))
-        t_ref, t_mpy = times["reference (loop)"], times.get("mambapy pscan")
-        for name, t in times.items():
+    for L in [196] if args.quick else args.lengths:
+        figures = scan_figures(candidates, L, device, args.repeat)
+        t_ref, t_mpy = figures["reference (loop)"][0], figures.get("mambapy pscan", (None,))[0]
+        for name, (t, peak) in figures.items():
             vs_mpy = f"{t_mpy / t:.2f}x" if t_mpy else "n/a"
-            mib = f"{peaks[name] / 2**20:.0f}" if peaks[name] is not None else "n/a"
+            mib = f"{peak / 2**20:.0f}" if peak is not None else "n/a"
             print(f"| {L} | {name} | {t * 1e3:.0f} | {vs_mpy} | {t_ref / t:.2f}x | {mib} |")
 
 
@@ -184,31 +204,34 @@ def _encoder_flops(encoder, x):
     return counter.get_total_flops() + scan_flops
 
 
+def encoder_figures(name, size, x, repeat):
+    """One encoder's forward on batch x: {params, flops (per batch), seconds, peak (matmul GFLOP/s measured
+    interleaved with it, best of each)}."""
+    from models import build_encoder, count_parameters
+
+    encoder = build_encoder(name, size, img_size=x.shape[-1]).to(x.device).eval()
+    flops = _encoder_flops(encoder, x)
+    t, peak = float("inf"), 0.0
+    with torch.inference_mode(), x.device:  # the peak's operands on the encoder's device too
+        best_time(lambda: encoder(x), repeat=1, warmup=1)  # two warm-ups: the allocator settles
+        for _ in range(repeat):  # peak and encoder interleaved, the best of each kept
+            peak = max(peak, matmul_peak_gflops(repeat=2))
+            t = min(t, best_time(lambda: encoder(x), repeat=1, warmup=0))
+    return dict(params=count_parameters(encoder), flops=flops, seconds=t, peak=peak)
+
+
 def bench_encoders(args):
     """Forward throughput (inference_mode) of every encoder at `--size`, on one batch of `--batch` slices at
     `--img-size`², beside this machine's fp32 matmul peak measured in the same run. Prints a markdown table."""
-    from models import build_encoder, count_parameters
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
+    device = _device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)  # (B, C, H, W)
     rows = []
     for name in args.names:
-        encoder = build_encoder(name, args.size, img_size=args.img_size).to(device).eval()
-        flops = _encoder_flops(encoder, x)
-        t, peak = float("inf"), 0.0
-        with torch.inference_mode(), device:  # the peak's operands on the encoder's device too
-            best_time(lambda: encoder(x), repeat=1, warmup=1)  # two warm-ups: the allocator settles
-            for _ in range(args.repeat):  # peak and encoder interleaved, the best of each kept
-                peak = max(peak, matmul_peak_gflops(repeat=2))
-                t = min(t, best_time(lambda: encoder(x), repeat=1, warmup=0))
-        gflops = flops / t / 1e9
-        rows.append(f"| {name}-{args.size} | {count_parameters(encoder) / 1e6:.2f} | "
-                    f"{flops / args.batch / 1e9:.2f} | {args.batch / t:.1f} | {gflops:.0f} | {peak:.0f} | "
-                    f"{gflops / peak:.0%} |")
-        del encoder
+        f = encoder_figures(name, args.size, x, args.repeat)
+        gflops = f["flops"] / f["seconds"] / 1e9
+        rows.append(f"| {name}-{args.size} | {f['params'] / 1e6:.2f} | {f['flops'] / args.batch / 1e9:.2f} | "
+                    f"{args.batch / f['seconds']:.1f} | {gflops:.0f} | {f['peak']:.0f} | {gflops / f['peak']:.0%} |")
     print(f"encoders forward, inference_mode, on {device} ({torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f} at the end), batch {args.batch} at {args.img_size}²; best of {args.repeat}; "
           "matmul peak = fp32 2048² torch.mm, best of runs interleaved with the encoder's; FLOPs = "
@@ -216,6 +239,92 @@ def bench_encoders(args):
     print("\n| encoder | params M | GFLOP / slice | slices/s | GFLOP/s | matmul peak GFLOP/s | % of peak |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
+
+
+# ---------------------------------------------------------------- speed: every speed figure in one table
+
+
+def _extraction_seconds(encoder, img_size, device, n_slices=48, side=512):
+    """Seconds of the whole extract path for one real-sized scan (n_slices of side², int16 NIfTI on disk):
+    read and reorient, resize and window, encode."""
+    import tempfile
+
+    import numpy as np
+
+    from data import SliceConfig, load_ct, prepare_slices, save_nifti
+    from extract import embed_slices
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(0, 300, (n_slices, side, side)).clip(-1024, 3000).astype(np.float32)  # (Z, Y, X)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/ct.nii.gz"
+        save_nifti(path, hu, np.diag([0.7, 0.7, 2.5, 1.0]), dtype=np.int16)
+
+        def run():
+            volume, spacing = load_ct(path)
+            embed_slices(encoder, prepare_slices(volume, spacing, SliceConfig(img_size=img_size))[0], device=device)
+
+        return best_time(run, repeat=2)
+
+
+def _mil_fold_seconds(n_bags=200, n_slices=100, dim=192, folds=5):
+    """Seconds per fold of `clear.py fit`'s cross-validation (every epoch run, no early stop) on random bags."""
+    import tempfile
+    from pathlib import Path
+
+    from cv import FitConfig, fit_cv
+    from mil import Bags
+
+    g = torch.Generator().manual_seed(0)
+    scans = tuple(f"s{i}" for i in range(n_bags))
+    bags = Bags(Path("random"), {}, dim, scans, tuple(torch.randn(n_slices, dim, generator=g) for _ in scans),
+                tuple(torch.arange(n_slices, dtype=torch.float64) for _ in scans), ("",) * n_bags)
+    with tempfile.TemporaryDirectory() as tmp:
+        labels = Path(tmp) / "labels.csv"
+        labels.write_text("patient,scan,y\n" + "".join(f"p{i},{s},{i % 2}\n" for i, s in enumerate(scans)))
+        cfg = FitConfig(targets=("y",), folds=folds, patience=FitConfig.epochs, n_bootstrap=10)
+        t0 = time.perf_counter()
+        fit_cv(bags, labels, cfg)
+    return (time.perf_counter() - t0) / folds
+
+
+def bench_speed(args):
+    """One table of the speed figures, each beside its reference measured in the same run."""
+    import resource
+
+    from extract import embed_slices
+    from models import build_encoder
+
+    device, rows = _device(args.device), []
+    candidates = {k: v for k, v in scan_candidates(device).items() if k.startswith(("ref", "default", "mamba"))}
+    scan = scan_figures(candidates, 1024, device, args.repeat)
+    ref, default = scan.pop("reference (loop)")[0], next(t for k, (t, _) in scan.items() if k.startswith("default"))
+    rows.append(("selective scan fwd+bwd, L 1024, batch 8, dim 384, N 16", f"{default * 1e3:.0f} ms",
+                 f"sequential loop {ref * 1e3:.0f} ms", f"{ref / default:.1f}x faster"))
+    if "mambapy pscan" in scan:
+        mpy = scan["mambapy pscan"][0]
+        rows.append(("", "", f"mambapy pscan {mpy * 1e3:.0f} ms", f"{mpy / default:.1f}x faster"))
+    x = torch.randn(32, 3, 224, 224, device=device)  # (B, C, H, W)
+    for name in ("vit", "gcnn", "ssm"):
+        f = encoder_figures(name, "tiny", x, args.repeat)
+        gflops = f["flops"] / f["seconds"] / 1e9
+        rows.append((f"{name}-tiny forward, batch 32 at 224²", f"{32 / f['seconds']:.1f} slices/s, {gflops:.0f} "
+                     "GFLOP/s", f"fp32 matmul peak {f['peak']:.0f} GFLOP/s", f"{gflops / f['peak']:.0%} of peak"))
+    vit = build_encoder("vit", "tiny", img_size=224).to(device).eval()
+    n = 48
+    t_extract = _extraction_seconds(vit, 224, device, n)
+    with torch.inference_mode():
+        t_encode = best_time(lambda: embed_slices(vit, torch.rand(n, 3, 224, 224), device=device), repeat=2)
+    rows.append((f"extract: {n} slices of 512² int16 NIfTI -> vit-tiny at 224²", f"{n / t_extract:.1f} slices/s",
+                 f"encoder alone {n / t_encode:.1f} slices/s", f"{t_encode / t_extract:.0%} of the time encoding"))
+    rows.append(("fit: attention-MIL, 200 bags of 100 x 192, 40 epochs", f"{_mil_fold_seconds():.1f} s per fold",
+                 "", ""))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    rows.append(("peak resident memory of this whole run", f"{rss:.0f} MiB", "", ""))
+    print(f"speed on {device} ({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the "
+          f"end); best of {args.repeat}; timm does not import beside this torch, so its row is absent\n")
+    print("| what | figure | reference (same run) | ratio |\n|---|---:|---:|---:|")
+    print("\n".join(f"| {' | '.join(r)} |" for r in rows))
 
 
 def bench_accuracy(args):
@@ -252,6 +361,10 @@ def main(argv=None):
     p_enc.add_argument("--repeat", type=int, default=5, help="timed runs per figure; the best is reported")
     p_enc.add_argument("--device", default="cpu", help="cpu or cuda")
     p_enc.set_defaults(func=bench_encoders)
+    p_speed = sub.add_parser("speed", help="scan, encoders, extraction, MIL fit and memory in one table")
+    p_speed.add_argument("--repeat", type=int, default=3, help="timed runs per figure; the best is reported")
+    p_speed.add_argument("--device", default="cpu", help="cpu or cuda")
+    p_speed.set_defaults(func=bench_speed)
     p_acc = sub.add_parser("accuracy", help="encoders x pre-training x MIL vs a 3D CNN on the synthetic cohort")
     p_acc.add_argument("--quick", action="store_true", help="a tiny version (a smoke test, about a minute)")
     p_acc.add_argument("--out", default="results", help="where accuracy.md and accuracy.json go")

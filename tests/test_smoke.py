@@ -1,0 +1,67 @@
+"""Smoke tests of the two long commands, at a tiny size: `clear.py demo` and `benchmark.py accuracy`. They check
+that each finishes and writes well-formed results (every table cell present and in range), never the accuracy
+itself: at this size every AUROC is noise, and the real figures come from the full commands (README)."""
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+import accuracy
+import clear
+import cv
+from baseline3d import Net3DConfig, Volume3DConfig
+from phantom import SynthConfig
+
+
+def well_formed(cell):
+    """An AUROC summary: a value with its CI, all in [0, 1], low <= value <= high (None only if undefined)."""
+    v, lo, hi = cell["value"], cell["ci_low"], cell["ci_high"]
+    return v is None or (0 <= lo <= v <= hi <= 1 and not math.isnan(v))
+
+
+def test_demo_runs_end_to_end_and_continues(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--n", "100", "--img-size", "32", "--steps", "2", "--batch-size", "8"]
+    assert clear.main(argv) == 0
+    printed = capsys.readouterr().out
+    for name, _, _ in clear.DEMO_TASKS:
+        metrics = json.loads((out / f"fit-{name}" / "metrics.json").read_text())
+        auc = [r for r in metrics["rows"] if r["metric"] == "AUROC"]
+        assert auc and all(well_formed(r) for r in auc), name
+        assert f"\n{name:<14} " in printed  # the table's row
+    assert (out / "vit-lecl.pt").is_file() and len(list((out / "bags").glob("*.pt"))) == 100
+    # a second run finds every step done and only prints the table again
+    assert clear.main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("exists, skipping") == 2 + len(clear.DEMO_TASKS) and clear.demo_table(out) in again
+
+
+TINY = accuracy.AccuracyConfig(
+    cohort=SynthConfig(n=30, size=32, thickness=(8.0, 10.0), workers=1), img_size=32, encoders=("vit",),
+    methods=("lecl", "random"), steps=2, batch_size=8, mlp_dim=32, epochs_3d=1, fractions=(0.5, 1.0),
+    fit=cv.FitConfig(targets=("x",), folds=3, epochs=2, n_bootstrap=20),
+    volume=Volume3DConfig(depth=8, size=16), net=Net3DConfig(widths=(4, 4, 4, 4)))
+
+
+@pytest.mark.parametrize("cfg", [TINY], ids=["tiny"])
+def test_accuracy_benchmark_writes_a_complete_report(tmp_path, cfg):
+    logged = []
+    report = accuracy.run(cfg, tmp_path / "results", tmp_path / "work", lambda desc, unit: lambda it, total: it,
+                          log=logged.append)
+    saved = json.loads((tmp_path / "results" / "accuracy.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    rows = saved["rows"]
+    assert [(r["encoder"], r["method"]) for r in rows] == [("vit", "lecl"), ("vit", "random"),
+                                                           ("3D ResNet", "supervised")]
+    for r in rows:
+        assert set(r["tasks"]) == set(accuracy.TASKS) and all(well_formed(t) for t in r["tasks"].values())
+        assert r["train_flops"] > 0 and r["peak_bytes"] > 0 and sum(r["seconds"].values()) > 0
+    assert rows[0]["train_flops"] > rows[1]["train_flops"]  # pre-training costs FLOPs; random init does not
+    assert [e["fraction"] for e in saved["efficiency"]] == list(cfg.fractions)
+    md = (tmp_path / "results" / "accuracy.md").read_text()
+    assert md.count("\n| vit |") == 2 and "| 3D ResNet |" in md and "| 50% |" in md and "| 100% |" in md
+    # a re-run reuses the cohort and the finished checkpoint (nothing is pre-trained twice)
+    again = accuracy.run(replace(cfg, methods=("lecl",)), tmp_path / "results", tmp_path / "work",
+                         lambda desc, unit: lambda it, total: it, log=logged.append)
+    assert again["rows"][0]["seconds"].get("pretrain") is None
