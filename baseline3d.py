@@ -143,4 +143,5 @@ def fit_cv_3d(volumes, cohort, cfg, net=Net3DConfig(), progress=lambda it, total
         best.append(epoch)
     return dict(task=task.kind, targets=list(cfg.targets), n_scans=len(rows), folds=cfg.folds, best_epochs=best,
                 config=asdict(cfg), net=asdict(net),
-                rows=metrics.summarize(task.kind, y.numpy(), scores, task.labels, patients, cfg.n_bootstrap, cfg.seed))
+                rows=metrics.summarize(task.kind, y.numpy(), scores, task.labels, patients, cfg.n_bootstrap, cfg.seed,
+                                          folds=fold))

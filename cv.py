@@ -265,7 +265,8 @@ def _fit_cv(bags, labels, cfg, progress):
                    n_scans=len(scans), n_patients=len(set(patients)), folds=cfg.folds, n_bootstrap=cfg.n_bootstrap,
                    n_dropped=n_dropped, n_unlabelled=n_unlabelled,
                    best_epochs=[m["best_epoch"] for m in models], config=asdict(cfg),
-                   rows=metrics.summarize(task.kind, y_np, scores, task.labels, patients, cfg.n_bootstrap, cfg.seed))
+                   rows=metrics.summarize(task.kind, y_np, scores, task.labels, patients, cfg.n_bootstrap, cfg.seed,
+                                          folds=fold))
     preds = [dict(patient=patients[i], scan=s, fold=int(fold[i]),
                   **{f"true_{t}": f"{v:g}" for t, v in zip(cfg.targets, values[i])}, **r)
              for i, (s, r) in enumerate(zip(scans, task.fields(scores)))]

@@ -115,13 +115,28 @@ def predicted_class(kind, scores):
     return scores.argmax(1)  # (N,)
 
 
-def summarize(kind, y, scores, labels, patients, n_bootstrap=1000, seed=0):
+def fold_mean(fn, w, folds):
+    """The mean over folds of a metric computed within each fold: fn(weights (M, N)) -> (M,), w (B, N), folds (N,)
+    fold index per scan -> (B,). A fold where the metric is undefined (a class absent) is left out of its mean."""
+    onehot = (folds[None, :] == np.unique(folds)[:, None]).astype(np.float64)  # (F, N)
+    per_fold = fn((w[:, None, :] * onehot[None]).reshape(-1, w.shape[1])).reshape(len(w), len(onehot))  # (B, F)
+    defined = ~np.isnan(per_fold)
+    return np.where(defined, per_fold, 0).sum(1) / np.where(defined.any(1), defined.sum(1), np.nan)  # (B,)
+
+
+def summarize(kind, y, scores, labels, patients, n_bootstrap=1000, seed=0, folds=None):
     """All metrics of a task with patient-bootstrap 95 % CIs, as rows {metric, label, value, ci_low, ci_high}.
 
     kind: binary | multilabel (y (N, K) 0/1, scores (N, K) probabilities) or multiclass | ordinal (y (N,) class
     index, scores (N, C) class probabilities). AUROC is per label (one-vs-rest for classes) plus their macro mean;
     balanced accuracy per label for binary/multilabel, over classes otherwise; QWK for ordinal. Undefined values
-    (a class absent) are None."""
+    (a class absent) are None.
+
+    With `folds` (N,), the fold of each held-out scan, the headline AUROC (the macro row, or the only label's) is
+    also given as "AUROC, fold mean": computed within each fold, then averaged. Pooling the folds' scores mixes
+    models with different offsets; when a model has learnt little but its training folds' base rate, each
+    fold's offset runs against its test fold's class mix, and the pooled AUROC drops below 0.5 (measured here:
+    0.42, CI 0.37-0.48, for a random encoder). The fold mean has no such bias; both are reported."""
     y, scores = np.asarray(y), np.asarray(scores, dtype=np.float64)
     pred = predicted_class(kind, scores)
     stats = []  # (metric, label, function of weights (B, N) -> (B,))
@@ -136,12 +151,15 @@ def summarize(kind, y, scores, labels, patients, n_bootstrap=1000, seed=0):
         balanced = [("balanced accuracy", "all classes",
                      lambda w: balanced_accuracy(y, pred, scores.shape[1], w))]
     if len(labels) > 1:
-        per_label = [fn for _, _, fn in stats]
-        stats.append(("AUROC", "macro", lambda w: np.mean([fn(w) for fn in per_label], axis=0)))
+        stats.append(("AUROC", "macro", lambda w, per_label=[fn for _, _, fn in stats]:  # bound now, not when run
+                      np.mean([fn(w) for fn in per_label], axis=0)))
+    if folds is not None:
+        _, label, headline = stats[-1]
+        stats.append(("AUROC, fold mean", label, lambda w, fn=headline: fold_mean(fn, w, np.asarray(folds))))
     stats += balanced
     if len(balanced) > 1:
-        per_label = [fn for _, _, fn in balanced]
-        stats.append(("balanced accuracy", "macro", lambda w: np.mean([fn(w) for fn in per_label], axis=0)))
+        stats.append(("balanced accuracy", "macro", lambda w, per_label=[fn for _, _, fn in balanced]:
+                      np.mean([fn(w) for fn in per_label], axis=0)))
     if kind == "ordinal":
         stats.append(("quadratic-weighted kappa", "all classes",
                       lambda w: quadratic_weighted_kappa(y, pred, scores.shape[1], w)))
