@@ -442,6 +442,8 @@ def cmd_demo(args):
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Outputs in {out}: cohort/ (CT + masks + labels.csv), "
           "vit-lecl.pt (LeCL checkpoint), bags/ (slice embeddings), fit-*/ (metrics, predictions, attention)")
     print(demo_table(out))
+    print("At the demo's budget (150 LeCL steps at 64 px) the encoder has not learnt this cohort's small, faint "
+          "lesions, and AUROCs near 0.5 are what it measures: README.md, 'Results', says why and what is open.")
 
 
 def demo_table(out):
