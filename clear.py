@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data import ClearError
+from phantom import SITES
 
 
 def config_from(cls, args, **overrides):
@@ -402,8 +403,7 @@ def add_predict(sub):
 # ---------------------------------------------------------------------------------------------- demo
 
 DEMO_TASKS = (  # (run name, --target, extra fit options): the paper's three endpoints
-    ("location", ",".join(f"loc_{s}" for s in ("bone", "abdomen", "mediastinum", "liver", "lung", "kidney",
-                                                  "soft_tissue", "pelvis")), ()),
+    ("location", ",".join(f"loc_{s}" for s in SITES), ()),
     ("lung_disease", "lung_disease", ()),
     ("stage", "stage", ("--task", "ordinal")),
 )
@@ -442,8 +442,9 @@ def cmd_demo(args):
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Outputs in {out}: cohort/ (CT + masks + labels.csv), "
           "vit-lecl.pt (LeCL checkpoint), bags/ (slice embeddings), fit-*/ (metrics, predictions, attention)")
     print(demo_table(out))
-    print("At the demo's budget (150 LeCL steps at 64 px) the encoder has not learnt this cohort's small, faint "
-          "lesions, and AUROCs near 0.5 are what it measures: README.md, 'Results', says why and what is open.")
+    print(f"At the demo's budget ({args.steps} LeCL steps at {args.img_size} px) the encoder has not learnt this "
+          "cohort's small, faint lesions, and AUROCs near 0.5 are what it measures: README.md, 'Results', says why "
+          "and what is open.")
 
 
 def demo_table(out):

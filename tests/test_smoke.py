@@ -5,7 +5,6 @@ import json
 import math
 from dataclasses import replace
 
-import pytest
 
 import accuracy
 import clear
@@ -44,8 +43,8 @@ TINY = accuracy.AccuracyConfig(
     volume=Volume3DConfig(depth=8, size=16), net=Net3DConfig(widths=(4, 4, 4, 4)))
 
 
-@pytest.mark.parametrize("cfg", [TINY], ids=["tiny"])
-def test_accuracy_benchmark_writes_a_complete_report(tmp_path, cfg):
+def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
+    cfg = TINY
     logged = []
     report = accuracy.run(cfg, tmp_path / "results", tmp_path / "work", lambda desc, unit: lambda it, total: it,
                           log=logged.append)
