@@ -12,6 +12,7 @@ and writes `results/accuracy.json` and `.md`: AUROC with patient-bootstrap 95 % 
 over the 8 sites), wall time, estimated training FLOPs and peak memory of every row. Nothing is tuned to the
 outcome: the cohort, the budgets and the settings are the defaults below, whatever the numbers say.
 """
+import hashlib
 import json
 import platform
 import time
@@ -154,7 +155,8 @@ def run_3d(cfg, cohort, volumes, fraction=1.0):
 
 
 def run(cfg, out, work, progress, log=print):
-    """The whole experiment; results are written after every row, so a killed run keeps what it finished."""
+    """The whole experiment. Every finished row is kept in `work`/rows/ and the report rewritten after it, so a
+    killed run loses at most the row it was in, and running the same command again continues."""
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,23 +166,57 @@ def run(cfg, out, work, progress, log=print):
     report = {"config": _plain(asdict(cfg)), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}", "dropped_labels": {n: _task_targets(cohort, n, cfg.fit.folds)[2]
                                                                for n in TASKS}, "rows": [], "efficiency": []}
+    row = lambda key, fn: _kept(work / "rows" / f"{key}.json", _fingerprint(cfg), fn, log)  # noqa: E731
     for encoder in cfg.encoders:
         for method in cfg.methods:
             log(f"[accuracy] {encoder} / {method}")
-            report["rows"].append(run_encoder(cfg, work, cohort, encoder, method, progress))
+            report["rows"].append(row(f"{encoder}-{method}",
+                                      lambda: run_encoder(cfg, work, cohort, encoder, method, progress)))
             write_report(report, out)
+    volumes = []  # read once, only if a 3D row is still to run
+
+    def run_3d_at(fraction):
+        if not volumes:
+            volumes.append(load_volumes(cohort, cfg.volume, progress=lambda it, n: progress("volumes", "scan")(it, n)))
+        return run_3d(cfg, cohort, volumes[0], fraction)
+
     log("[accuracy] 3D baseline")
-    volumes = load_volumes(cohort, cfg.volume, progress=lambda it, total: progress("volumes", "scan")(it, total))
-    report["rows"].append(run_3d(cfg, cohort, volumes))
+    full_3d = row("3d", lambda: run_3d_at(1.0))
+    report["rows"].append(full_3d)
     write_report(report, out)
     first = report["rows"][0]
     for fraction in cfg.fractions:
         log(f"[accuracy] data efficiency: {fraction:.0%} of the training patients")
-        mil = _fit_tasks(load_bags(first["bags"]), cohort.root / "labels.csv", cfg, cohort, Meter(), fraction)
+        if fraction == 1.0:  # the same fits as the rows above (same folds and seeds): not run twice
+            mil, net = first["tasks"], full_3d["tasks"]
+        else:
+            mil = row(f"mil-{fraction}", lambda: _fit_tasks(load_bags(first["bags"]), cohort.root / "labels.csv", cfg,
+                                                            cohort, Meter(), fraction))
+            net = row(f"3d-{fraction}", lambda: run_3d_at(fraction))["tasks"]
         report["efficiency"].append({"fraction": fraction, f"{first['encoder']}-{first['method']} + MIL": mil,
-                                     "3D ResNet": run_3d(cfg, cohort, volumes, fraction)["tasks"]})
+                                     "3D ResNet": net})
         write_report(report, out)
     return report
+
+
+def _fingerprint(cfg):
+    """What a finished row depends on: every setting except the lists that only choose which rows run."""
+    settings = _plain(asdict(replace(cfg, encoders=(), methods=(), fractions=())))
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _kept(path, fingerprint, fn, log):
+    """fn()'s row, or the one an earlier run of the same settings left in `path` (JSON, written atomically)."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == fingerprint:
+            log(f"[accuracy] {path.stem}: finished by an earlier run, reused")
+            return saved["row"]
+    result = json.loads(json.dumps(fn()))  # as a re-run will read it back
+    path.parent.mkdir(exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "row": result}))
+    return result
 
 
 def _plain(x):

@@ -60,7 +60,20 @@ def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
     assert [e["fraction"] for e in saved["efficiency"]] == list(cfg.fractions)
     md = (tmp_path / "results" / "accuracy.md").read_text()
     assert md.count("\n| vit |") == 2 and "| 3D ResNet |" in md and "| 50% |" in md and "| 100% |" in md
-    # a re-run reuses the cohort and the finished checkpoint (nothing is pre-trained twice)
-    again = accuracy.run(replace(cfg, methods=("lecl",)), tmp_path / "results", tmp_path / "work",
-                         lambda desc, unit: lambda it, total: it, log=logged.append)
-    assert again["rows"][0]["seconds"].get("pretrain") is None
+    # fraction 1.0 of the efficiency curve is the rows' own fits, not run a second time
+    assert saved["efficiency"][-1]["vit-lecl + MIL"] == rows[0]["tasks"]
+    assert saved["efficiency"][-1]["3D ResNet"] == rows[-1]["tasks"]
+    # a re-run of the same settings (any subset of rows) reuses every finished row
+    quiet = lambda desc, unit: lambda it, total: it  # noqa: E731
+    again = accuracy.run(replace(cfg, methods=("lecl",)), tmp_path / "results", tmp_path / "work", quiet,
+                         log=logged.append)
+    assert again["rows"][0] == rows[0] and "[accuracy] vit-lecl: finished by an earlier run, reused" in logged
+    # a row whose record is lost is recomputed, from the finished checkpoint (nothing is pre-trained twice)
+    (tmp_path / "work" / "rows" / "vit-lecl.json").unlink()
+    again = accuracy.run(replace(cfg, methods=("lecl",)), tmp_path / "results", tmp_path / "work", quiet)
+    assert again["rows"][0]["seconds"].get("pretrain") is None and "extract" in again["rows"][0]["seconds"]
+    # other settings are another experiment: nothing of this one is reused
+    logged.clear()
+    accuracy.run(replace(cfg, methods=("random",), epochs_3d=2, fractions=(1.0,)), tmp_path / "results",
+                 tmp_path / "work", quiet, log=logged.append)
+    assert not any("reused" in line for line in logged)
