@@ -21,16 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import cv
 from baseline3d import Net3DConfig, ResNet3D, Volume3DConfig, fit_cv_3d, load_volumes
-from data import Cohort, atomic_path
+from data import Cohort, atomic_path, canonical_grid, load_mask
 from extract import EncoderSpec, extract_bags, load_encoder
+from metrics import auroc
 from mil import AttentionMIL, load_bags
 from phantom import SITES, SynthConfig, write_cohort
 from pretrain import PretrainConfig, pretrain
 
+TUMOUR_LABELS = tuple(range(1, len(SITES) + 1))  # phantom.py's mask labels of tumours (9, 10: lung disease)
 TASKS = {"location": (tuple(f"loc_{s}" for s in SITES), None), "lung_disease": (("lung_disease",), None),
          "stage": (("stage",), "ordinal")}
 
@@ -78,6 +81,51 @@ def _task_targets(cohort, name, folds):
 def _auroc(rows):
     """The headline AUROC of a metrics summary: the mean over folds of the macro AUROC (metrics.summarize)."""
     return next(r for r in rows if r["metric"] == "AUROC, fold mean")
+
+
+def lesion_slice_flags(cohort, bags, labels=None):
+    """For every bag slice, whether its scan's mask holds a lesion (labels `labels`, default any non-zero) at that
+    z: a tuple of (L_i,) bool per scan of `bags`, mask slices matched to bag slices by nearest z."""
+    by_name, out = {s.scan: s for s in cohort.scans}, []
+    for name, z_mm in zip(bags.scans, bags.z_mm):
+        scan = by_name[name]
+        affine, shape = canonical_grid(scan.mask)
+        mask = load_mask(scan.mask, shape)  # (Z, Y, X)
+        hit = np.isin(mask, labels) if labels is not None else mask > 0
+        idx = np.clip(np.rint(np.asarray(z_mm) / abs(affine[2, 2])).astype(int), 0, len(mask) - 1)  # (L,)
+        out.append(torch.from_numpy(hit.reshape(len(mask), -1).any(1)[idx]))  # (L,)
+    return tuple(out)
+
+
+def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
+    """Does the encoder see lesions? A linear probe: L2-regularised logistic regression (LBFGS) of the per-slice
+    lesion flags on the standardised slice embeddings, `folds`-fold by patient; the mean over folds of the
+    held-out AUROC (NaN if no fold has both classes). features, flags: per scan (L_i, D), (L_i,); patients: per
+    scan. Slice labels are what the MIL never sees: the probe diagnoses the encoder, it is not the method."""
+    names = sorted(set(patients))
+    fold_of = dict(zip(np.random.default_rng(seed).permutation(names), np.arange(len(names)) % folds))
+    x = torch.cat([f.double() for f in features])  # (T, D)
+    y = torch.cat([torch.as_tensor(f, dtype=torch.float64) for f in flags])  # (T,)
+    fold = torch.cat([torch.full((len(f),), fold_of[p]) for f, p in zip(features, patients)])  # (T,)
+    aucs = []
+    for k in range(folds):
+        test = fold == k
+        if len(set(y[test].tolist())) < 2 or len(set(y[~test].tolist())) < 2:
+            continue
+        z = (x - x[~test].mean(0)) / (x[~test].std(0) + 1e-6)  # (T, D), training slices' statistics
+        w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)  # weights and bias
+        opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            logits = z[~test] @ w[:-1] + w[-1]
+            loss = F.binary_cross_entropy_with_logits(logits, y[~test]) + l2 * (w[:-1] ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        aucs.append(auroc(y[test].numpy(), (z[test] @ w[:-1]).detach().numpy()))
+    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 class Meter:
@@ -167,11 +215,18 @@ def run(cfg, out, work, progress, log=print):
               f"torch {torch.__version__}", "dropped_labels": {n: _task_targets(cohort, n, cfg.fit.folds)[2]
                                                                for n in TASKS}, "rows": [], "efficiency": []}
     row = lambda key, fn: _kept(work / "rows" / f"{key}.json", _fingerprint(cfg), fn, log)  # noqa: E731
+    patient, flags = {s.scan: s.patient for s in cohort.scans}, {}
     for encoder in cfg.encoders:
         for method in cfg.methods:
             log(f"[accuracy] {encoder} / {method}")
-            report["rows"].append(row(f"{encoder}-{method}",
-                                      lambda: run_encoder(cfg, work, cohort, encoder, method, progress)))
+            r = row(f"{encoder}-{method}", lambda: run_encoder(cfg, work, cohort, encoder, method, progress))
+            bags = load_bags(r["bags"])
+            key = tuple(len(z) for z in bags.z_mm)  # the same slices for every encoder: flags read once
+            if key not in flags:
+                flags[key] = lesion_slice_flags(cohort, bags, TUMOUR_LABELS)
+            auc = slice_probe(bags.features, flags[key], [patient[s] for s in bags.scans], cfg.cohort.seed)
+            r["probe"] = auc if np.isfinite(auc) else None  # None: too few lesion slices to probe
+            report["rows"].append(r)
             write_report(report, out)
     volumes = []  # read once, only if a 3D row is still to run
 
@@ -232,13 +287,14 @@ def write_report(report, out):
     with atomic_path(Path(out) / "accuracy.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     lines = ["AUROC: mean over the 5 held-out folds of the macro AUROC over labels (location) or classes (stage), "
-             "[95 % patient-bootstrap CI]", "",
-             "| encoder | pre-training | location | lung disease | stage | wall time (s) "
-             "| training FLOPs | peak memory |", "|---|---|---|---|---|---|---|---|"]
+             "[95 % patient-bootstrap CI]. Tumour-slice probe: AUROC of a linear probe that finds the slices holding a "
+             "tumour from the slice embeddings (held-out patients): does the encoder see lesions at all?", "",
+             "| encoder | pre-training | location | lung disease | stage | tumour-slice probe | wall time (s) "
+             "| training FLOPs | peak memory |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        t = r["tasks"]
+        t, probe = r["tasks"], f"{r['probe']:.3f}" if r.get("probe") is not None else "n/a"
         lines.append(f"| {r['encoder']} | {r['method']} | {_cell(t['location'])} | {_cell(t['lung_disease'])} | "
-                     f"{_cell(t['stage'])} | {sum(r['seconds'].values()):.0f} | {r['train_flops']:.2g} | "
+                     f"{_cell(t['stage'])} | {probe} | {sum(r['seconds'].values()):.0f} | {r['train_flops']:.2g} | "
                      f"{r['peak_bytes'] / 2**30:.1f} GiB |")
     if report["efficiency"]:
         keys = [k for k in report["efficiency"][0] if k != "fraction"]

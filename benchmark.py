@@ -4,12 +4,14 @@
     python benchmark.py encoders    # slices/s and achieved GFLOP/s of the three encoders vs matmul peak
     python benchmark.py speed       # one table: scan, encoders, extraction, MIL fit, peak memory
     python benchmark.py accuracy    # the paper's claim on the synthetic cohort: results/accuracy.md
+    python benchmark.py probe --data COHORT --bags BAGS   # does an encoder see the lesions of the masks?
 
 These machines are shared and noisy: every figure is the best of several repeats and is printed beside a
 reference measured in the same run, so ratios are what to read.
 """
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -342,6 +344,29 @@ def bench_accuracy(args):
           f"results in {args.out}/accuracy.md and .json")
 
 
+def bench_probe(args):
+    """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (accuracy.slice_probe)."""
+    from accuracy import lesion_slice_flags, slice_probe
+    from data import ClearError, Cohort
+    from mil import load_bags
+
+    cohort, bags = Cohort(args.data), load_bags(args.bags)
+    missing = [s.scan for s in cohort.scans if s.scan in bags.scans and s.mask is None]
+    if not cohort.has_masks or missing:
+        raise ClearError(f"{args.data}: the probe needs a lesion mask for every bag's scan (none for "
+                         f"{', '.join(missing[:3]) or 'any scan'})")
+    patient = {s.scan: s.patient for s in cohort.scans}
+    unknown = [s for s in bags.scans if s not in patient]
+    if unknown:
+        raise ClearError(f"{args.bags}: bags of scans not in {args.data}: {', '.join(unknown[:3])}")
+    flags = lesion_slice_flags(cohort, bags, args.labels)
+    auc = slice_probe(bags.features, flags, [patient[s] for s in bags.scans], args.seed)
+    n = sum(len(f) for f in flags)
+    print(f"{args.bags}: {sum(int(f.sum()) for f in flags)} of {n} slices hold a lesion "
+          f"(mask labels {args.labels or 'any'}); linear probe AUROC on held-out patients' slices, mean of 4 "
+          f"folds: {auc:.3f}" + (" (undefined: one class only)" if auc != auc else ""))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -370,9 +395,23 @@ def main(argv=None):
     p_acc.add_argument("--out", default="results", help="where accuracy.md and accuracy.json go")
     p_acc.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); a re-run reuses them")
     p_acc.set_defaults(func=bench_accuracy)
+    p_probe = sub.add_parser("probe", help="does an encoder see lesions? slice-level linear probe on its bags")
+    p_probe.add_argument("--data", required=True, help="cohort folder with masks/ (the bags' scans)")
+    p_probe.add_argument("--bags", required=True, help="bag folder from clear.py extract")
+    p_probe.add_argument("--labels", type=int, nargs="+", help="mask labels that count (default: any non-zero; "
+                         "the synthetic cohort's tumours are 1-8)")
+    p_probe.add_argument("--seed", type=int, default=0, help="which patients are held out")
+    p_probe.set_defaults(func=bench_probe)
     args = parser.parse_args(argv)
-    args.func(args)
+    from data import ClearError
+
+    try:
+        args.func(args)
+    except ClearError as e:
+        print(f"benchmark.py {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The pieces of benchmark.py accuracy that its smoke test cannot check for values: the tumour-slice probe and
+the slice flags it is trained on."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import accuracy
+import benchmark
+from data import Cohort
+from mil import Bags
+from phantom import SynthConfig, make_phantom, write_cohort
+
+
+def probe_data(signal, n_patients=40, n_slices=30, dim=16, seed=0):
+    """Per patient one scan of n_slices noise embeddings; a fifth of the slices flagged, feature 0 shifted
+    by `signal` on them."""
+    g = torch.Generator().manual_seed(seed)
+    flags = [torch.rand(n_slices, generator=g) < 0.2 for _ in range(n_patients)]
+    feats = [torch.randn(n_slices, dim, generator=g) for _ in range(n_patients)]
+    for f, y in zip(feats, flags):
+        f[:, 0] += signal * y
+    return feats, flags, [f"P{i}" for i in range(n_patients)]
+
+
+def test_probe_finds_a_planted_direction_and_nothing_in_noise():
+    feats, flags, patients = probe_data(signal=4.0)
+    assert accuracy.slice_probe(feats, flags, patients) > 0.97  # two classes 4 sd apart: AUROC Φ(4/√2) ≈ 0.998
+    feats, flags, patients = probe_data(signal=1.0)
+    assert 0.7 < accuracy.slice_probe(feats, flags, patients) < 0.85  # 1 sd apart: Φ(1/√2) = 0.76
+    aucs = [accuracy.slice_probe(*probe_data(signal=0.0, seed=s)) for s in range(5)]
+    assert abs(np.mean(aucs) - 0.5) < 0.06
+
+
+def test_probe_is_undefined_without_both_classes_in_the_test_patients():
+    feats, flags, patients = probe_data(signal=4.0)
+    assert np.isnan(accuracy.slice_probe(feats, [torch.zeros_like(f) for f in flags], patients))
+
+
+def test_slice_flags_follow_the_mask_at_the_bag_slices_z(tmp_path, capsys):
+    cfg = SynthConfig(n=3, size=32, thickness=(4.0, 5.0), workers=1)
+    write_cohort(cfg, tmp_path)
+    cohort = Cohort(tmp_path)
+    truth, z_mm = [], []
+    for patient, scan in ((0, 0), (1, 0), (2, 0)):
+        ph = make_phantom(cfg, patient, scan)
+        tumour = (ph.mask >= 1) & (ph.mask <= 8)  # (Z, Y, X)
+        every_other = np.arange(0, len(ph.mask), 2)  # bags of slices 2 dz apart (extract --thickness)
+        truth.append(tumour.reshape(len(tumour), -1).any(1)[every_other])
+        z_mm.append(torch.from_numpy(every_other * ph.spacing[0]).double())
+    names = tuple(s.scan for s in cohort.scans)
+    assert names == ("P0000_S1", "P0001_S1", "P0002_S1")
+    bags = Bags(Path(tmp_path), {}, 4, names, tuple(torch.zeros(len(z), 4) for z in z_mm), tuple(z_mm), ())
+    flags = accuracy.lesion_slice_flags(cohort, bags, accuracy.TUMOUR_LABELS)
+    for got, want in zip(flags, truth):
+        assert got.numpy().tolist() == want.tolist()
+    assert any(t.any() for t in truth)  # the cohort holds tumours to find
+    # the same through the command line: bags on disk, the count of lesion slices printed
+    (tmp_path / "bags").mkdir()
+    for name, z in zip(names, z_mm):
+        torch.save({"features": torch.randn(len(z), 4), "z_mm": z, "encoder": {"name": "x"}, "image": name},
+                   tmp_path / "bags" / f"{name}.pt")
+    argv = ["probe", "--data", str(tmp_path), "--bags", str(tmp_path / "bags"), "--labels", *map(str, range(1, 9))]
+    assert benchmark.main(argv) == 0
+    n_lesion, n = sum(int(t.sum()) for t in truth), sum(len(t) for t in truth)
+    assert f"{n_lesion} of {n} slices hold a lesion" in capsys.readouterr().out
+
+
+def test_probe_command_refuses_bags_without_masks_in_one_line(tmp_path, capsys):
+    write_cohort(SynthConfig(n=1, size=32, thickness=(8.0, 10.0), workers=1), tmp_path / "c")
+    assert benchmark.main(["probe", "--data", str(tmp_path / "c"), "--bags", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("benchmark.py probe: error: ") and "none" in err
+
+
+@pytest.mark.parametrize("field, value, same", [("encoders", ("gcnn",), True), ("fractions", (1.0,), True),
+                                                ("steps", 7, False), ("img_size", 48, False)])
+def test_a_kept_row_belongs_to_its_settings(field, value, same):
+    from dataclasses import replace
+
+    base = accuracy.AccuracyConfig()
+    assert (accuracy._fingerprint(replace(base, **{field: value})) == accuracy._fingerprint(base)) is same
