@@ -374,6 +374,8 @@ def add_fit(sub):
     for name in ("lr", "weight_decay", "dropout", "val_fraction", "train_fraction"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name), help=f"default {getattr(d, name)}")
     p.add_argument("--gated", action="store_true", help="gated attention (Ilse et al. Eq. 9)")
+    p.add_argument("--workers", type=int, default=d.workers, help="folds trained side by side, one process and "
+                   "thread each (default 0: one per CPU core; 1: one at a time, in this process)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.set_defaults(func=cmd_fit)
 

@@ -142,6 +142,22 @@ def test_same_seed_same_results_and_a_full_progress_bar(tmp_path):
     assert bar.total == 3 * FAST["epochs"] and bar.n == bar.total and bar.closed  # early stops tick the rest
 
 
+def test_folds_in_worker_processes_give_the_same_run(tmp_path):
+    bags_dir, labels, _ = cohort(tmp_path, n=30, signal=1.0)
+    bags = mil.load_bags(bags_dir)
+    one = cv.fit_cv(bags, labels, cv.FitConfig(targets=("tumor",), **FAST, workers=1))
+    Bar.made.clear()
+    two = cv.fit_cv(bags, labels, cv.FitConfig(targets=("tumor",), **FAST, workers=2), progress=Bar)
+    assert one.predictions == two.predictions and one.metrics["rows"] == two.metrics["rows"]
+    for a, b in zip(one.models, two.models):
+        assert a["best_epoch"] == b["best_epoch"] and a["test_scans"] == b["test_scans"]
+        assert all(torch.equal(a["state_dict"][k], v) for k, v in b["state_dict"].items())
+    assert {s: z.tolist() for s, (z, _) in one.attention.items()} == {s: z.tolist() for s, (z, _) in two.attention.items()}
+    assert all(np.array_equal(one.attention[s][1], a) for s, (_, a) in two.attention.items())
+    bar, = Bar.made
+    assert bar.n == bar.total == 3 * FAST["epochs"] and bar.closed
+
+
 def test_early_stopping_returns_the_best_epochs_weights(tmp_path):
     bags_dir, _, _ = cohort(tmp_path, n=40)  # pure noise: the validation AUROC peaks by chance (seed 3: epoch 3)
     bags = mil.load_bags(bags_dir)
