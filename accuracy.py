@@ -255,8 +255,9 @@ def run(cfg, out, work, progress, log=print):
 
 
 def _fingerprint(cfg):
-    """What a finished row depends on: every setting except the lists that only choose which rows run."""
-    settings = _plain(asdict(replace(cfg, encoders=(), methods=(), fractions=())))
+    """What a finished row depends on: every setting except the lists that only choose which rows run, and the
+    number of fit processes (results are the same for any, cv.map_folds)."""
+    settings = _plain(asdict(replace(cfg, encoders=(), methods=(), fractions=(), fit=replace(cfg.fit, workers=0))))
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
