@@ -12,9 +12,11 @@ and writes `results/accuracy.json` and `.md`: AUROC with patient-bootstrap 95 % 
 over the 8 sites), wall time, estimated training FLOPs and peak memory of every row. Nothing is tuned to the
 outcome: the cohort, the budgets and the settings are the defaults below, whatever the numbers say.
 """
+import functools
 import hashlib
 import json
 import platform
+import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cv
 from baseline3d import Net3DConfig, ResNet3D, Volume3DConfig, fit_cv_3d, load_volumes
-from data import Cohort, atomic_path, canonical_grid, load_mask
+from data import Cohort, atomic_path, canonical_grid, load_mask, nearest_slices, voxel_spacing
 from extract import EncoderSpec, extract_bags, load_encoder
 from metrics import auroc
 from mil import AttentionMIL, load_bags
@@ -85,28 +87,28 @@ def _auroc(rows):
 
 def lesion_slice_flags(cohort, bags, labels=None):
     """For every bag slice, whether its scan's mask holds a lesion (labels `labels`, default any non-zero) at that
-    z: a tuple of (L_i,) bool per scan of `bags`, mask slices matched to bag slices by nearest z."""
+    z: a tuple of (L_i,) bool per scan of `bags`; a bag slice takes the nearest stored mask slice."""
     by_name, out = {s.scan: s for s in cohort.scans}, []
     for name, z_mm in zip(bags.scans, bags.z_mm):
         scan = by_name[name]
-        affine, shape = canonical_grid(scan.mask)
-        mask = load_mask(scan.mask, shape)  # (Z, Y, X)
-        hit = np.isin(mask, labels) if labels is not None else mask > 0
-        idx = np.clip(np.rint(np.asarray(z_mm) / abs(affine[2, 2])).astype(int), 0, len(mask) - 1)  # (L,)
-        out.append(torch.from_numpy(hit.reshape(len(mask), -1).any(1)[idx]))  # (L,)
+        affine, shape = canonical_grid(scan.image)
+        hit = torch.from_numpy(load_mask(scan.mask, shape))  # (Z, Y, X); a mask off its image's grid is refused
+        hit = hit != 0 if labels is None else torch.isin(hit, torch.tensor(list(labels)))
+        out.append(hit.flatten(1).any(1)[nearest_slices(z_mm, voxel_spacing(affine)[2], shape[0])])  # (L,)
     return tuple(out)
 
 
 def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
     """Does the encoder see lesions? A linear probe: L2-regularised logistic regression (LBFGS) of the per-slice
-    lesion flags on the standardised slice embeddings, `folds`-fold by patient; the mean over folds of the
-    held-out AUROC (NaN if no fold has both classes). features, flags: per scan (L_i, D), (L_i,); patients: per
-    scan. Slice labels are what the MIL never sees: the probe diagnoses the encoder, it is not the method."""
-    names = sorted(set(patients))
-    fold_of = dict(zip(np.random.default_rng(seed).permutation(names), np.arange(len(names)) % folds))
+    lesion flags on the standardised slice embeddings, in `folds` patient folds stratified by whether a patient
+    has a lesion slice; the mean over folds of the held-out AUROC (NaN if no fold has both classes). features,
+    flags: per scan (L_i, D), (L_i,); patients: per scan. Slice labels are what the MIL never sees: the probe
+    diagnoses the encoder, it is not part of the method."""
+    has_lesion = np.array([[bool(f.any())] for f in flags], dtype=np.int64)  # (N, 1)
+    fold = cv.patient_folds(np.asarray(patients), has_lesion, folds, seed)  # (N,)
     x = torch.cat([f.double() for f in features])  # (T, D)
     y = torch.cat([torch.as_tensor(f, dtype=torch.float64) for f in flags])  # (T,)
-    fold = torch.cat([torch.full((len(f),), fold_of[p]) for f, p in zip(features, patients)])  # (T,)
+    fold = torch.cat([torch.full((len(f),), int(k)) for f, k in zip(features, fold)])  # (T,)
     aucs = []
     for k in range(folds):
         test = fold == k
@@ -129,7 +131,8 @@ def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
 
 
 class Meter:
-    """Wall time and peak resident memory (Linux VmHWM, reset per stage) of the stages of one row."""
+    """Wall time and peak resident memory of the stages of one row: this process's (Linux VmHWM, reset per stage)
+    or, if larger, that of the largest child process so far (the fit's fold workers; getrusage has no reset)."""
 
     def __init__(self):
         self.seconds, self.peak = {}, 0
@@ -144,7 +147,8 @@ class Meter:
         out = fn()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
         with open("/proc/self/status") as f:
-            self.peak = max(self.peak, next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM")))
+            self.peak = max(self.peak, next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM")),
+                            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
         return out
 
 
@@ -212,31 +216,33 @@ def run(cfg, out, work, progress, log=print):
         write_cohort(cfg.cohort, work / "cohort", progress=lambda it, total: progress("synth", "scan")(it, total))
     cohort = Cohort(work / "cohort")
     report = {"config": _plain(asdict(cfg)), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-              f"torch {torch.__version__}", "dropped_labels": {n: _task_targets(cohort, n, cfg.fit.folds)[2]
+              f"torch {torch.__version__}, fit workers {cfg.fit.workers or 'one per core'}", "dropped_labels": {n: _task_targets(cohort, n, cfg.fit.folds)[2]
                                                                for n in TASKS}, "rows": [], "efficiency": []}
-    row = lambda key, fn: _kept(work / "rows" / f"{key}.json", _fingerprint(cfg), fn, log)  # noqa: E731
+    fingerprint = _fingerprint(cfg)
+
+    def row(key, fn):
+        return _kept(work / "rows" / f"{key}.json", fingerprint, fn, log)
+
     patient, flags = {s.scan: s.patient for s in cohort.scans}, {}
     for encoder in cfg.encoders:
         for method in cfg.methods:
             log(f"[accuracy] {encoder} / {method}")
             r = row(f"{encoder}-{method}", lambda: run_encoder(cfg, work, cohort, encoder, method, progress))
             bags = load_bags(r["bags"])
-            key = tuple(len(z) for z in bags.z_mm)  # the same slices for every encoder: flags read once
+            key = (bags.scans, *(z.numpy().tobytes() for z in bags.z_mm))  # the same slices: flags read once
             if key not in flags:
                 flags[key] = lesion_slice_flags(cohort, bags, TUMOUR_LABELS)
             auc = slice_probe(bags.features, flags[key], [patient[s] for s in bags.scans], cfg.cohort.seed)
             r["probe"] = auc if np.isfinite(auc) else None  # None: too few lesion slices to probe
             report["rows"].append(r)
             write_report(report, out)
-    volumes = []  # read once, only if a 3D row is still to run
 
-    def run_3d_at(fraction):
-        if not volumes:
-            volumes.append(load_volumes(cohort, cfg.volume, progress=lambda it, n: progress("volumes", "scan")(it, n)))
-        return run_3d(cfg, cohort, volumes[0], fraction)
+    @functools.cache
+    def volumes():  # read once, and only if a 3D row is still to run
+        return load_volumes(cohort, cfg.volume, progress=lambda it, n: progress("volumes", "scan")(it, n))
 
     log("[accuracy] 3D baseline")
-    full_3d = row("3d", lambda: run_3d_at(1.0))
+    full_3d = row("3d", lambda: run_3d(cfg, cohort, volumes(), 1.0))
     report["rows"].append(full_3d)
     write_report(report, out)
     first = report["rows"][0]
@@ -245,9 +251,9 @@ def run(cfg, out, work, progress, log=print):
         if fraction == 1.0:  # the same fits as the rows above (same folds and seeds): not run twice
             mil, net = first["tasks"], full_3d["tasks"]
         else:
-            mil = row(f"mil-{fraction}", lambda: _fit_tasks(load_bags(first["bags"]), cohort.root / "labels.csv", cfg,
-                                                            cohort, Meter(), fraction))
-            net = row(f"3d-{fraction}", lambda: run_3d_at(fraction))["tasks"]
+            mil = row(f"mil-{first['encoder']}-{first['method']}-{fraction}", lambda: _fit_tasks(
+                load_bags(first["bags"]), cohort.root / "labels.csv", cfg, cohort, Meter(), fraction))
+            net = row(f"3d-{fraction}", lambda: run_3d(cfg, cohort, volumes(), fraction))["tasks"]
         report["efficiency"].append({"fraction": fraction, f"{first['encoder']}-{first['method']} + MIL": mil,
                                      "3D ResNet": net})
         write_report(report, out)
@@ -255,9 +261,10 @@ def run(cfg, out, work, progress, log=print):
 
 
 def _fingerprint(cfg):
-    """What a finished row depends on: every setting except the lists that only choose which rows run, and the
-    number of fit processes (results are the same for any, cv.map_folds)."""
-    settings = _plain(asdict(replace(cfg, encoders=(), methods=(), fractions=(), fit=replace(cfg.fit, workers=0))))
+    """What a finished row's results depend on: every setting except the lists that only choose which rows run,
+    and the numbers of worker processes (the same cohort and fits come out for any; timings do not)."""
+    settings = _plain(asdict(replace(cfg, encoders=(), methods=(), fractions=(), fit=replace(cfg.fit, workers=0),
+                                     cohort=replace(cfg.cohort, workers=0))))
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

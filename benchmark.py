@@ -10,6 +10,7 @@ These machines are shared and noisy: every figure is the best of several repeats
 reference measured in the same run, so ratios are what to read.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -362,9 +363,10 @@ def bench_probe(args):
     flags = lesion_slice_flags(cohort, bags, args.labels)
     auc = slice_probe(bags.features, flags, [patient[s] for s in bags.scans], args.seed)
     n = sum(len(f) for f in flags)
-    print(f"{args.bags}: {sum(int(f.sum()) for f in flags)} of {n} slices hold a lesion "
-          f"(mask labels {args.labels or 'any'}); linear probe AUROC on held-out patients' slices, mean of 4 "
-          f"folds: {auc:.3f}" + (" (undefined: one class only)" if auc != auc else ""))
+    score = "undefined (too few lesion slices)" if math.isnan(auc) else f"{auc:.3f}"
+    print(f"{args.bags}: {sum(int(f.sum()) for f in flags)} of {n} slices hold a lesion (mask labels "
+          f"{args.labels or 'any'}); linear probe AUROC on held-out patients' slices, mean over the 4 patient "
+          f"folds that hold both classes: {score}")
 
 
 def main(argv=None):

@@ -119,7 +119,7 @@ class FitConfig:
     n_bootstrap: int = 1000  # patient-bootstrap resamples for the 95 % CIs
     n_top: int = 3  # scans per label returned for attention overlays
     threads: int | None = 1  # torch threads during the fit, restored after: 2 made it 1.5-18x slower here
-    workers: int = 0  # folds trained side by side in forked processes (one thread each); 0: one per CPU core
+    workers: int = 0  # folds trained side by side in forked processes, one thread each; 0: one per CPU core
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -240,11 +240,14 @@ def _forked_fold(k):
 
 
 def map_folds(job, n, workers, epochs, bar=None):
-    """[job(k, tick) for k in range(n)], in this process or in up to `workers` forked ones (0: one per CPU core).
-    Each fold seeds its own training and runs on one thread, so the results are the same either way (tested);
-    the bar ticks per epoch here, per finished fold from the workers."""
+    """[job(k, tick) for k in range(n)], in this process or in up to `workers` forked ones (0: one per CPU core
+    this process may use). A worker runs one torch thread, whatever FitConfig.threads says; each fold seeds its
+    own training, so the results are the same either way (tested), the timings are not. The bar ticks per epoch
+    here, per finished fold from the workers; an error in a worker is raised here."""
     global _FOLD_JOB
-    workers = min(n, workers or os.cpu_count() or 1)
+    # the cores this process may run on (taskset, cpusets) where the OS tells, else all of the machine's
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(n, workers or cores)
     if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [job(k, bar.update if bar else lambda _: None) for k in range(n)]
     _FOLD_JOB, done = job, {}
@@ -282,19 +285,22 @@ def _fit_cv(bags, labels, cfg, progress):
             raise ClearError(f"{labels}: fold {k} keeps no training scan once {len(set(patients[val]))} validation "
                              "patient(s) are held out; lower --folds or --val-fraction, or label more patients")
 
-    def run_fold(k, tick):  # -> (model, best epoch, held-out logits, attention)
+    def run_fold(k, tick):  # NumPy out: from a worker, every tensor would travel as a file descriptor of its own
         train, val, test = splits[k]
         model, best_epoch = _train_fold(task, bags, y_bag, index[train], index[val], cfg, cfg.seed + k, tick)
-        return (model, best_epoch, *infer(model, [bags.features[i] for i in index[test]]))
+        logits, att = infer(model, [bags.features[i] for i in index[test]])
+        return (model.config, {n: v.numpy() for n, v in model.state_dict().items()}, best_epoch, logits.numpy(),
+                [a.numpy() for a in att])
 
     scores, attention, models = np.zeros((len(scans), len(task.labels))), {}, []
-    for k, (model, best_epoch, logits, att) in enumerate(map_folds(run_fold, cfg.folds, cfg.workers, cfg.epochs, bar)):
+    for k, (config, state, best_epoch, logits, att) in enumerate(map_folds(run_fold, cfg.folds, cfg.workers,
+                                                                           cfg.epochs, bar)):
         test = splits[k][2]
-        scores[test] = task.scores(logits).numpy()
-        attention.update({scans[i]: (bags.z_mm[index[i]].numpy(), a.numpy()) for i, a in zip(test, att)})
-        models.append(dict(format=MIL_FORMAT, fold=k, best_epoch=best_epoch, model=model.config,
-                           state_dict=model.state_dict(), task=asdict(task), encoder=bags.encoder,
-                           test_scans=[scans[i] for i in test]))
+        scores[test] = task.scores(torch.from_numpy(logits)).numpy()
+        attention.update({scans[i]: (bags.z_mm[index[i]].numpy(), a) for i, a in zip(test, att)})
+        models.append(dict(format=MIL_FORMAT, fold=k, best_epoch=best_epoch, model=config,
+                           state_dict={n: torch.from_numpy(v) for n, v in state.items()}, task=asdict(task),
+                           encoder=bags.encoder, test_scans=[scans[i] for i in test]))
     if bar:
         bar.close()
     y_np = y.numpy()  # (N, K) 0/1 for binary/multilabel, (N,) class index otherwise

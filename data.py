@@ -140,7 +140,8 @@ def _read_nifti(path):
     return np.ascontiguousarray(nib.orientations.apply_orientation(arr, ornt)), affine, img
 
 
-def _spacing(affine):
+def voxel_spacing(affine):
+    """(x, y, z) voxel sizes in mm: the column norms of the affine (right for oblique grids too)."""
     return tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(0)))  # (x, y, z) voxel sizes in mm
 
 
@@ -154,7 +155,7 @@ def load_ct(path):
     if lo < -10_000 or hi > 100_000:  # no CT spans this: scaling in the header is wrong, or not a CT
         raise ClearError(f"{path}: voxel values span [{lo:.3g}, {hi:.3g}], not Hounsfield units "
                          "(check scl_slope/scl_inter)")
-    sx, sy, sz = _spacing(affine)
+    sx, sy, sz = voxel_spacing(affine)
     if min(sx, sy, sz) <= 0:
         raise ClearError(f"{path}: voxel spacing {(sx, sy, sz)} is not positive")
     return arr.transpose(2, 1, 0).copy(), (sz, sy, sx)  # (Z, Y, X)
@@ -214,7 +215,7 @@ def save_overlay(image_path, z_mm, values, out_path):
     """Broadcast one value per slice (e.g. MIL attention at bag positions `z_mm`) over the image's canonical
     grid and save it as a float32 NIfTI that viewers (ITK-SNAP, 3D Slicer) open over the image."""
     affine, (nz, ny, nx) = canonical_grid(image_path)
-    dz = _spacing(affine)[2]
+    dz = voxel_spacing(affine)[2]
     z_mm = np.asarray(z_mm, dtype=np.float64)
     nearest = np.abs(np.arange(nz)[:, None] * dz - z_mm[None, :]).argmin(1)  # (Z,) bag slice per image slice
     volume = np.broadcast_to(np.asarray(values, np.float32)[nearest][:, None, None], (nz, ny, nx))
@@ -248,6 +249,11 @@ def slice_positions(n_slices, spacing_z, thickness_mm=None):
         return torch.arange(n_slices, dtype=torch.float64) * spacing_z
     length = (n_slices - 1) * spacing_z
     return torch.arange(0.0, length + 1e-6, thickness_mm, dtype=torch.float64)
+
+
+def nearest_slices(z_mm, spacing_z, n_slices):
+    """Index of the stored slice nearest to each z position (mm from the first slice): (Z',) long."""
+    return (torch.as_tensor(z_mm) / spacing_z).round().long().clamp(0, n_slices - 1)
 
 
 def resample_z(volume, spacing_z, z_mm):
@@ -299,7 +305,7 @@ def lesion_boxes(mask, spacing_z, cfg=SliceConfig(), labels=None):
     mask = torch.as_tensor(mask)
     fg = mask != 0 if labels is None else torch.isin(mask, torch.as_tensor(list(labels)))  # (Z, Y, X)
     z_mm = slice_positions(mask.shape[0], spacing_z, cfg.thickness_mm)
-    fg = fg[(z_mm / spacing_z).round().long().clamp(0, mask.shape[0] - 1)]  # (Z', Y, X)
+    fg = fg[nearest_slices(z_mm, spacing_z, mask.shape[0])]  # (Z', Y, X)
     sy, sx = cfg.img_size / mask.shape[1], cfg.img_size / mask.shape[2]
     flags = fg.flatten(1).any(1)  # (Z',)
     boxes = [[] for _ in range(fg.shape[0])]

@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from data import ClearError, _spacing, _to_ras, cause, resample_z, save_nifti
+from data import ClearError, _to_ras, cause, resample_z, save_nifti, voxel_spacing
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -217,7 +217,7 @@ def read_series(folder, series=None, gap_tolerance=0.01, resample=False):
     xyz = volume.transpose(2, 1, 0)  # (X, Y, Z): i, j, k
     ornt, affine = _to_ras(affine, xyz.shape)
     volume = np.ascontiguousarray(nib.orientations.apply_orientation(xyz, ornt).transpose(2, 1, 0))  # (Z, Y, X)
-    sx, sy, sz = _spacing(affine)
+    sx, sy, sz = voxel_spacing(affine)
     return Series(volume, affine, (sz, sy, sx), str(first.get("SeriesInstanceUID", "")),
                   str(first.get("SeriesDescription", "")), len(slices), notes)
 

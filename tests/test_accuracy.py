@@ -1,5 +1,6 @@
 """The pieces of benchmark.py accuracy that its smoke test cannot check for values: the tumour-slice probe and
 the slice flags it is trained on."""
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,19 +45,21 @@ def test_slice_flags_follow_the_mask_at_the_bag_slices_z(tmp_path, capsys):
     write_cohort(cfg, tmp_path)
     cohort = Cohort(tmp_path)
     truth, z_mm = [], []
-    for patient, scan in ((0, 0), (1, 0), (2, 0)):
-        ph = make_phantom(cfg, patient, scan)
-        tumour = (ph.mask >= 1) & (ph.mask <= 8)  # (Z, Y, X)
-        every_other = np.arange(0, len(ph.mask), 2)  # bags of slices 2 dz apart (extract --thickness)
-        truth.append(tumour.reshape(len(tumour), -1).any(1)[every_other])
-        z_mm.append(torch.from_numpy(every_other * ph.spacing[0]).double())
+    for patient in range(3):
+        ph = make_phantom(cfg, patient, 0)
+        tumour = ((ph.mask >= 1) & (ph.mask <= 8)).reshape(len(ph.mask), -1).any(1)  # (Z,) per stored slice
+        z = 0.37 + np.arange(0.0, (len(ph.mask) - 1) * ph.spacing[0], 4.6)  # bag slices 4.6 mm apart, off-grid
+        gap = np.abs(z[:, None] - np.arange(len(ph.mask))[None] * ph.spacing[0])  # (L, Z) mm to every stored slice
+        assert (np.sort(gap, 1)[:, 1] - gap.min(1) > 1e-6).all()  # no position halfway between two slices
+        truth.append(tumour[gap.argmin(1)])  # the nearest stored slice, by brute force
+        z_mm.append(torch.from_numpy(z))
     names = tuple(s.scan for s in cohort.scans)
     assert names == ("P0000_S1", "P0001_S1", "P0002_S1")
     bags = Bags(Path(tmp_path), {}, 4, names, tuple(torch.zeros(len(z), 4) for z in z_mm), tuple(z_mm), ())
     flags = accuracy.lesion_slice_flags(cohort, bags, accuracy.TUMOUR_LABELS)
     for got, want in zip(flags, truth):
         assert got.numpy().tolist() == want.tolist()
-    assert any(t.any() for t in truth)  # the cohort holds tumours to find
+    assert any(t.any() for t in truth) and not all(t.all() for t in truth)  # both kinds of slice to tell apart
     # the same through the command line: bags on disk, the count of lesion slices printed
     (tmp_path / "bags").mkdir()
     for name, z in zip(names, z_mm):
@@ -66,9 +69,14 @@ def test_slice_flags_follow_the_mask_at_the_bag_slices_z(tmp_path, capsys):
     assert benchmark.main(argv) == 0
     n_lesion, n = sum(int(t.sum()) for t in truth), sum(len(t) for t in truth)
     assert f"{n_lesion} of {n} slices hold a lesion" in capsys.readouterr().out
+    # a cohort without masks has nothing to probe against: one line, exit code 2
+    shutil.rmtree(tmp_path / "masks")
+    assert benchmark.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("benchmark.py probe: error: ") and "lesion mask" in err
 
 
-def test_probe_command_refuses_bags_without_masks_in_one_line(tmp_path, capsys):
+def test_probe_command_refuses_a_missing_bag_folder_in_one_line(tmp_path, capsys):
     write_cohort(SynthConfig(n=1, size=32, thickness=(8.0, 10.0), workers=1), tmp_path / "c")
     assert benchmark.main(["probe", "--data", str(tmp_path / "c"), "--bags", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err

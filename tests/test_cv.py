@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv  # noqa: E402
 import metrics  # noqa: E402
 import mil  # noqa: E402
+from data import ClearError  # noqa: E402
 from test_mil import ENCODER, error, one_thread, write_bags  # noqa: E402, F401  (one_thread: autouse fixture)
 
 FAST = dict(epochs=4, patience=2, hidden=16, att_dim=8, batch_size=8, n_bootstrap=50, folds=3)
@@ -156,6 +157,12 @@ def test_folds_in_worker_processes_give_the_same_run(tmp_path):
     assert all(np.array_equal(one.attention[s][1], a) for s, (_, a) in two.attention.items())
     bar, = Bar.made
     assert bar.n == bar.total == 3 * FAST["epochs"] and bar.closed
+
+
+def test_an_error_in_a_fold_worker_is_raised_as_itself(tmp_path):
+    bags_dir, labels, _ = cohort(tmp_path, n=24)
+    with pytest.raises(ClearError, match="training diverged"):
+        cv.fit_cv(mil.load_bags(bags_dir), labels, cv.FitConfig(targets=("tumor",), **{**FAST, "lr": 1e30}, workers=2))
 
 
 def test_early_stopping_returns_the_best_epochs_weights(tmp_path):

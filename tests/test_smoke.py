@@ -72,6 +72,12 @@ def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
     (tmp_path / "work" / "rows" / "vit-lecl.json").unlink()
     again = accuracy.run(replace(cfg, methods=("lecl",)), tmp_path / "results", tmp_path / "work", quiet)
     assert again["rows"][0]["seconds"].get("pretrain") is None and "extract" in again["rows"][0]["seconds"]
+    # the efficiency curve follows the first row: with another first encoder its kept fits are not reused
+    logged.clear()
+    other = accuracy.run(replace(cfg, methods=("random",)), tmp_path / "results", tmp_path / "work", quiet,
+                         log=logged.append)
+    assert "vit-random + MIL" in other["efficiency"][0] and "[accuracy] 3d-0.5: finished by an earlier run, reused" in \
+        logged and not any(line.startswith("[accuracy] mil-") for line in logged)
     # other settings are another experiment: nothing of this one is reused
     logged.clear()
     accuracy.run(replace(cfg, methods=("random",), epochs_3d=2, fractions=(1.0,)), tmp_path / "results",
