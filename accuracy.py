@@ -130,6 +130,18 @@ def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+def probe_bags(cohort, bags, labels=None, seed=0, cache=None):
+    """slice_probe of `bags` against the lesion masks of `cohort` -> (AUROC, NaN if undefined; the slice flags).
+    `cache`, a dict, keeps the flags of each slice set and labels, so the encoders of one cohort read its masks
+    once."""
+    key = (bags.scans, labels, *(z.numpy().tobytes() for z in bags.z_mm))
+    cache = {} if cache is None else cache
+    if key not in cache:
+        cache[key] = lesion_slice_flags(cohort, bags, labels)
+    patient = {s.scan: s.patient for s in cohort.scans}
+    return slice_probe(bags.features, cache[key], [patient[s] for s in bags.scans], seed), cache[key]
+
+
 class Meter:
     """Wall time and peak resident memory of the stages of one row: this process's (Linux VmHWM, reset per stage)
     or, if larger, that of the largest child process so far (the fit's fold workers; getrusage has no reset)."""
@@ -162,8 +174,9 @@ def _fit_tasks(bags, labels, cfg, cohort, meter, fraction=1.0):
     return out
 
 
-def run_encoder(cfg, work, cohort, encoder, method, progress):
-    """pretrain (unless random) -> extract -> fit the three tasks: one row of the table."""
+def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
+    """pretrain (unless random) -> extract -> fit the three tasks, and the tumour-slice probe: one row of the table.
+    flags: probe_bags's cache, shared by the rows."""
     meter, tag = Meter(), f"{encoder}-{method}"
     spec = EncoderSpec(name=encoder, img_size=cfg.img_size)
     steps = 0
@@ -187,10 +200,12 @@ def run_encoder(cfg, work, cohort, encoder, method, progress):
     mil = AttentionMIL(bags.dim, 8, cfg.fit.hidden, att_dim=cfg.fit.att_dim)
     per_bag_slice = flops(mil, torch.zeros(1, 100, bags.dim)) / 100
     fits = _fit_tasks(bags, cohort.root / "labels.csv", cfg, cohort, meter)
+    probe, _ = probe_bags(cohort, bags, TUMOUR_LABELS, cfg.cohort.seed, flags)
     mil_flops = 3 * per_bag_slice * sum(len(f) for f in bags.features) * cfg.fit.epochs * cfg.fit.folds * len(TASKS)
     train_flops = steps * cfg.batch_size * 2 * 4 * per_slice + n_slices * per_slice + mil_flops  # 2 views x (3+1)
     return {"encoder": encoder, "method": method, "tasks": fits, "seconds": meter.seconds,
-            "train_flops": train_flops, "peak_bytes": meter.peak, "slices": n_slices, "bags": str(bags_dir)}
+            "train_flops": train_flops, "peak_bytes": meter.peak, "slices": n_slices, "bags": str(bags_dir),
+            "probe": probe if np.isfinite(probe) else None}  # None: too few lesion slices to probe
 
 
 def run_3d(cfg, cohort, volumes, fraction=1.0):
@@ -215,26 +230,21 @@ def run(cfg, out, work, progress, log=print):
     if not (work / "cohort" / "labels.csv").exists():
         write_cohort(cfg.cohort, work / "cohort", progress=lambda it, total: progress("synth", "scan")(it, total))
     cohort = Cohort(work / "cohort")
-    report = {"config": _plain(asdict(cfg)), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-              f"torch {torch.__version__}, fit workers {cfg.fit.workers or 'one per core'}", "dropped_labels": {n: _task_targets(cohort, n, cfg.fit.folds)[2]
-                                                               for n in TASKS}, "rows": [], "efficiency": []}
+    machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+               f"fit workers {cfg.fit.workers or 'one per core'}")
+    report = {"config": _plain(asdict(cfg)), "machine": machine, "rows": [], "efficiency": [],
+              "dropped_labels": {n: _task_targets(cohort, n, cfg.fit.folds)[2] for n in TASKS}}
     fingerprint = _fingerprint(cfg)
 
     def row(key, fn):
         return _kept(work / "rows" / f"{key}.json", fingerprint, fn, log)
 
-    patient, flags = {s.scan: s.patient for s in cohort.scans}, {}
+    flags = {}  # the probe's slice flags, read from the masks once for all rows
     for encoder in cfg.encoders:
         for method in cfg.methods:
             log(f"[accuracy] {encoder} / {method}")
-            r = row(f"{encoder}-{method}", lambda: run_encoder(cfg, work, cohort, encoder, method, progress))
-            bags = load_bags(r["bags"])
-            key = (bags.scans, *(z.numpy().tobytes() for z in bags.z_mm))  # the same slices: flags read once
-            if key not in flags:
-                flags[key] = lesion_slice_flags(cohort, bags, TUMOUR_LABELS)
-            auc = slice_probe(bags.features, flags[key], [patient[s] for s in bags.scans], cfg.cohort.seed)
-            r["probe"] = auc if np.isfinite(auc) else None  # None: too few lesion slices to probe
-            report["rows"].append(r)
+            report["rows"].append(row(f"{encoder}-{method}",
+                                      lambda: run_encoder(cfg, work, cohort, encoder, method, progress, flags)))
             write_report(report, out)
 
     @functools.cache

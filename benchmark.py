@@ -347,7 +347,7 @@ def bench_accuracy(args):
 
 def bench_probe(args):
     """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (accuracy.slice_probe)."""
-    from accuracy import lesion_slice_flags, slice_probe
+    from accuracy import probe_bags
     from data import ClearError, Cohort
     from mil import load_bags
 
@@ -356,12 +356,10 @@ def bench_probe(args):
     if not cohort.has_masks or missing:
         raise ClearError(f"{args.data}: the probe needs a lesion mask for every bag's scan (none for "
                          f"{', '.join(missing[:3]) or 'any scan'})")
-    patient = {s.scan: s.patient for s in cohort.scans}
-    unknown = [s for s in bags.scans if s not in patient]
+    unknown = sorted(set(bags.scans) - {s.scan for s in cohort.scans})
     if unknown:
         raise ClearError(f"{args.bags}: bags of scans not in {args.data}: {', '.join(unknown[:3])}")
-    flags = lesion_slice_flags(cohort, bags, args.labels)
-    auc = slice_probe(bags.features, flags, [patient[s] for s in bags.scans], args.seed)
+    auc, flags = probe_bags(cohort, bags, tuple(args.labels) if args.labels else None, args.seed)
     n = sum(len(f) for f in flags)
     score = "undefined (too few lesion slices)" if math.isnan(auc) else f"{auc:.3f}"
     print(f"{args.bags}: {sum(int(f.sum()) for f in flags)} of {n} slices hold a lesion (mask labels "
