@@ -204,7 +204,7 @@ def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
     mil_flops = 3 * per_bag_slice * sum(len(f) for f in bags.features) * cfg.fit.epochs * cfg.fit.folds * len(TASKS)
     train_flops = steps * cfg.batch_size * 2 * 4 * per_slice + n_slices * per_slice + mil_flops  # 2 views x (3+1)
     return {"encoder": encoder, "method": method, "tasks": fits, "seconds": meter.seconds,
-            "train_flops": train_flops, "peak_bytes": meter.peak, "slices": n_slices, "bags": str(bags_dir),
+            "train_flops": train_flops, "peak_bytes": meter.peak, "slices": n_slices,
             "probe": probe if np.isfinite(probe) else None}  # None: too few lesion slices to probe
 
 
@@ -222,8 +222,10 @@ def run_3d(cfg, cohort, volumes, fraction=1.0):
 
 
 def run(cfg, out, work, progress, log=print):
-    """The whole experiment. Every finished row is kept in `work`/rows/ and the report rewritten after it, so a
-    killed run loses at most the row it was in, and running the same command again continues."""
+    """The whole experiment. Every finished row is kept in `out`/rows/ (a small JSON file beside the report) and
+    the report rewritten after it, so a killed run loses at most the row it was in, and running the same command
+    again continues: also on another machine, from a copy of `out` alone (the cohort, checkpoints and bags in
+    `work` are made again where they are needed)."""
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +239,7 @@ def run(cfg, out, work, progress, log=print):
     fingerprint = _fingerprint(cfg)
 
     def row(key, fn):
-        return _kept(work / "rows" / f"{key}.json", fingerprint, fn, log)
+        return _kept(out / "rows" / f"{key}.json", fingerprint, fn, log)
 
     flags = {}  # the probe's slice flags, read from the masks once for all rows
     for encoder in cfg.encoders:
@@ -256,13 +258,19 @@ def run(cfg, out, work, progress, log=print):
     report["rows"].append(full_3d)
     write_report(report, out)
     first = report["rows"][0]
+
+    def first_bags():  # the first row's bags; a row kept from another machine has none here: made again
+        bags_dir = work / f"bags-{first['encoder']}-{first['method']}"
+        if len(list(bags_dir.glob("*.pt"))) < len(cohort):
+            run_encoder(cfg, work, cohort, first["encoder"], first["method"], progress, flags)
+        return load_bags(bags_dir)
     for fraction in cfg.fractions:
         log(f"[accuracy] data efficiency: {fraction:.0%} of the training patients")
         if fraction == 1.0:  # the same fits as the rows above (same folds and seeds): not run twice
             mil, net = first["tasks"], full_3d["tasks"]
         else:
             mil = row(f"mil-{first['encoder']}-{first['method']}-{fraction}", lambda: _fit_tasks(
-                load_bags(first["bags"]), cohort.root / "labels.csv", cfg, cohort, Meter(), fraction))
+                first_bags(), cohort.root / "labels.csv", cfg, cohort, Meter(), fraction))
             net = row(f"3d-{fraction}", lambda: run_3d(cfg, cohort, volumes(), fraction))["tasks"]
         report["efficiency"].append({"fraction": fraction, f"{first['encoder']}-{first['method']} + MIL": mil,
                                      "3D ResNet": net})

@@ -70,9 +70,16 @@ def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
                          log=logged.append)
     assert again["rows"][0] == rows[0] and "[accuracy] vit-lecl: finished by an earlier run, reused" in logged
     # a row whose record is lost is recomputed, from the finished checkpoint (nothing is pre-trained twice)
-    (tmp_path / "work" / "rows" / "vit-lecl.json").unlink()
+    (tmp_path / "results" / "rows" / "vit-lecl.json").unlink()
     again = accuracy.run(replace(cfg, methods=("lecl",)), tmp_path / "results", tmp_path / "work", quiet)
     assert again["rows"][0]["seconds"].get("pretrain") is None and "extract" in again["rows"][0]["seconds"]
+    # the kept rows travel with the results: another machine (a new work folder) continues from them alone, and
+    # makes again only what a row still to run needs (here the first row's bags, for a lost efficiency fit)
+    (tmp_path / "results" / "rows" / "mil-vit-lecl-0.5.json").unlink()
+    logged.clear()
+    moved = accuracy.run(cfg, tmp_path / "results", tmp_path / "work2", quiet, log=logged.append)
+    assert moved["rows"] == again["rows"][:1] + rows[1:] and (tmp_path / "work2" / "bags-vit-lecl").is_dir()
+    assert sum("reused" in line for line in logged) == 4  # the 3 rows and the 3D fit at 50 %: all but the lost one
     # the efficiency curve follows the first row: with another first encoder its kept fits are not reused
     logged.clear()
     other = accuracy.run(replace(cfg, methods=("random",)), tmp_path / "results", tmp_path / "work", quiet,
