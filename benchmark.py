@@ -10,6 +10,7 @@ These machines are shared and noisy: every figure is the best of several repeats
 reference measured in the same run, so ratios are what to read.
 """
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -337,6 +338,8 @@ def bench_accuracy(args):
     import accuracy
 
     cfg = accuracy.QUICK if args.quick else accuracy.AccuracyConfig()
+    cfg = dataclasses.replace(cfg, **{k: tuple(getattr(args, k)) for k in ("encoders", "methods")
+                                      if getattr(args, k)})
     progress = lambda desc, unit: lambda it, total: tqdm(it, total=total, desc=desc, unit=unit, leave=False)  # noqa: E731
     t0 = time.time()
     report = accuracy.run(cfg, args.out, args.work or f"{args.out}/work", progress)
@@ -394,6 +397,9 @@ def main(argv=None):
     p_acc.add_argument("--quick", action="store_true", help="a tiny version (a smoke test, about a minute)")
     p_acc.add_argument("--out", default="results", help="where accuracy.md and accuracy.json go")
     p_acc.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); a re-run reuses them")
+    p_acc.add_argument("--encoders", nargs="+", choices=("vit", "gcnn", "ssm"),
+                       help="run only these encoders' rows (default all); the 3D rows always run")
+    p_acc.add_argument("--methods", nargs="+", choices=("lecl", "moco", "random"), help="likewise for pre-training")
     p_acc.set_defaults(func=bench_accuracy)
     p_probe = sub.add_parser("probe", help="does an encoder see lesions? slice-level linear probe on its bags")
     p_probe.add_argument("--data", required=True, help="cohort folder with masks/ (the bags' scans)")
