@@ -208,17 +208,25 @@ def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
             "probe": probe if np.isfinite(probe) else None}  # None: too few lesion slices to probe
 
 
-def run_3d(cfg, cohort, volumes, fraction=1.0):
-    meter, out = Meter(), {}
-    for name in TASKS:
+def run_3d(cfg, cohort, volumes, fraction=1.0, keep=lambda task, fn: fn()):
+    """The 3D network on the three tasks: one row. `keep(task, fn)` may return a task's result kept by an earlier
+    run instead of calling fn (run() keeps each task on its own: the three take an hour or more on a CPU)."""
+    def fit_task(name):
+        meter = Meter()
         targets, kind, _ = _task_targets(cohort, name, cfg.fit.folds)
         fit = replace(cfg.fit, targets=targets, task=kind, epochs=cfg.epochs_3d, train_fraction=fraction)
-        result = meter(f"fit {name}", lambda: fit_cv_3d(volumes, cohort, fit, cfg.net))
-        out[name] = {**_auroc(result["rows"]), "epochs": result["best_epochs"]}
-    per_volume = flops(ResNet3D(volumes.shape[1], 1, cfg.net), volumes[:1].float())
-    train_flops = 3 * per_volume * len(volumes) * (1 - 1 / cfg.fit.folds) * cfg.epochs_3d * cfg.fit.folds * len(TASKS)
-    return {"encoder": "3D ResNet", "method": "supervised", "tasks": out, "seconds": meter.seconds,
-            "train_flops": train_flops, "peak_bytes": meter.peak}
+        result = meter(f"fit {name}", lambda: fit_cv_3d(volumes(), cohort, fit, cfg.net))
+        return {**_auroc(result["rows"]), "epochs": result["best_epochs"], "seconds": meter.seconds,
+                "peak_bytes": meter.peak}
+
+    done = {name: keep(name, functools.partial(fit_task, name)) for name in TASKS}
+    tasks = {name: {k: v for k, v in t.items() if k not in ("seconds", "peak_bytes")} for name, t in done.items()}
+    v = cfg.volume
+    per_volume = flops(ResNet3D(len(v.windows), 1, cfg.net), torch.zeros(1, len(v.windows), v.depth, v.size, v.size))
+    train_flops = 3 * per_volume * len(cohort) * (1 - 1 / cfg.fit.folds) * cfg.epochs_3d * cfg.fit.folds * len(TASKS)
+    return {"encoder": "3D ResNet", "method": "supervised", "tasks": tasks,
+            "seconds": {k: v for t in done.values() for k, v in t["seconds"].items()},
+            "train_flops": train_flops, "peak_bytes": max(t["peak_bytes"] for t in done.values())}
 
 
 def run(cfg, out, work, progress, log=print):
@@ -254,7 +262,7 @@ def run(cfg, out, work, progress, log=print):
         return load_volumes(cohort, cfg.volume, progress=lambda it, n: progress("volumes", "scan")(it, n))
 
     log("[accuracy] 3D baseline")
-    full_3d = row("3d", lambda: run_3d(cfg, cohort, volumes(), 1.0))
+    full_3d = run_3d(cfg, cohort, volumes, 1.0, lambda task, fn: row(f"3d-{task}", fn))
     report["rows"].append(full_3d)
     write_report(report, out)
     first = report["rows"][0]
@@ -271,7 +279,7 @@ def run(cfg, out, work, progress, log=print):
         else:
             mil = row(f"mil-{first['encoder']}-{first['method']}-{fraction}", lambda: _fit_tasks(
                 first_bags(), cohort.root / "labels.csv", cfg, cohort, Meter(), fraction))
-            net = row(f"3d-{fraction}", lambda: run_3d(cfg, cohort, volumes(), fraction))["tasks"]
+            net = run_3d(cfg, cohort, volumes, fraction, lambda task, fn: row(f"3d-{task}-{fraction}", fn))["tasks"]
         report["efficiency"].append({"fraction": fraction, f"{first['encoder']}-{first['method']} + MIL": mil,
                                      "3D ResNet": net})
         write_report(report, out)

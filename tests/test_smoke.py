@@ -79,12 +79,12 @@ def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
     logged.clear()
     moved = accuracy.run(cfg, tmp_path / "results", tmp_path / "work2", quiet, log=logged.append)
     assert moved["rows"] == again["rows"][:1] + rows[1:] and (tmp_path / "work2" / "bags-vit-lecl").is_dir()
-    assert sum("reused" in line for line in logged) == 4  # the 3 rows and the 3D fit at 50 %: all but the lost one
+    assert sum("reused" in line for line in logged) == 2 + 3 + 3  # 2 encoder rows and the 3D tasks at 100 and 50 %
     # the efficiency curve follows the first row: with another first encoder its kept fits are not reused
     logged.clear()
     other = accuracy.run(replace(cfg, methods=("random",)), tmp_path / "results", tmp_path / "work", quiet,
                          log=logged.append)
-    assert "vit-random + MIL" in other["efficiency"][0] and "[accuracy] 3d-0.5: finished by an earlier run, reused" in \
+    assert "vit-random + MIL" in other["efficiency"][0] and "[accuracy] 3d-stage-0.5: finished by an earlier run, reused" in \
         logged and not any(line.startswith("[accuracy] mil-") for line in logged)
     # other settings are another experiment: nothing of this one is reused
     logged.clear()
