@@ -185,9 +185,14 @@ def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
         pcfg = PretrainConfig(encoder=encoder, method=method, steps=cfg.steps, batch_size=cfg.batch_size,
                               lr=cfg.lr, mlp_dim=cfg.mlp_dim, img_size=cfg.img_size, thickness=cfg.thickness,
                               checkpoint_every=max(1, cfg.steps // 4), seed=cfg.cohort.seed)
-        if not ckpt.exists() or torch.load(ckpt, weights_only=True)["step"] < cfg.steps:  # resumes a killed run
-            meter("pretrain", lambda: pretrain(pcfg, cohort.root, ckpt, ckpt if ckpt.exists() else None,
-                                               work / "cache", progress=progress))
+        kept = torch.load(ckpt, weights_only=True) if ckpt.exists() else None
+        earlier = kept.get("seconds", 0.0) if kept else 0.0  # training time of the processes before this one
+        if kept is None or kept["step"] < cfg.steps:  # resumes a killed run
+            r = meter("pretrain", lambda: pretrain(pcfg, cohort.root, ckpt, ckpt if kept else None, work / "cache",
+                                                   progress=progress))
+            earlier = r.run_seconds - r.seconds
+        if earlier > 0:
+            meter.seconds["pretrain, earlier processes"] = earlier
         spec, steps = EncoderSpec(checkpoint=str(ckpt)), cfg.steps
     enc, identity, slices = load_encoder(spec)
     slices = replace(slices, thickness_mm=cfg.thickness)

@@ -202,7 +202,8 @@ def cmd_pretrain(args):
     run = r.losses[r.start:]
     k = max(1, min(10, len(run) // 4))
     print(f"wrote {out}: {cfg.encoder}/{cfg.size} {cfg.method}, steps {r.start}-{r.step} of {r.total} in "
-          f"{r.seconds:.0f} s, {r.slices_per_s:.1f} slices/s; loss (mean of {k} steps) "
+          f"{r.seconds:.0f} s{f' ({r.run_seconds:.0f} s for the whole run)' if r.start else ''}, "
+          f"{r.slices_per_s:.1f} slices/s; loss (mean of {k} steps) "
           f"{sum(run[:k]) / k:.3f} -> {sum(run[-k:]) / k:.3f}")
 
 

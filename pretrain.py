@@ -108,8 +108,9 @@ def _plain(x):
     return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
-def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, data_info):
-    """What `extract` needs at top level (encoder_config, encoder, slice_config); the rest is for --resume."""
+def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, data_info, seconds=0.0):
+    """What `extract` needs at top level (encoder_config, encoder, slice_config); the rest is for --resume.
+    `seconds`: training time of the run so far, over every process that resumed it."""
     sd = model.state_dict()
     rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -117,7 +118,7 @@ def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, data_inf
             "encoder": {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
             "slice_config": {"windows": _plain(cfg.windows), "img_size": cfg.img_size,
                              "thickness_mm": cfg.thickness},
-            "config": _plain(asdict(cfg)), "step": step, "steps": total, "losses": list(losses),
+            "config": _plain(asdict(cfg)), "step": step, "steps": total, "losses": list(losses), "seconds": seconds,
             "data": data_info, "state": {"model": {k: v for k, v in sd.items() if not k.startswith("encoder.")},
                                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                          "rng": rng}}
@@ -157,6 +158,7 @@ class PretrainResult:
     total: int  # steps of the whole run
     losses: list  # loss per step of the whole run, mean over processes
     seconds: float  # training time of this call, cache excluded
+    run_seconds: float  # training time of the whole run: this call and the ones it resumed
     slices_per_s: float  # global-batch slices per second (each gives two views)
     cache: dict = field(default_factory=dict)  # folder, built, scans, slices, lesion_slices
     rank: int = 0
@@ -234,14 +236,14 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             check_resume(ck, resume, encoder.encoder_config, cfg)
         sc, cache_info, info, total = _open_data(cfg, cohort, Path(cache) if cache else Path(f"{out}.cache"),
                                                  rank, world, progress, should_stop)
-        start, losses = 0, []
+        start, losses, before = 0, [], 0.0
         if ck is not None:
             if ck["data"] != info or ck["steps"] != total:
                 raise ClearError(f"{resume}: a run of {ck['steps']} steps on {ck['data']}; this cohort gives "
                                  f"{info} and {total} steps")
             encoder_state = {f"encoder.{k}": v for k, v in ck["encoder"].items()}
             model.load_state_dict({**encoder_state, **ck["state"]["model"]})
-            start, losses = ck["step"], list(ck["losses"])
+            start, losses, before = ck["step"], list(ck["losses"]), float(ck.get("seconds", 0.0))
             torch.set_rng_state(ck["state"]["rng"]["torch"])
         net = model.to(device)
         if world > 1:
@@ -292,12 +294,14 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted):
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(out) as tmp:
-                    torch.save(make_checkpoint(model, optimizer, scaler, cfg, step + 1, total, losses, info), tmp)
+                    torch.save(make_checkpoint(model, optimizer, scaler, cfg, step + 1, total, losses, info,
+                                               before + time.perf_counter() - t0), tmp)
             if interrupted:
                 break
         done, seconds = (step + 1 if total > start else start), time.perf_counter() - t0
-        return PretrainResult(model, start, done, total, losses, seconds, (done - start) * cfg.batch_size
-                              / max(seconds, 1e-9), {**cache_info, **info}, rank, interrupted)
+        return PretrainResult(model, start, done, total, losses, seconds, before + seconds,
+                              (done - start) * cfg.batch_size / max(seconds, 1e-9), {**cache_info, **info}, rank,
+                              interrupted)
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -159,11 +159,14 @@ def test_resume_after_ctrl_c_ends_with_the_uninterrupted_weights(cohort, monkeyp
         cli_pretrain(cohort, cohort / "cut.pt", *args)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert stop.value.code == 130 and len(err) == 1 and f"--resume {cohort / 'cut.pt'}" in err[0]
-    assert load(cohort / "cut.pt")["step"] == 6  # the step running at Ctrl-C was finished and saved
+    cut_seconds = load(cohort / "cut.pt")["seconds"]
+    assert load(cohort / "cut.pt")["step"] == 6 and cut_seconds > 0  # the step running at Ctrl-C was finished
     monkeypatch.undo()
     assert cli_pretrain(cohort, cohort / "cut.pt", *args, "--resume", str(cohort / "cut.pt")) == 0
     full, resumed = load(cohort / "full.pt"), load(cohort / "cut.pt")
     assert resumed["step"] == 12 and resumed["losses"] == full["losses"]  # exactly: CPU, same seed
+    # the training time is the run's, over both processes: the first six steps' and the last six's
+    assert resumed["seconds"] > cut_seconds and 0.2 < resumed["seconds"] / full["seconds"] < 5
 
     def weights(ck):  # the encoder, heads, momentum copies and AdamW's moments
         adam = ck["state"]["optimizer"]["state"]

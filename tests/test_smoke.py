@@ -73,6 +73,7 @@ def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
     (tmp_path / "results" / "rows" / "vit-lecl.json").unlink()
     again = accuracy.run(replace(cfg, methods=("lecl",)), tmp_path / "results", tmp_path / "work", quiet)
     assert again["rows"][0]["seconds"].get("pretrain") is None and "extract" in again["rows"][0]["seconds"]
+    assert 0 < again["rows"][0]["seconds"]["pretrain, earlier processes"] <= rows[0]["seconds"]["pretrain"]
     # the kept rows travel with the results: another machine (a new work folder) continues from them alone, and
     # makes again only what a row still to run needs (here the first row's bags, for a lost efficiency fit)
     (tmp_path / "results" / "rows" / "mil-vit-lecl-0.5.json").unlink()
