@@ -342,10 +342,16 @@ def cmd_fit(args):
 
     cfg = config_from(cv.FitConfig, args, targets=tuple(t for t in args.target.split(",") if t))
     bags = load_bags(args.bags)
+    created = not Path(args.out).exists()
     out = prepare_out_dir(args.out, args.force, owned=("metrics.json", "predictions.csv", "fold*.pt", "attention"))
-    result = cv.fit_cv(bags, args.labels, cfg, progress=lambda total, desc: progress_bar(
-        total=total, desc=f"fit {args.target}", unit="epoch"))
-    cv.save_run(out, result)
+    try:
+        result = cv.fit_cv(bags, args.labels, cfg, progress=lambda total, desc: progress_bar(
+            total=total, desc=f"fit {args.target}", unit="epoch"))
+        cv.save_run(out, result)
+    except BaseException:  # a run is whole or absent: a fit that stopped (bad labels, Ctrl-C) leaves no folder
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     overlays = []
     for top in result.top:
         if top["image"] and Path(top["image"]).is_file():
