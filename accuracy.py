@@ -284,7 +284,8 @@ def run(cfg, out, work, progress, log=print):
         else:
             mil = row(f"mil-{first['encoder']}-{first['method']}-{fraction}", lambda: _fit_tasks(
                 first_bags(), cohort.root / "labels.csv", cfg, cohort, Meter(), fraction))
-            net = run_3d(cfg, cohort, volumes, fraction, lambda task, fn: row(f"3d-{task}-{fraction}", fn))["tasks"]
+            net = run_3d(cfg, cohort, volumes, fraction,
+                         lambda task, fn: row(f"3d-{task}-{fraction}", fn))["tasks"]
         report["efficiency"].append({"fraction": fraction, f"{first['encoder']}-{first['method']} + MIL": mil,
                                      "3D ResNet": net})
         write_report(report, out)

@@ -17,10 +17,12 @@ Shapes: Z slices, Y rows, X columns, C window channels, S the encoder's square i
 """
 import contextlib
 import csv
+import glob
 import math
 import os
 import pickle
 import re
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,16 +47,32 @@ UMASK = os.umask(0o022)  # read once (it can only be read by setting it), and pu
 os.umask(UMASK)
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by another user
+        pass
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes.
 
     A crash or Ctrl-C inside the block leaves no half-written file under the final name (the rename is
-    atomic on POSIX), and the temporary file is removed; a SIGKILL can leave it behind, under its own name
-    (".<name>.<random>.tmp"), never under `path`."""
+    atomic on POSIX), and the temporary file is removed. A SIGKILL can leave it behind, under its own name
+    ".<name>.<host>-<pid>.<random>.tmp", never under `path`; the next write of `path` removes the ones whose
+    process, on this host, is gone (a killed checkpoint save would otherwise leave up to a GB each time)."""
     path = Path(path)
+    host = socket.gethostname().replace(".", "_")
+    for old in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}-*.tmp"):
+        pid = old.name[len(f".{path.name}.{host}-"):].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{host}-{os.getpid()}.", suffix=".tmp")
     except OSError as e:  # a read-only folder, a missing one, a file where the folder should be
         raise ClearError(f"{path}: cannot write ({e.strerror})") from None
     os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes it owner-only; the file is to read as any file written here

@@ -1,9 +1,9 @@
 """Crash safety (issue 8), on real processes: `python clear.py pretrain` and `python clear.py extract` killed
 with SIGKILL mid-run, then run again (`--resume` / the same command), end with what an uninterrupted run
 writes, bit for bit (CPU, same seed). While they run, every file under a final name in the output folder is
-read back as soon as it appears or changes: each one must load (writes go to ".<name>.<random>.tmp", then are
-renamed; a SIGKILL may leave such a temporary file, never a partial file under the final name). Ctrl-C (SIGINT)
-stops with exit code 130 and one line saying how to continue.
+read back as soon as it appears or changes: each one must load (writes go to ".<name>.<host>-<pid>.<random>.tmp",
+then are renamed; a SIGKILL may leave such a temporary file, never a partial file under the final name, and the
+next write of that name removes it). Ctrl-C (SIGINT) stops with exit code 130 and one line saying how to continue.
 
 The runs are small (4 scans of 32 x 32, a ViT-tiny at 32 px, one torch thread per process).
 """
@@ -186,3 +186,26 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_continue(command, cohort, tmp_
         assert len(list(out.glob("[!.]*.pt"))) < 4
     assert not list(tmp_path.rglob(".*.tmp"))  # a polite stop removes its temporary file
     watch()
+
+
+def test_a_write_removes_the_temporary_files_that_killed_writers_of_it_left(tmp_path):
+    import socket
+    import subprocess
+
+    from data import atomic_path
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process that has ended, as one SIGKILLed mid-save has
+    host = socket.gethostname().replace(".", "_")
+    dead, live = tmp_path / f".enc.pt.{host}-{gone.pid}.x1.tmp", tmp_path / f".enc.pt.{host}-{os.getppid()}.x2.tmp"
+    other_file = tmp_path / f".bag.pt.{host}-{gone.pid}.x3.tmp"  # another output's
+    other_host = tmp_path / f".enc.pt.elsewhere-{gone.pid}.x4.tmp"  # a writer on another host (a shared disk)
+    for p in (dead, live, other_file, other_host):
+        p.write_bytes(b"partial")
+    with atomic_path(tmp_path / "enc.pt") as tmp:
+        assert f".enc.pt.{host}-{os.getpid()}." in tmp.name
+        tmp.write_bytes(b"whole")
+    assert (tmp_path / "enc.pt").read_bytes() == b"whole"
+    # only the orphan of this file, left by a process of this host that is gone; a live writer's is its own
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["enc.pt", live.name, other_file.name,
+                                                                 other_host.name])
