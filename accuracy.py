@@ -32,6 +32,7 @@ from data import Cohort, atomic_path, canonical_grid, load_mask, nearest_slices,
 from extract import EncoderSpec, extract_bags, load_encoder
 from metrics import auroc
 from mil import AttentionMIL, load_bags
+from models import effective_rank
 from phantom import SITES, SynthConfig, write_cohort
 from pretrain import PretrainConfig, pretrain
 
@@ -130,6 +131,13 @@ def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+def embedding_rank(bags, most=20000):
+    """models.effective_rank of the bags' slice embeddings (up to `most` of them, evenly spaced): near 1, the
+    encoder has collapsed and its embeddings carry a number or two per slice, whatever their width."""
+    x = torch.cat(bags.features)  # (T, D)
+    return effective_rank(x[torch.linspace(0, len(x) - 1, min(most, len(x))).long()])
+
+
 def probe_bags(cohort, bags, labels=None, seed=0, cache=None):
     """slice_probe of `bags` against the lesion masks of `cohort` -> (AUROC, NaN if undefined; the slice flags).
     `cache`, a dict, keeps the flags of each slice set and labels, so the encoders of one cohort read its masks
@@ -210,7 +218,8 @@ def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
     train_flops = steps * cfg.batch_size * 2 * 4 * per_slice + n_slices * per_slice + mil_flops  # 2 views x (3+1)
     return {"encoder": encoder, "method": method, "tasks": fits, "seconds": meter.seconds,
             "train_flops": train_flops, "peak_bytes": meter.peak, "slices": n_slices,
-            "probe": probe if np.isfinite(probe) else None}  # None: too few lesion slices to probe
+            "probe": probe if np.isfinite(probe) else None,  # None: too few lesion slices to probe
+            "effective_rank": embedding_rank(bags)}
 
 
 def run_3d(cfg, cohort, volumes, fraction=1.0, keep=lambda task, fn: fn()):
@@ -328,14 +337,16 @@ def write_report(report, out):
         tmp.write_text(json.dumps(report, indent=1))
     lines = ["AUROC: mean over the 5 held-out folds of the macro AUROC over labels (location) or classes (stage), "
              "[95 % patient-bootstrap CI]. Tumour-slice probe: AUROC of a linear probe that finds the slices holding a "
-             "tumour from the slice embeddings (held-out patients): does the encoder see lesions at all?", "",
-             "| encoder | pre-training | location | lung disease | stage | tumour-slice probe | wall time (s) "
-             "| training FLOPs | peak memory |", "|---|---|---|---|---|---|---|---|---|"]
+             "tumour from the slice embeddings (held-out patients): does the encoder see lesions at all? Rank: the "
+             "effective rank (RankMe) of the slice embeddings; near 1, the encoder has collapsed.", "",
+             "| encoder | pre-training | location | lung disease | stage | tumour-slice probe | rank | wall time (s) "
+             "| training FLOPs | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         t, probe = r["tasks"], f"{r['probe']:.3f}" if r.get("probe") is not None else "n/a"
+        rank = f"{r['effective_rank']:.1f}" if r.get("effective_rank") is not None else "n/a"
         lines.append(f"| {r['encoder']} | {r['method']} | {_cell(t['location'])} | {_cell(t['lung_disease'])} | "
-                     f"{_cell(t['stage'])} | {probe} | {sum(r['seconds'].values()):.0f} | {r['train_flops']:.2g} | "
-                     f"{r['peak_bytes'] / 2**30:.1f} GiB |")
+                     f"{_cell(t['stage'])} | {probe} | {rank} | {sum(r['seconds'].values()):.0f} | "
+                     f"{r['train_flops']:.2g} | {r['peak_bytes'] / 2**30:.1f} GiB |")
     if report["efficiency"]:
         keys = [k for k in report["efficiency"][0] if k != "fraction"]
         lines += ["", "| training patients | " + " | ".join(f"{k}: {n}" for k in keys for n in TASKS) + " |",

@@ -350,7 +350,7 @@ def bench_accuracy(args):
 
 def bench_probe(args):
     """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (accuracy.slice_probe)."""
-    from accuracy import probe_bags
+    from accuracy import embedding_rank, probe_bags
     from data import ClearError, Cohort
     from mil import load_bags
 
@@ -368,6 +368,7 @@ def bench_probe(args):
     print(f"{args.bags}: {sum(int(f.sum()) for f in flags)} of {n} slices hold a lesion (mask labels "
           f"{args.labels or 'any'}); linear probe AUROC on held-out patients' slices, mean over the 4 patient "
           f"folds that hold both classes: {score}")
+    print(f"{args.bags}: effective rank (RankMe) of the slice embeddings {embedding_rank(bags):.1f} of {bags.dim}")
 
 
 def main(argv=None):
@@ -401,7 +402,8 @@ def main(argv=None):
                        help="run only these encoders' rows (default all); the 3D rows always run")
     p_acc.add_argument("--methods", nargs="+", choices=("lecl", "moco", "random"), help="likewise for pre-training")
     p_acc.set_defaults(func=bench_accuracy)
-    p_probe = sub.add_parser("probe", help="does an encoder see lesions? slice-level linear probe on its bags")
+    p_probe = sub.add_parser("probe", help="does an encoder see lesions? slice-level linear probe on its bags, "
+                                           "and the embeddings' effective rank")
     p_probe.add_argument("--data", required=True, help="cohort folder with masks/ (the bags' scans)")
     p_probe.add_argument("--bags", required=True, help="bag folder from clear.py extract")
     p_probe.add_argument("--labels", type=int, nargs="+", help="mask labels that count (default: any non-zero; "

@@ -169,6 +169,7 @@ class MoCo(nn.Module):
     def forward(self, x1, x2, lesion, m):  # x1, x2: (N, C, S, S); lesion: (N,) bool
         N = x1.shape[0]
         f = self.encoder(torch.cat([x1, x2]))  # (2N, D)
+        self.embeddings = f[:N].detach()  # (N, D) the encoder's view-1 embeddings: pretrain.py watches their rank
         q1, q2 = self.predictor(self.projector(f[:N])), self.predictor(self.projector(f[N:]))  # (N, d) each
         with torch.no_grad():
             self.update_momentum(m)

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from data import ClearError, Cohort, SliceConfig, atomic_path, load_untrusted
 from lecl import MoCo, momentum_at
-from models import build_encoder
+from models import build_encoder, effective_rank
 from views import ViewConfig, batch_ids, make_views, mix, open_cache
 
 FORMAT = "clear-pretrain/1"
@@ -158,6 +158,7 @@ class PretrainResult:
     total: int  # steps of the whole run
     losses: list  # loss per step of the whole run, mean over processes
     seconds: float  # training time of this call, cache excluded
+    effective_rank: float  # RankMe of the last batch's encoder embeddings (models.effective_rank): ~1 = collapsed
     run_seconds: float  # training time of the whole run: this call and the ones it resumed
     slices_per_s: float  # global-batch slices per second (each gives two views)
     cache: dict = field(default_factory=dict)  # folder, built, scans, slices, lesion_slices
@@ -267,6 +268,7 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
         n, steps = cfg.batch_size // world, range(start, total)
         steps = progress("pretrain", "step")(steps, len(steps)) if progress else steps
         postfix, t0, step, interrupted = getattr(steps, "set_postfix_str", None), time.perf_counter(), start, False
+        erank = math.nan
         for step in steps:
             lr, m = lr_at(step, total, cfg), momentum_at(step, total, cfg.momentum)
             for group in optimizer.param_groups:
@@ -287,9 +289,10 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             losses.append(stats[0].item() / world)
             if not math.isfinite(losses[-1]):
                 raise ClearError(f"training diverged (loss {losses[-1]} at step {step}); lower --lr")
+            erank = effective_rank(model.embeddings)  # SVD of a (N, D) batch: about a millisecond
             if postfix:
                 rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
-                postfix(f"loss={losses[-1]:.3f} lr={lr:.2e} m={m:.4f} {rate:.1f} slices/s")
+                postfix(f"loss={losses[-1]:.3f} rank={erank:.1f} lr={lr:.2e} m={m:.4f} {rate:.1f} slices/s")
             interrupted = stats[1].item() > 0
             if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted):
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,7 +302,7 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             if interrupted:
                 break
         done, seconds = (step + 1 if total > start else start), time.perf_counter() - t0
-        return PretrainResult(model, start, done, total, losses, seconds, before + seconds,
+        return PretrainResult(model, start, done, total, losses, seconds, before + seconds, erank,
                               (done - start) * cfg.batch_size / max(seconds, 1e-9), {**cache_info, **info}, rank,
                               interrupted)
     finally:

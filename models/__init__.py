@@ -16,7 +16,7 @@ import dataclasses
 
 import torch.nn as nn
 
-from .common import check_choice, count_parameters
+from .common import check_choice, count_parameters, effective_rank
 from .gcnn import GatedCNN, GCNNConfig
 from .ssm import SSMConfig, VisionMamba
 from .vit import VisionTransformer, ViTConfig
@@ -59,5 +59,5 @@ def build_encoder(name, size="tiny", in_chans=3, img_size=224) -> nn.Module:
     return encoder
 
 
-__all__ = ["ENCODERS", "SIZES", "build_encoder", "count_parameters", "GCNNConfig", "SSMConfig", "ViTConfig",
-           "GatedCNN", "VisionMamba", "VisionTransformer"]
+__all__ = ["ENCODERS", "SIZES", "build_encoder", "count_parameters", "effective_rank", "GCNNConfig", "SSMConfig",
+           "ViTConfig", "GatedCNN", "VisionMamba", "VisionTransformer"]

@@ -6,6 +6,7 @@ a P×P convolution with stride P (the same linear map applied to every non-overl
 
 Shapes: B batch, C input channels, H W image height and width, h w patch grid (H/P, W/P), D width.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -50,6 +51,18 @@ def resize_pos_embed(pos, old_grid, new_grid):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def effective_rank(embeddings) -> float:
+    """RankMe (Garrido et al. 2023, Eq. 1) of embeddings (N, D): exp of the entropy of the normalised singular
+    values, p_k = σ_k / Σ σ + ε. It ranges from 1 (every embedding on one line) to min(N, D) (all directions
+    used alike); a self-supervised encoder whose value falls to a few has collapsed, and its embeddings carry
+    a few numbers per slice whatever their width. Departure from RankMe: the embeddings are centred first,
+    so a shared offset (a LayerNorm bias) does not count as a direction."""
+    x = torch.as_tensor(embeddings).detach().double()
+    sigma = torch.linalg.svdvals(x - x.mean(0))  # (min(N, D),)
+    p = sigma / sigma.sum().clamp(min=1e-300) + 1e-12
+    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def check_choice(kind, value, choices):

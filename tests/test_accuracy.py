@@ -68,7 +68,8 @@ def test_slice_flags_follow_the_mask_at_the_bag_slices_z(tmp_path, capsys):
     argv = ["probe", "--data", str(tmp_path), "--bags", str(tmp_path / "bags"), "--labels", *map(str, range(1, 9))]
     assert benchmark.main(argv) == 0
     n_lesion, n = sum(int(t.sum()) for t in truth), sum(len(t) for t in truth)
-    assert f"{n_lesion} of {n} slices hold a lesion" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{n_lesion} of {n} slices hold a lesion" in printed and "effective rank (RankMe)" in printed
     # a cohort without masks has nothing to probe against: one line, exit code 2
     shutil.rmtree(tmp_path / "masks")
     assert benchmark.main(argv) == 2

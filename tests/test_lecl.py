@@ -97,3 +97,13 @@ def test_momentum_update_and_schedule_by_hand():
     assert lecl.momentum_at(0, 100, 0.99) == pytest.approx(0.99)
     assert lecl.momentum_at(50, 100, 0.99) == pytest.approx(0.995)
     assert lecl.momentum_at(100, 100, 0.99) == pytest.approx(1.0)
+
+
+def test_the_model_keeps_the_encoders_view_1_embeddings_whose_rank_pretraining_reports():
+    torch.manual_seed(0)
+    model = lecl.MoCo(build_encoder("vit", "tiny", 3, 32), proj_dim=8, mlp_dim=16)
+    x1, x2 = torch.rand(6, 3, 32, 32), torch.rand(6, 3, 32, 32)
+    model(x1, x2, torch.zeros(6, dtype=torch.bool), 0.99)
+    with torch.no_grad():
+        assert torch.allclose(model.embeddings, model.encoder(x1), atol=1e-5)  # view 1 of this batch, as it is
+    assert not model.embeddings.requires_grad

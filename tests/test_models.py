@@ -306,3 +306,20 @@ def test_each_encoder_learns_bright_disc_vs_none(name, lr, steps):
         x, y = discs(128, 32, g)  # unseen slices
         held_out = F.cross_entropy(head(enc(x)), y).item()
     assert held_out < 0.4, f"{name}: held-out loss {held_out:.3f} after {steps} steps (chance: 0.693)"
+
+
+def test_effective_rank_counts_the_directions_used():
+    from models import effective_rank
+
+    g = torch.Generator().manual_seed(0)
+    line = torch.randn(500, 1, generator=g) @ torch.randn(1, 64, generator=g) + 3.0  # one direction, an offset
+    assert abs(effective_rank(line) - 1) < 1e-3
+    # k orthogonal directions, each with the same spread (a ±1 design): exactly k
+    k = 6
+    signs = torch.tensor([[1.0 if (i >> j) & 1 else -1.0 for j in range(k)] for i in range(2 ** k)])  # (64, k)
+    basis, _ = torch.linalg.qr(torch.randn(32, k, generator=g))  # (32, k) orthonormal columns
+    assert abs(effective_rank(signs @ basis.T) - k) < 1e-4
+    # isotropic noise in D = 16 uses nearly all of them; unequal spreads use fewer, whatever the width
+    assert effective_rank(torch.randn(4000, 16, generator=g)) > 15.5
+    skewed = torch.randn(4000, 16, generator=g) * torch.logspace(0, -3, 16)
+    assert 1 < effective_rank(skewed) < 6
