@@ -204,12 +204,14 @@ def cmd_pretrain(args):
     print(f"wrote {out}: {cfg.encoder}/{cfg.size} {cfg.method}, steps {r.start}-{r.step} of {r.total} in "
           f"{r.seconds:.0f} s{f' ({r.run_seconds:.0f} s for the whole run)' if r.start else ''}, "
           f"{r.slices_per_s:.1f} slices/s; loss (mean of {k} steps) "
-          f"{sum(run[:k]) / k:.3f} -> {sum(run[-k:]) / k:.3f}; effective rank of the last batch's embeddings "
-          f"{r.effective_rank:.1f} of {r.model.encoder.embed_dim}{COLLAPSED if r.effective_rank < 4 else ''}")
+          f"{sum(run[:k]) / k:.3f} -> {sum(run[-k:]) / k:.3f}")
+    first, last = r.ranks[0], r.ranks[-1]  # RankMe of the batch embeddings, of D = embed_dim at most
+    print(f"effective rank of the encoder's embeddings (RankMe, one batch): {first:.1f} at step 1, {last:.1f} at step "
+          f"{r.step}{COLLAPSED if last < first / 4 else ''}")
 
 
-COLLAPSED = (" (collapsed: the embeddings vary along a few directions only, so they carry a few numbers per slice; "
-             "README.md, 'Results', says what it does to the scores)")
+COLLAPSED = ("; the embeddings have collapsed onto a few directions, so they carry a few numbers per slice whatever "
+             "their width (README.md, 'Results', says what this does to the scores)")
 
 
 def lesion_fraction(text):

@@ -12,7 +12,8 @@ loop, checkpoints and resume, and torchrun. The slice cache, the sampler and the
 
 Checkpoints (rank 0 writes `out` atomically every `checkpoint_every` steps, at the end, and when asked to stop)
 hold only tensors, dicts, lists, numbers and strings, so torch.load(weights_only=True) reads them:
-`encoder_config`, `encoder` and `slice_config` are what extract.py needs; `config`, `step`, `steps`, `losses`,
+`encoder_config`, `encoder` and `slice_config` are what extract.py needs; `losses` and `ranks` (the effective
+rank of each step's embeddings: a collapse shows there), `seconds` (training time), and `config`, `step`, `steps`,
 `data` and `state` (heads, momentum copies, AdamW, GradScaler, RNG) let --resume continue the same run, which
 then ends with the weights of an uninterrupted one (exactly, on CPU); a checkpoint of other settings
 (`device` and `checkpoint_every` aside) or of other data is refused.
@@ -108,7 +109,7 @@ def _plain(x):
     return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
-def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, data_info, seconds=0.0):
+def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, ranks, data_info, seconds=0.0):
     """What `extract` needs at top level (encoder_config, encoder, slice_config); the rest is for --resume.
     `seconds`: training time of the run so far, over every process that resumed it."""
     sd = model.state_dict()
@@ -118,7 +119,8 @@ def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, data_inf
             "encoder": {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
             "slice_config": {"windows": _plain(cfg.windows), "img_size": cfg.img_size,
                              "thickness_mm": cfg.thickness},
-            "config": _plain(asdict(cfg)), "step": step, "steps": total, "losses": list(losses), "seconds": seconds,
+            "config": _plain(asdict(cfg)), "step": step, "steps": total, "losses": list(losses), "ranks": list(ranks),
+            "seconds": seconds,
             "data": data_info, "state": {"model": {k: v for k, v in sd.items() if not k.startswith("encoder.")},
                                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                          "rng": rng}}
@@ -157,8 +159,8 @@ class PretrainResult:
     step: int  # the step it reached: total, unless interrupted
     total: int  # steps of the whole run
     losses: list  # loss per step of the whole run, mean over processes
+    ranks: list  # per step of the whole run, RankMe of the batch's encoder embeddings (models.effective_rank)
     seconds: float  # training time of this call, cache excluded
-    effective_rank: float  # RankMe of the last batch's encoder embeddings (models.effective_rank): ~1 = collapsed
     run_seconds: float  # training time of the whole run: this call and the ones it resumed
     slices_per_s: float  # global-batch slices per second (each gives two views)
     cache: dict = field(default_factory=dict)  # folder, built, scans, slices, lesion_slices
@@ -237,7 +239,7 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             check_resume(ck, resume, encoder.encoder_config, cfg)
         sc, cache_info, info, total = _open_data(cfg, cohort, Path(cache) if cache else Path(f"{out}.cache"),
                                                  rank, world, progress, should_stop)
-        start, losses, before = 0, [], 0.0
+        start, losses, ranks, before = 0, [], [], 0.0
         if ck is not None:
             if ck["data"] != info or ck["steps"] != total:
                 raise ClearError(f"{resume}: a run of {ck['steps']} steps on {ck['data']}; this cohort gives "
@@ -245,6 +247,7 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             encoder_state = {f"encoder.{k}": v for k, v in ck["encoder"].items()}
             model.load_state_dict({**encoder_state, **ck["state"]["model"]})
             start, losses, before = ck["step"], list(ck["losses"]), float(ck.get("seconds", 0.0))
+            ranks = list(ck.get("ranks", []))
             torch.set_rng_state(ck["state"]["rng"]["torch"])
         net = model.to(device)
         if world > 1:
@@ -268,7 +271,6 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
         n, steps = cfg.batch_size // world, range(start, total)
         steps = progress("pretrain", "step")(steps, len(steps)) if progress else steps
         postfix, t0, step, interrupted = getattr(steps, "set_postfix_str", None), time.perf_counter(), start, False
-        erank = math.nan
         for step in steps:
             lr, m = lr_at(step, total, cfg), momentum_at(step, total, cfg.momentum)
             for group in optimizer.param_groups:
@@ -289,22 +291,22 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             losses.append(stats[0].item() / world)
             if not math.isfinite(losses[-1]):
                 raise ClearError(f"training diverged (loss {losses[-1]} at step {step}); lower --lr")
-            erank = effective_rank(model.embeddings)  # SVD of a (N, D) batch: about a millisecond
+            ranks.append(effective_rank(model.embeddings))  # SVD of a (N, D) batch: about a millisecond
             if postfix:
                 rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
-                postfix(f"loss={losses[-1]:.3f} rank={erank:.1f} lr={lr:.2e} m={m:.4f} {rate:.1f} slices/s")
+                postfix(f"loss={losses[-1]:.3f} rank={ranks[-1]:.1f} lr={lr:.2e} m={m:.4f} {rate:.1f} slices/s")
             interrupted = stats[1].item() > 0
             if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted):
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(out) as tmp:
-                    torch.save(make_checkpoint(model, optimizer, scaler, cfg, step + 1, total, losses, info,
+                    torch.save(make_checkpoint(model, optimizer, scaler, cfg, step + 1, total, losses, ranks, info,
                                                before + time.perf_counter() - t0), tmp)
             if interrupted:
                 break
         done, seconds = (step + 1 if total > start else start), time.perf_counter() - t0
-        return PretrainResult(model, start, done, total, losses, seconds, before + seconds, erank,
-                              (done - start) * cfg.batch_size / max(seconds, 1e-9), {**cache_info, **info}, rank,
-                              interrupted)
+        return PretrainResult(model, start, done, total, losses, ranks, seconds, run_seconds=before + seconds,
+                              slices_per_s=(done - start) * cfg.batch_size / max(seconds, 1e-9),
+                              cache={**cache_info, **info}, rank=rank, interrupted=interrupted)
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -165,6 +165,7 @@ def test_resume_after_ctrl_c_ends_with_the_uninterrupted_weights(cohort, monkeyp
     assert cli_pretrain(cohort, cohort / "cut.pt", *args, "--resume", str(cohort / "cut.pt")) == 0
     full, resumed = load(cohort / "full.pt"), load(cohort / "cut.pt")
     assert resumed["step"] == 12 and resumed["losses"] == full["losses"]  # exactly: CPU, same seed
+    assert resumed["ranks"] == full["ranks"] and len(full["ranks"]) == 12 and 1 <= min(full["ranks"])
     # the training time is the run's, over both processes: the first six steps' and the last six's
     assert resumed["seconds"] > cut_seconds and 0.2 < resumed["seconds"] / full["seconds"] < 5
 
