@@ -131,13 +131,6 @@ def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def embedding_rank(bags, most=20000):
-    """models.effective_rank of the bags' slice embeddings (up to `most` of them, evenly spaced): near 1, the
-    encoder has collapsed and its embeddings carry a number or two per slice, whatever their width."""
-    x = torch.cat(bags.features)  # (T, D)
-    return effective_rank(x[torch.linspace(0, len(x) - 1, min(most, len(x))).long()])
-
-
 def probe_bags(cohort, bags, labels=None, seed=0, cache=None):
     """slice_probe of `bags` against the lesion masks of `cohort` -> (AUROC, NaN if undefined; the slice flags).
     `cache`, a dict, keeps the flags of each slice set and labels, so the encoders of one cohort read its masks
@@ -219,7 +212,7 @@ def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
     return {"encoder": encoder, "method": method, "tasks": fits, "seconds": meter.seconds,
             "train_flops": train_flops, "peak_bytes": meter.peak, "slices": n_slices,
             "probe": probe if np.isfinite(probe) else None,  # None: too few lesion slices to probe
-            "effective_rank": embedding_rank(bags)}
+            "effective_rank": effective_rank(torch.cat(bags.features))}
 
 
 def run_3d(cfg, cohort, volumes, fraction=1.0, keep=lambda task, fn: fn()):

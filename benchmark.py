@@ -350,7 +350,8 @@ def bench_accuracy(args):
 
 def bench_probe(args):
     """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (accuracy.slice_probe)."""
-    from accuracy import embedding_rank, probe_bags
+    from accuracy import probe_bags
+    from models import effective_rank
     from data import ClearError, Cohort
     from mil import load_bags
 
@@ -368,7 +369,8 @@ def bench_probe(args):
     print(f"{args.bags}: {sum(int(f.sum()) for f in flags)} of {n} slices hold a lesion (mask labels "
           f"{args.labels or 'any'}); linear probe AUROC on held-out patients' slices, mean over the 4 patient "
           f"folds that hold both classes: {score}")
-    print(f"{args.bags}: effective rank (RankMe) of the slice embeddings {embedding_rank(bags):.1f} of {bags.dim}")
+    print(f"{args.bags}: effective rank (RankMe) of the slice embeddings "
+          f"{effective_rank(torch.cat(bags.features)):.1f} of {bags.dim}")
 
 
 def main(argv=None):

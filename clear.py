@@ -14,6 +14,7 @@ as one line naming the file, with exit code 2; long work shows a progress bar an
 """
 import argparse
 import dataclasses
+import math
 import shutil
 import sys
 import tempfile
@@ -458,7 +459,16 @@ def cmd_demo(args):
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Outputs in {out}: cohort/ (CT + masks + labels.csv), "
           "vit-lecl.pt (LeCL checkpoint), bags/ (slice embeddings), fit-*/ (metrics, predictions, attention)")
     print(demo_table(out))
-    print(f"At the demo's budget ({args.steps} LeCL steps at {args.img_size} px) the encoder has not learnt this "
+    from models import SIZES
+    from pretrain import load_checkpoint
+
+    ck = load_checkpoint(out / "vit-lecl.pt")
+    ranks, enc = ck.get("ranks") or [math.nan], ck["encoder_config"]
+    most = min(args.batch_size, SIZES[enc["name"]][enc["size"]].embed_dim)  # RankMe of a (batch, D) matrix
+    collapsed = ranks[-1] < ranks[0] / 4
+    print(f"Pre-training took the effective rank of the slice embeddings from {ranks[0]:.1f} to {ranks[-1]:.1f} "
+          f"(RankMe of a batch, {most} at most){': they collapsed onto a few directions' if collapsed else ''}. "
+          f"At the demo's budget ({args.steps} LeCL steps at {args.img_size} px) the encoder has not learnt this "
           "cohort's small, faint lesions, and AUROCs near 0.5 are what it measures: README.md, 'Results', says why "
           "and what is open.")
 

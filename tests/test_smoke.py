@@ -5,6 +5,7 @@ import json
 import math
 from dataclasses import replace
 
+import torch
 
 import accuracy
 import clear
@@ -30,6 +31,8 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys):
         assert len({r["metric"] for r in auc}) == 2 and all(well_formed(r) for r in auc), name
         assert f"\n{name:<14} " in printed  # the table's row
     assert (out / "vit-lecl.pt").is_file() and len(list((out / "bags").glob("*.pt"))) == 100
+    ranks = torch.load(out / "vit-lecl.pt", weights_only=True)["ranks"]
+    assert f"effective rank of the slice embeddings from {ranks[0]:.1f} to {ranks[-1]:.1f}" in printed
     # a second run finds every step done and only prints the table again
     assert clear.main(argv) == 0
     again = capsys.readouterr().out
