@@ -131,6 +131,21 @@ def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+def first_axis(bags, most=20000):
+    """The first principal axis of the bags' slice embeddings (up to `most` slices, evenly spaced): (its share of
+    the variance, |Pearson correlation| of the slices' coordinates on it with their height in the scan, 0 at the
+    bottom slice to 1 at the top). A collapsed encoder puts nearly all variance there, and often it is the
+    slice's position in the body: anatomy, not findings."""
+    x = torch.cat(bags.features).double()  # (T, D)
+    h = torch.cat([z / z.max().clamp(min=1e-9) for z in bags.z_mm]).double()  # (T,) height in [0, 1]
+    pick = torch.linspace(0, len(x) - 1, min(most, len(x))).long()
+    x, h = x[pick] - x[pick].mean(0), h[pick]
+    u, sigma, _ = torch.linalg.svd(x, full_matrices=False)  # u: (T', r), sigma: (r,)
+    coord = u[:, 0] * sigma[0]  # (T',) each slice on the first axis
+    corr = torch.corrcoef(torch.stack([coord, h]))[0, 1].abs()
+    return float(sigma[0] ** 2 / (sigma ** 2).sum()), float(corr)
+
+
 def probe_bags(cohort, bags, labels=None, seed=0, cache=None):
     """slice_probe of `bags` against the lesion masks of `cohort` -> (AUROC, NaN if undefined; the slice flags).
     `cache`, a dict, keeps the flags of each slice set and labels, so the encoders of one cohort read its masks

@@ -350,7 +350,7 @@ def bench_accuracy(args):
 
 def bench_probe(args):
     """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (accuracy.slice_probe)."""
-    from accuracy import probe_bags
+    from accuracy import first_axis, probe_bags
     from models import effective_rank
     from data import ClearError, Cohort
     from mil import load_bags
@@ -369,8 +369,11 @@ def bench_probe(args):
     print(f"{args.bags}: {sum(int(f.sum()) for f in flags)} of {n} slices hold a lesion (mask labels "
           f"{args.labels or 'any'}); linear probe AUROC on held-out patients' slices, mean over the 4 patient "
           f"folds that hold both classes: {score}")
-    print(f"{args.bags}: effective rank (RankMe) of the slice embeddings "
-          f"{effective_rank(torch.cat(bags.features)):.1f} of {bags.dim}")
+    share, corr = first_axis(bags)
+    rank = effective_rank(torch.cat(bags.features))
+    print(f"{args.bags}: effective rank (RankMe) of the slice embeddings {rank:.1f} of {bags.dim}; the first "
+          f"principal axis holds {share:.0%} of their variance and correlates with the slice's height in the scan "
+          f"at |r| = {corr:.2f}")
 
 
 def main(argv=None):

@@ -92,3 +92,19 @@ def test_a_kept_row_belongs_to_its_settings(field, value, same):
     changed = replace(base, fit=replace(base.fit, **{field: value})) if field in ("workers", "epochs") else \
         replace(base, **{field: value})
     assert (accuracy._fingerprint(changed) == accuracy._fingerprint(base)) is same
+
+
+def test_first_axis_finds_a_height_code_and_its_share():
+    g = torch.Generator().manual_seed(0)
+    z = [torch.arange(0.0, 300.0, 5.0, dtype=torch.float64) for _ in range(20)]  # 60 slices per scan
+    direction = torch.randn(16, generator=g)
+    height = [(t / t.max()).float() for t in z]
+    feats = [h[:, None] * direction * 10 + 0.1 * torch.randn(len(h), 16, generator=g) for h in height]
+    bags = Bags(Path("."), {}, 16, tuple(f"s{i}" for i in range(20)), tuple(feats), tuple(z), ())
+    share, corr = accuracy.first_axis(bags)
+    # the axis's variance: 100 |direction|^2 Var(h) against 0.01 per noise dimension (Var(h) of a uniform grid ~ 1/12)
+    want = 100 * float(direction @ direction) / 12 / (100 * float(direction @ direction) / 12 + 16 * 0.01)
+    assert share == pytest.approx(want, abs=0.01) and corr > 0.999
+    noise = Bags(Path("."), {}, 16, bags.scans, tuple(torch.randn(60, 16, generator=g) for _ in z), tuple(z), ())
+    share, corr = accuracy.first_axis(noise)
+    assert share < 0.15 and corr < 0.1  # isotropic: 1/16 of the variance and more by chance, nothing of height
