@@ -6,7 +6,8 @@ On a synthetic cohort (phantom.py) with known findings this module runs, with th
 
     encoder {vit, gcnn, ssm} x pre-training {lecl, moco, random init}:  pretrain -> extract -> fit (5-fold)
     the end-to-end 3D baseline (baseline3d.py) on the same folds
-    data efficiency: MIL (the first encoder, LeCL) and 3D baseline on 10-100 % of the training patients
+    data efficiency: MIL (on the first row's bags, LeCL ViT by default) and 3D baseline on 10-100 % of the
+                     training patients
 
 and writes `results/accuracy.json` and `.md`: AUROC with patient-bootstrap 95 % CIs per task (location: macro
 over the 8 sites), wall time, estimated training FLOPs and peak memory of every row. Nothing is tuned to the
@@ -138,7 +139,7 @@ def first_axis(bags, most=20000):
     slice's position in the body: anatomy, not findings."""
     x = torch.cat(bags.features).double()  # (T, D)
     h = torch.cat([z / z.max().clamp(min=1e-9) for z in bags.z_mm]).double()  # (T,) height in [0, 1]
-    pick = torch.linspace(0, len(x) - 1, min(most, len(x))).long()
+    pick = torch.linspace(0, len(x) - 1, min(most, len(x)), dtype=torch.float64).long()
     x, h = x[pick] - x[pick].mean(0), h[pick]
     u, sigma, _ = torch.linalg.svd(x, full_matrices=False)  # u: (T', r), sigma: (r,)
     coord = u[:, 0] * sigma[0]  # (T',) each slice on the first axis
@@ -190,10 +191,10 @@ def _fit_tasks(bags, labels, cfg, cohort, meter, fraction=1.0):
     return out
 
 
-def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
-    """pretrain (unless random) -> extract -> fit the three tasks, and the tumour-slice probe: one row of the table.
-    flags: probe_bags's cache, shared by the rows."""
-    meter, tag = Meter(), f"{encoder}-{method}"
+def make_bags(cfg, work, cohort, encoder, method, progress, meter):
+    """pretrain (unless random; continues a killed run) -> extract: (bags, encoder, slice settings, slices
+    embedded by this call, pre-training steps). Stages are timed by `meter`."""
+    tag = f"{encoder}-{method}"
     spec = EncoderSpec(name=encoder, img_size=cfg.img_size)
     steps = 0
     if method != "random":
@@ -215,7 +216,14 @@ def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
     bags_dir = work / f"bags-{tag}"
     n_slices = meter("extract", lambda: sum(n for status, _, n in extract_bags(cohort, enc, identity, slices, bags_dir)
                                             if status == "done"))
-    bags = load_bags(bags_dir)
+    return load_bags(bags_dir), enc, slices, n_slices, steps
+
+
+def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
+    """make_bags -> fit the three tasks, and the tumour-slice probe: one row of the table. flags: probe_bags's
+    cache, shared by the rows."""
+    meter = Meter()
+    bags, enc, slices, n_slices, steps = make_bags(cfg, work, cohort, encoder, method, progress, meter)
     n_slices = n_slices or sum(len(f) for f in bags.features)
     per_slice = flops(enc, torch.zeros(1, len(slices.windows), cfg.img_size, cfg.img_size))
     mil = AttentionMIL(bags.dim, 8, cfg.fit.hidden, att_dim=cfg.fit.att_dim)
@@ -237,7 +245,8 @@ def run_3d(cfg, cohort, volumes, fraction=1.0, keep=lambda task, fn: fn()):
         meter = Meter()
         targets, kind, _ = _task_targets(cohort, name, cfg.fit.folds)
         fit = replace(cfg.fit, targets=targets, task=kind, epochs=cfg.epochs_3d, train_fraction=fraction)
-        result = meter(f"fit {name}", lambda: fit_cv_3d(volumes(), cohort, fit, cfg.net))
+        vol = volumes()  # read once for every task (run() caches it), outside the task's timing
+        result = meter(f"fit {name}", lambda: fit_cv_3d(vol, cohort, fit, cfg.net))
         return {**_auroc(result["rows"]), "epochs": result["best_epochs"], "seconds": meter.seconds,
                 "peak_bytes": meter.peak}
 
@@ -289,11 +298,9 @@ def run(cfg, out, work, progress, log=print):
     write_report(report, out)
     first = report["rows"][0]
 
-    def first_bags():  # the first row's bags; a row kept from another machine has none here: made again
-        bags_dir = work / f"bags-{first['encoder']}-{first['method']}"
-        if len(list(bags_dir.glob("*.pt"))) < len(cohort):
-            run_encoder(cfg, work, cohort, first["encoder"], first["method"], progress, flags)
-        return load_bags(bags_dir)
+    @functools.cache
+    def first_bags():  # the first row's bags: a row kept from another machine has none here, so they are made
+        return make_bags(cfg, work, cohort, first["encoder"], first["method"], progress, Meter())[0]
     for fraction in cfg.fractions:
         log(f"[accuracy] data efficiency: {fraction:.0%} of the training patients")
         if fraction == 1.0:  # the same fits as the rows above (same folds and seeds): not run twice

@@ -206,9 +206,11 @@ def cmd_pretrain(args):
           f"{r.seconds:.0f} s{f' ({r.run_seconds:.0f} s for the whole run)' if r.start else ''}, "
           f"{r.slices_per_s:.1f} slices/s; loss (mean of {k} steps) "
           f"{sum(run[:k]) / k:.3f} -> {sum(run[-k:]) / k:.3f}")
-    first, last = r.ranks[0], r.ranks[-1]  # RankMe of the batch embeddings, of D = embed_dim at most
-    print(f"effective rank of the encoder's embeddings (RankMe, one batch): {first:.1f} at step 1, {last:.1f} at step "
-          f"{r.step}{COLLAPSED if last < first / 4 else ''}")
+    known = [(i, v) for i, v in enumerate(r.ranks) if math.isfinite(v)]  # a checkpoint of an older CLEAR has none
+    if known:
+        (i, first), last = known[0], known[-1][1]
+        print(f"effective rank of the encoder's embeddings (RankMe, one batch): {first:.1f} at step {i + 1}, "
+              f"{last:.1f} at step {r.step}{COLLAPSED if last < first / 4 else ''}")
 
 
 COLLAPSED = ("; the embeddings have collapsed onto a few directions, so they carry a few numbers per slice whatever "
@@ -350,7 +352,10 @@ def cmd_fit(args):
 
     cfg = config_from(cv.FitConfig, args, targets=tuple(t for t in args.target.split(",") if t))
     bags = load_bags(args.bags)
-    created = not Path(args.out).exists()
+    created = Path(args.out).absolute()  # the topmost folder this fit makes, removed again if the fit fails
+    while not created.parent.exists():
+        created = created.parent
+    created = None if created.exists() else created
     out = prepare_out_dir(args.out, args.force, owned=("metrics.json", "predictions.csv", "fold*.pt", "attention"))
     try:
         result = cv.fit_cv(bags, args.labels, cfg, progress=lambda total, desc: progress_bar(
@@ -358,7 +363,7 @@ def cmd_fit(args):
         cv.save_run(out, result)
     except BaseException:  # a run is whole or absent: a fit that stopped (bad labels, Ctrl-C) leaves no folder
         if created:
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(created, ignore_errors=True)
         raise
     overlays = []
     for top in result.top:
@@ -459,15 +464,12 @@ def cmd_demo(args):
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Outputs in {out}: cohort/ (CT + masks + labels.csv), "
           "vit-lecl.pt (LeCL checkpoint), bags/ (slice embeddings), fit-*/ (metrics, predictions, attention)")
     print(demo_table(out))
-    from models import SIZES
     from pretrain import load_checkpoint
 
-    ck = load_checkpoint(out / "vit-lecl.pt")
-    ranks, enc = ck.get("ranks") or [math.nan], ck["encoder_config"]
-    most = min(args.batch_size, SIZES[enc["name"]][enc["size"]].embed_dim)  # RankMe of a (batch, D) matrix
+    ranks = [v for v in load_checkpoint(out / "vit-lecl.pt").get("ranks", []) if math.isfinite(v)] or [math.nan]
     collapsed = ranks[-1] < ranks[0] / 4
     print(f"Pre-training took the effective rank of the slice embeddings from {ranks[0]:.1f} to {ranks[-1]:.1f} "
-          f"(RankMe of a batch, {most} at most){': they collapsed onto a few directions' if collapsed else ''}. "
+          f"(RankMe of a batch){': they collapsed onto a few directions' if collapsed else ''}. "
           f"At the demo's budget ({args.steps} LeCL steps at {args.img_size} px) the encoder has not learnt this "
           "cohort's small, faint lesions, and AUROCs near 0.5 are what it measures: README.md, 'Results', says why "
           "and what is open.")

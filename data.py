@@ -58,19 +58,24 @@ def _alive(pid):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, clean=False):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes.
 
     A crash or Ctrl-C inside the block leaves no half-written file under the final name (the rename is
     atomic on POSIX), and the temporary file is removed. A SIGKILL can leave it behind, under its own name
-    ".<name>.<host>-<pid>.<random>.tmp", never under `path`; the next write of `path` removes the ones whose
-    process, on this host, is gone (a killed checkpoint save would otherwise leave up to a GB each time)."""
+    ".<name>.<host>-<pid>.<random>.tmp", never under `path`. With `clean`, for the large files written again and
+    again under one name (checkpoints: up to a GB left per killed save), this write first removes the ones whose
+    process, on this host, is gone; it lists the folder, so it is not for the thousands of files of a bag folder.
+    (Containers that share a host name and a disk but not their process ids should not write one checkpoint.)"""
     path = Path(path)
     host = socket.gethostname().replace(".", "_")
-    for old in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}-*.tmp"):
+    for old in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}-*.tmp") if clean else ():
         pid = old.name[len(f".{path.name}.{host}-"):].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            old.unlink(missing_ok=True)
+        try:
+            if pid.isdigit() and not _alive(int(pid)):
+                old.unlink(missing_ok=True)
+        except (OSError, OverflowError):  # not ours to remove, or no pid at all: left as it is
+            pass
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{host}-{os.getpid()}.", suffix=".tmp")
     except OSError as e:  # a read-only folder, a missing one, a file where the folder should be

@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from data import ClearError, Cohort, SliceConfig, atomic_path, load_untrusted
-from lecl import MoCo, momentum_at
+from lecl import MoCo, gather, momentum_at
 from models import build_encoder, effective_rank
 from views import ViewConfig, batch_ids, make_views, mix, open_cache
 
@@ -159,7 +159,7 @@ class PretrainResult:
     step: int  # the step it reached: total, unless interrupted
     total: int  # steps of the whole run
     losses: list  # loss per step of the whole run, mean over processes
-    ranks: list  # per step of the whole run, RankMe of the batch's encoder embeddings (models.effective_rank)
+    ranks: list  # per step of the whole run, RankMe of the global batch's encoder embeddings (view 1)
     seconds: float  # training time of this call, cache excluded
     run_seconds: float  # training time of the whole run: this call and the ones it resumed
     slices_per_s: float  # global-batch slices per second (each gives two views)
@@ -216,8 +216,9 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
 
     resume: a checkpoint of this same run to continue. cache: the slice cache folder (default: `out` +
     ".cache", e.g. runs/vit.pt.cache). progress(desc, unit) -> ((iterable, total) -> iterable), e.g. a tqdm
-    factory; a bar with `set_postfix_str` shows loss, lr, momentum and slices/s. should_stop() is polled after
-    every step: true writes a checkpoint and returns with `interrupted`. Under torchrun it runs distributed."""
+    factory; a bar with `set_postfix_str` shows loss, effective rank, lr, momentum and slices/s. should_stop() is
+    polled after every step: true writes a checkpoint and returns with `interrupted`. Under torchrun it runs
+    distributed."""
     device, rank, world, own_group = _join(cfg.device)
     progress, out = progress if rank == 0 else None, Path(out)
     try:
@@ -247,7 +248,7 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             encoder_state = {f"encoder.{k}": v for k, v in ck["encoder"].items()}
             model.load_state_dict({**encoder_state, **ck["state"]["model"]})
             start, losses, before = ck["step"], list(ck["losses"]), float(ck.get("seconds", 0.0))
-            ranks = list(ck.get("ranks", []))
+            ranks = list(ck.get("ranks", [math.nan] * start))  # NaN: steps of a checkpoint made before ranks
             torch.set_rng_state(ck["state"]["rng"]["torch"])
         net = model.to(device)
         if world > 1:
@@ -291,14 +292,14 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             losses.append(stats[0].item() / world)
             if not math.isfinite(losses[-1]):
                 raise ClearError(f"training diverged (loss {losses[-1]} at step {step}); lower --lr")
-            ranks.append(effective_rank(model.embeddings))  # SVD of a (N, D) batch: about a millisecond
+            ranks.append(effective_rank(gather(model.embeddings)))  # of the global batch; SVD of (B, D): ~1 ms
             if postfix:
                 rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
                 postfix(f"loss={losses[-1]:.3f} rank={ranks[-1]:.1f} lr={lr:.2e} m={m:.4f} {rate:.1f} slices/s")
             interrupted = stats[1].item() > 0
             if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted):
                 out.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(out) as tmp:
+                with atomic_path(out, clean=True) as tmp:
                     torch.save(make_checkpoint(model, optimizer, scaler, cfg, step + 1, total, losses, ranks, info,
                                                before + time.perf_counter() - t0), tmp)
             if interrupted:

@@ -55,15 +55,19 @@ def count_parameters(module: nn.Module) -> int:
 
 def effective_rank(embeddings, most=20000) -> float:
     """RankMe (Garrido et al. 2023, Eq. 1) of embeddings (N, D): exp of the entropy of the normalised singular
-    values, p_k = σ_k / Σ σ + ε. It ranges from 1 (every embedding on one line) to min(N, D) (all directions
+    values, p_k = σ_k / Σ σ + ε. It ranges from 1 (every embedding on one line) to min(N - 1, D) (all directions
     used alike); a self-supervised encoder whose value falls to a few has collapsed, and its embeddings carry
     a few numbers per slice whatever their width. Departure from RankMe: the embeddings are centred first,
-    so a shared offset (a LayerNorm bias) does not count as a direction. Of more than `most` rows, `most`
-    evenly spaced ones are used (the SVD of a cohort's slices would take minutes)."""
+    so a shared offset (a LayerNorm bias) does not count as a direction; singular values under 1e-6 of the
+    embeddings' norm are rounding, not directions (all embeddings at one point give 1). Of more than `most`
+    rows, `most` evenly spaced ones are used (the SVD of a cohort's slices would take minutes)."""
     x = torch.as_tensor(embeddings).detach()
-    x = x[torch.linspace(0, len(x) - 1, min(most, len(x))).long()].double()  # (N', D)
-    sigma = torch.linalg.svdvals(x - x.mean(0))  # (min(N, D),)
-    p = sigma / sigma.sum().clamp(min=1e-300) + 1e-12
+    x = x[torch.linspace(0, len(x) - 1, min(most, len(x)), dtype=torch.float64).long()].double()  # (N', D)
+    sigma = torch.linalg.svdvals(x - x.mean(0))  # (min(N', D),)
+    sigma = sigma[sigma > 1e-6 * x.norm()]
+    if len(sigma) == 0:
+        return 1.0
+    p = sigma / sigma.sum() + 1e-12
     return float(torch.exp(-(p * p.log()).sum()))
 
 

@@ -198,11 +198,14 @@ def test_a_write_removes_the_temporary_files_that_killed_writers_of_it_left(tmp_
     gone.wait()  # a process that has ended, as one SIGKILLed mid-save has
     host = socket.gethostname().replace(".", "_")
     dead, live = tmp_path / f".enc.pt.{host}-{gone.pid}.x1.tmp", tmp_path / f".enc.pt.{host}-{os.getppid()}.x2.tmp"
-    other_file = tmp_path / f".bag.pt.{host}-{gone.pid}.x3.tmp"  # another output's
+    other_file = tmp_path / f".enc.pt.cache.{host}-{gone.pid}.x3.tmp"  # another output's, of a longer name
     other_host = tmp_path / f".enc.pt.elsewhere-{gone.pid}.x4.tmp"  # a writer on another host (a shared disk)
     for p in (dead, live, other_file, other_host):
         p.write_bytes(b"partial")
-    with atomic_path(tmp_path / "enc.pt") as tmp:
+    with atomic_path(tmp_path / "enc.pt") as tmp:  # without `clean` (a bag folder's writes) nothing is looked at
+        tmp.write_bytes(b"first")
+    assert dead.exists() and (tmp_path / "enc.pt").read_bytes() == b"first"
+    with atomic_path(tmp_path / "enc.pt", clean=True) as tmp:  # as a checkpoint is written
         assert f".enc.pt.{host}-{os.getpid()}." in tmp.name
         tmp.write_bytes(b"whole")
     assert (tmp_path / "enc.pt").read_bytes() == b"whole"

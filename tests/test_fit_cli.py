@@ -62,3 +62,13 @@ def test_fit_bad_target_is_one_line(tmp_path, capsys):
                        "--target", "stage", "--out", str(root / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert "stage" in err and "labels.csv" in err and "\n" not in err
+
+
+def test_a_failed_fit_leaves_none_of_the_folders_it_made(tmp_path, capsys):
+    root = _cohort(tmp_path)
+    (root / "kept").mkdir()
+    for out in (root / "new" / "deeper" / "run", root / "kept" / "run"):
+        args = ["fit", "--bags", str(root / "bags"), "--labels", str(root / "labels.csv"), "--target", "nope",
+                "--out", str(out)]
+        assert clear.main(args) == 2 and "nope" in capsys.readouterr().err
+    assert not (root / "new").exists() and (root / "kept").is_dir() and not (root / "kept" / "run").exists()
