@@ -160,7 +160,7 @@ def add_convert(sub):
 def cmd_pretrain(args):
     import signal
 
-    from pretrain import PretrainConfig, pretrain
+    from pretrain import PretrainConfig, pretrain, rank_trend
 
     labels = tuple(args.lesion_labels) if args.lesion_labels else None
     cfg = config_from(PretrainConfig, args, lesion_labels=labels)
@@ -206,11 +206,11 @@ def cmd_pretrain(args):
           f"{r.seconds:.0f} s{f' ({r.run_seconds:.0f} s for the whole run)' if r.start else ''}, "
           f"{r.slices_per_s:.1f} slices/s; loss (mean of {k} steps) "
           f"{sum(run[:k]) / k:.3f} -> {sum(run[-k:]) / k:.3f}")
-    known = [(i, v) for i, v in enumerate(r.ranks) if math.isfinite(v)]  # a checkpoint of an older CLEAR has none
-    if known:
-        (i, first), last = known[0], known[-1][1]
-        print(f"effective rank of the encoder's embeddings (RankMe, one batch): {first:.1f} at step {i + 1}, "
-              f"{last:.1f} at step {r.step}{COLLAPSED if last < first / 4 else ''}")
+    trend = rank_trend(r.ranks)
+    if trend:
+        step, first, last, collapsed = trend
+        print(f"effective rank of the encoder's embeddings (RankMe, one batch): {first:.1f} at step {step}, "
+              f"{last:.1f} at step {r.step}{COLLAPSED if collapsed else ''}")
 
 
 COLLAPSED = ("; the embeddings have collapsed onto a few directions, so they carry a few numbers per slice whatever "
@@ -464,11 +464,11 @@ def cmd_demo(args):
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Outputs in {out}: cohort/ (CT + masks + labels.csv), "
           "vit-lecl.pt (LeCL checkpoint), bags/ (slice embeddings), fit-*/ (metrics, predictions, attention)")
     print(demo_table(out))
-    from pretrain import load_checkpoint
+    from pretrain import load_checkpoint, rank_trend
 
-    ranks = [v for v in load_checkpoint(out / "vit-lecl.pt").get("ranks", []) if math.isfinite(v)] or [math.nan]
-    collapsed = ranks[-1] < ranks[0] / 4
-    print(f"Pre-training took the effective rank of the slice embeddings from {ranks[0]:.1f} to {ranks[-1]:.1f} "
+    _, first, last, collapsed = rank_trend(load_checkpoint(out / "vit-lecl.pt").get("ranks", [])) or (
+        0, math.nan, math.nan, False)
+    print(f"Pre-training took the effective rank of the slice embeddings from {first:.1f} to {last:.1f} "
           f"(RankMe of a batch){': they collapsed onto a few directions' if collapsed else ''}. "
           f"At the demo's budget ({args.steps} LeCL steps at {args.img_size} px) the encoder has not learnt this "
           "cohort's small, faint lesions, and AUROCs near 0.5 are what it measures: README.md, 'Results', says why "

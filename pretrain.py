@@ -168,6 +168,16 @@ class PretrainResult:
     interrupted: bool = False
 
 
+def rank_trend(ranks):
+    """(step of the first known rank, 1-based; that rank; the last one; collapsed: the last under a quarter of the
+    first) from a run's per-step ranks, or None if none is known (a checkpoint of an older CLEAR has NaN)."""
+    known = [(i + 1, v) for i, v in enumerate(ranks) if math.isfinite(v)]
+    if not known:
+        return None
+    (step, first), last = known[0], known[-1][1]
+    return step, first, last, last < first / 4
+
+
 def _join(pref):
     """(device, rank, world, own_group): CUDA where asked for or auto and present; joins torchrun's processes
     (WORLD_SIZE > 1) unless a process group is up already: nccl on CUDA, gloo on CPU."""
