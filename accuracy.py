@@ -5,6 +5,7 @@ tumour location, lung disease and staging, at a fraction of the compute and data
 On a synthetic cohort (phantom.py) with known findings this module runs, with the project's own pipeline:
 
     encoder {vit, gcnn, ssm} x pre-training {lecl, moco, random init}:  pretrain -> extract -> fit (5-fold)
+    the reference: HU-histogram bags (probe.HUHistogram), nothing learnt -> fit: what intensities alone give
     the end-to-end 3D baseline (baseline3d.py) on the same folds
     data efficiency: MIL (on the first row's bags, LeCL ViT by default) and 3D baseline on 10-100 % of the
                      training patients
@@ -24,18 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import cv
 from baseline3d import Net3DConfig, ResNet3D, Volume3DConfig, fit_cv_3d, load_volumes
-from data import Cohort, atomic_path, canonical_grid, load_mask, nearest_slices, voxel_spacing
-from extract import EncoderSpec, extract_bags, load_encoder
-from metrics import auroc
+from data import Cohort, SliceConfig, atomic_path
+from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from mil import AttentionMIL, load_bags
 from models import effective_rank
 from phantom import SITES, SynthConfig, write_cohort
-from pretrain import PretrainConfig, pretrain
+from pretrain import PretrainConfig, pretrain, run_settings
+from probe import HUHistogram, probe_bags
 
 TUMOUR_LABELS = tuple(range(1, len(SITES) + 1))  # phantom.py's mask labels of tumours (9, 10: lung disease)
 TASKS = {"location": (tuple(f"loc_{s}" for s in SITES), None), "lung_disease": (("lung_disease",), None),
@@ -59,6 +59,8 @@ class AccuracyConfig:
     net: Net3DConfig = Net3DConfig()
     epochs_3d: int = 30  # the 3D network's epochs (early-stopped on validation AUROC like the MIL)
     fractions: tuple = (0.1, 0.25, 0.5, 1.0)
+    histogram: bool = True  # the reference row: HU-histogram bags (probe.HUHistogram), nothing learnt
+    histogram_bins: int = 16  # per window channel
 
 
 QUICK = AccuracyConfig(cohort=SynthConfig(n=40, size=48, thickness=(8.0, 10.0), workers=1), img_size=32,
@@ -85,78 +87,6 @@ def _task_targets(cohort, name, folds):
 def _auroc(rows):
     """The headline AUROC of a metrics summary: the mean over folds of the macro AUROC (metrics.summarize)."""
     return next(r for r in rows if r["metric"] == "AUROC, fold mean")
-
-
-def lesion_slice_flags(cohort, bags, labels=None):
-    """For every bag slice, whether its scan's mask holds a lesion (labels `labels`, default any non-zero) at that
-    z: a tuple of (L_i,) bool per scan of `bags`; a bag slice takes the nearest stored mask slice."""
-    by_name, out = {s.scan: s for s in cohort.scans}, []
-    for name, z_mm in zip(bags.scans, bags.z_mm):
-        scan = by_name[name]
-        affine, shape = canonical_grid(scan.image)
-        hit = torch.from_numpy(load_mask(scan.mask, shape))  # (Z, Y, X); a mask off its image's grid is refused
-        hit = hit != 0 if labels is None else torch.isin(hit, torch.tensor(list(labels)))
-        out.append(hit.flatten(1).any(1)[nearest_slices(z_mm, voxel_spacing(affine)[2], shape[0])])  # (L,)
-    return tuple(out)
-
-
-def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
-    """Does the encoder see lesions? A linear probe: L2-regularised logistic regression (LBFGS) of the per-slice
-    lesion flags on the standardised slice embeddings, in `folds` patient folds stratified by whether a patient
-    has a lesion slice; the mean over folds of the held-out AUROC (NaN if no fold has both classes). features,
-    flags: per scan (L_i, D), (L_i,); patients: per scan. Slice labels are what the MIL never sees: the probe
-    diagnoses the encoder, it is not part of the method."""
-    has_lesion = np.array([[bool(f.any())] for f in flags], dtype=np.int64)  # (N, 1)
-    fold = cv.patient_folds(np.asarray(patients), has_lesion, folds, seed)  # (N,)
-    x = torch.cat([f.double() for f in features])  # (T, D)
-    y = torch.cat([torch.as_tensor(f, dtype=torch.float64) for f in flags])  # (T,)
-    fold = torch.cat([torch.full((len(f),), int(k)) for f, k in zip(features, fold)])  # (T,)
-    aucs = []
-    for k in range(folds):
-        test = fold == k
-        if len(set(y[test].tolist())) < 2 or len(set(y[~test].tolist())) < 2:
-            continue
-        z = (x - x[~test].mean(0)) / (x[~test].std(0) + 1e-6)  # (T, D), training slices' statistics
-        w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)  # weights and bias
-        opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            logits = z[~test] @ w[:-1] + w[-1]
-            loss = F.binary_cross_entropy_with_logits(logits, y[~test]) + l2 * (w[:-1] ** 2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        aucs.append(auroc(y[test].numpy(), (z[test] @ w[:-1]).detach().numpy()))
-    return float(np.mean(aucs)) if aucs else float("nan")
-
-
-def first_axis(bags, most=20000):
-    """The first principal axis of the bags' slice embeddings (up to `most` slices, evenly spaced): (its share of
-    the variance, |Pearson correlation| of the slices' coordinates on it with their height in the scan, 0 at the
-    bottom slice to 1 at the top). A collapsed encoder puts nearly all variance there, and often it is the
-    slice's position in the body: anatomy, not findings."""
-    x = torch.cat(bags.features).double()  # (T, D)
-    h = torch.cat([z / z.max().clamp(min=1e-9) for z in bags.z_mm]).double()  # (T,) height in [0, 1]
-    pick = torch.linspace(0, len(x) - 1, min(most, len(x)), dtype=torch.float64).long()
-    x, h = x[pick] - x[pick].mean(0), h[pick]
-    u, sigma, _ = torch.linalg.svd(x, full_matrices=False)  # u: (T', r), sigma: (r,)
-    coord = u[:, 0] * sigma[0]  # (T',) each slice on the first axis
-    corr = torch.corrcoef(torch.stack([coord, h]))[0, 1].abs()
-    return float(sigma[0] ** 2 / (sigma ** 2).sum()), float(corr)
-
-
-def probe_bags(cohort, bags, labels=None, seed=0, cache=None):
-    """slice_probe of `bags` against the lesion masks of `cohort` -> (AUROC, NaN if undefined; the slice flags).
-    `cache`, a dict, keeps the flags of each slice set and labels, so the encoders of one cohort read its masks
-    once."""
-    key = (bags.scans, labels, *(z.numpy().tobytes() for z in bags.z_mm))
-    cache = {} if cache is None else cache
-    if key not in cache:
-        cache[key] = lesion_slice_flags(cohort, bags, labels)
-    patient = {s.scan: s.patient for s in cohort.scans}
-    return slice_probe(bags.features, cache[key], [patient[s] for s in bags.scans], seed), cache[key]
 
 
 class Meter:
@@ -191,27 +121,66 @@ def _fit_tasks(bags, labels, cfg, cohort, meter, fraction=1.0):
     return out
 
 
+def pretrain_config(cfg, encoder, method):
+    """The pre-training of one row: the same budget for every encoder and method."""
+    return PretrainConfig(encoder=encoder, method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                          mlp_dim=cfg.mlp_dim, img_size=cfg.img_size, thickness=cfg.thickness,
+                          checkpoint_every=max(1, cfg.steps // 4), seed=cfg.cohort.seed)
+
+
+def encoder_settings(cfg, encoder, method):
+    """What a row of the slice pipeline depends on: the cohort, the fits, and how its encoder is made (the whole
+    pre-training config, crops and augmentations included; a random init; or the histogram's bins)."""
+    if method == "random":
+        made = {"random": encoder, "seed": EncoderSpec.seed, "img_size": cfg.img_size}
+    elif method == "none":
+        made = {"histogram": cfg.histogram_bins, "img_size": cfg.img_size}
+    else:
+        made = run_settings(pretrain_config(cfg, encoder, method))
+    return {**_shared_settings(cfg), "thickness": cfg.thickness, "encoder": made}
+
+
+def settings_3d(cfg):
+    """What a task of the 3D baseline depends on: the cohort, the fits and the network's own settings."""
+    return {**_shared_settings(cfg), "volume": asdict(cfg.volume), "net": asdict(cfg.net), "epochs": cfg.epochs_3d}
+
+
+def _shared_settings(cfg):
+    """Every row's: the cohort and the fits, without the numbers of worker processes (the same cohort and fits
+    come out for any; only the timings do not)."""
+    return {"cohort": asdict(replace(cfg.cohort, workers=0)), "fit": asdict(replace(cfg.fit, workers=0))}
+
+
+def fingerprint(settings):
+    """A finished row is reused only by a run whose settings for it hash the same."""
+    return hashlib.sha256(json.dumps(_plain(settings), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def make_bags(cfg, work, cohort, encoder, method, progress, meter):
-    """pretrain (unless random; continues a killed run) -> extract: (bags, encoder, slice settings, slices
-    embedded by this call, pre-training steps). Stages are timed by `meter`."""
-    tag = f"{encoder}-{method}"
-    spec = EncoderSpec(name=encoder, img_size=cfg.img_size)
-    steps = 0
-    if method != "random":
-        ckpt = work / f"{tag}.pt"
-        pcfg = PretrainConfig(encoder=encoder, method=method, steps=cfg.steps, batch_size=cfg.batch_size,
-                              lr=cfg.lr, mlp_dim=cfg.mlp_dim, img_size=cfg.img_size, thickness=cfg.thickness,
-                              checkpoint_every=max(1, cfg.steps // 4), seed=cfg.cohort.seed)
-        kept = torch.load(ckpt, weights_only=True) if ckpt.exists() else None
-        earlier = kept.get("seconds", 0.0) if kept else 0.0  # training time of the processes before this one
-        if kept is None or kept["step"] < cfg.steps:  # resumes a killed run
-            r = meter("pretrain", lambda: pretrain(pcfg, cohort.root, ckpt, ckpt if kept else None, work / "cache",
-                                                   progress=progress))
-            earlier = r.run_seconds - r.seconds
-        if earlier > 0:
-            meter.seconds["pretrain, earlier processes"] = earlier
-        spec, steps = EncoderSpec(checkpoint=str(ckpt)), cfg.steps
-    enc, identity, slices = load_encoder(spec)
+    """pretrain (unless random init or the histogram; continues a killed run) -> extract: (bags, encoder, slice
+    settings, slices embedded by this call, pre-training steps). Stages are timed by `meter`. The work files
+    carry the row's fingerprint, so a checkpoint or bags of other settings are never picked up."""
+    tag = f"{encoder}-{method}-{fingerprint(encoder_settings(cfg, encoder, method))[:8]}"
+    steps, ckpt = 0, work / f"{tag}.pt"
+    if method == "none":
+        enc = HUHistogram(len(SliceConfig.windows), cfg.histogram_bins)
+        identity = {"name": "hu-histogram", "bins": cfg.histogram_bins, "source": "accuracy.py",
+                    "sha256": weights_sha256(enc)}
+        slices = SliceConfig(img_size=cfg.img_size)
+    else:
+        if method != "random":
+            pcfg = pretrain_config(cfg, encoder, method)
+            kept = torch.load(ckpt, weights_only=True) if ckpt.exists() else None
+            earlier = kept.get("seconds", 0.0) if kept else 0.0  # training time of the processes before this one
+            if kept is None or kept["step"] < cfg.steps:  # resumes a killed run
+                r = meter("pretrain", lambda: pretrain(pcfg, cohort.root, ckpt, ckpt if kept else None,
+                                                       work / "cache", progress=progress))
+                earlier = r.run_seconds - r.seconds
+            if earlier > 0:
+                meter.seconds["pretrain, earlier processes"] = earlier
+            steps = cfg.steps
+        enc, identity, slices = load_encoder(EncoderSpec(checkpoint=str(ckpt)) if steps else
+                                             EncoderSpec(name=encoder, img_size=cfg.img_size))
     slices = replace(slices, thickness_mm=cfg.thickness)
     bags_dir = work / f"bags-{tag}"
     n_slices = meter("extract", lambda: sum(n for status, _, n in extract_bags(cohort, enc, identity, slices, bags_dir)
@@ -232,8 +201,8 @@ def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
     probe, _ = probe_bags(cohort, bags, TUMOUR_LABELS, cfg.cohort.seed, flags)
     mil_flops = 3 * per_bag_slice * sum(len(f) for f in bags.features) * cfg.fit.epochs * cfg.fit.folds * len(TASKS)
     train_flops = steps * cfg.batch_size * 2 * 4 * per_slice + n_slices * per_slice + mil_flops  # 2 views x (3+1)
-    return {"encoder": encoder, "method": method, "tasks": fits, "seconds": meter.seconds,
-            "train_flops": train_flops, "peak_bytes": meter.peak, "slices": n_slices,
+    return {"encoder": "HU histogram" if method == "none" else encoder, "method": method, "tasks": fits,
+            "seconds": meter.seconds, "train_flops": train_flops, "peak_bytes": meter.peak, "slices": n_slices,
             "probe": probe if np.isfinite(probe) else None,  # None: too few lesion slices to probe
             "effective_rank": effective_rank(torch.cat(bags.features))}
 
@@ -275,53 +244,45 @@ def run(cfg, out, work, progress, log=print):
                f"fit workers {cfg.fit.workers or 'one per core'}")
     report = {"config": _plain(asdict(cfg)), "machine": machine, "rows": [], "efficiency": [],
               "dropped_labels": {n: _task_targets(cohort, n, cfg.fit.folds)[2] for n in TASKS}}
-    fingerprint = _fingerprint(cfg)
 
-    def row(key, fn):
-        return _kept(out / "rows" / f"{key}.json", fingerprint, fn, log)
+    def row(key, settings, fn):
+        return _kept(out / "rows" / f"{key}.json", fingerprint(settings), fn, log)
 
     flags = {}  # the probe's slice flags, read from the masks once for all rows
-    for encoder in cfg.encoders:
-        for method in cfg.methods:
-            log(f"[accuracy] {encoder} / {method}")
-            report["rows"].append(row(f"{encoder}-{method}",
-                                      lambda: run_encoder(cfg, work, cohort, encoder, method, progress, flags)))
-            write_report(report, out)
+    made = [(e, m) for e in cfg.encoders for m in cfg.methods] + [("hist", "none")] * cfg.histogram
+    for encoder, method in made:
+        log(f"[accuracy] {encoder} / {method}")
+        report["rows"].append(row(f"{encoder}-{method}", encoder_settings(cfg, encoder, method),
+                                  lambda: run_encoder(cfg, work, cohort, encoder, method, progress, flags)))
+        write_report(report, out)
 
     @functools.cache
     def volumes():  # read once, and only if a 3D row is still to run
         return load_volumes(cohort, cfg.volume, progress=lambda it, n: progress("volumes", "scan")(it, n))
 
     log("[accuracy] 3D baseline")
-    full_3d = run_3d(cfg, cohort, volumes, 1.0, lambda task, fn: row(f"3d-{task}", fn))
+    full_3d = run_3d(cfg, cohort, volumes, 1.0, lambda task, fn: row(f"3d-{task}", settings_3d(cfg), fn))
     report["rows"].append(full_3d)
     write_report(report, out)
-    first = report["rows"][0]
+    if not made:  # no slice-pipeline row to draw the curve of
+        return report
+    (encoder, method), first = made[0], report["rows"][0]
 
     @functools.cache
     def first_bags():  # the first row's bags: a row kept from another machine has none here, so they are made
-        return make_bags(cfg, work, cohort, first["encoder"], first["method"], progress, Meter())[0]
+        return make_bags(cfg, work, cohort, encoder, method, progress, Meter())[0]
     for fraction in cfg.fractions:
         log(f"[accuracy] data efficiency: {fraction:.0%} of the training patients")
         if fraction == 1.0:  # the same fits as the rows above (same folds and seeds): not run twice
             mil, net = first["tasks"], full_3d["tasks"]
         else:
-            mil = row(f"mil-{first['encoder']}-{first['method']}-{fraction}", lambda: _fit_tasks(
+            mil = row(f"mil-{encoder}-{method}-{fraction}", encoder_settings(cfg, encoder, method), lambda: _fit_tasks(
                 first_bags(), cohort.root / "labels.csv", cfg, cohort, Meter(), fraction))
             net = run_3d(cfg, cohort, volumes, fraction,
-                         lambda task, fn: row(f"3d-{task}-{fraction}", fn))["tasks"]
-        report["efficiency"].append({"fraction": fraction, f"{first['encoder']}-{first['method']} + MIL": mil,
-                                     "3D ResNet": net})
+                         lambda task, fn: row(f"3d-{task}-{fraction}", settings_3d(cfg), fn))["tasks"]
+        report["efficiency"].append({"fraction": fraction, f"{encoder}-{method} + MIL": mil, "3D ResNet": net})
         write_report(report, out)
     return report
-
-
-def _fingerprint(cfg):
-    """What a finished row's results depend on: every setting except the lists that only choose which rows run,
-    and the numbers of worker processes (the same cohort and fits come out for any; timings do not)."""
-    settings = _plain(asdict(replace(cfg, encoders=(), methods=(), fractions=(), fit=replace(cfg.fit, workers=0),
-                                     cohort=replace(cfg.cohort, workers=0))))
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _kept(path, fingerprint, fn, log):

@@ -349,8 +349,8 @@ def bench_accuracy(args):
 
 
 def bench_probe(args):
-    """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (accuracy.slice_probe)."""
-    from accuracy import first_axis, probe_bags
+    """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (probe.slice_probe)."""
+    from probe import first_axis, probe_bags
     from models import effective_rank
     from data import ClearError, Cohort
     from mil import load_bags

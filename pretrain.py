@@ -137,14 +137,19 @@ def load_checkpoint(path):
     return ck
 
 
+def run_settings(cfg):
+    """The settings that define a run: the config as a checkpoint stores it, without RUNTIME_FIELDS."""
+    return {k: v for k, v in _plain(asdict(cfg)).items() if k not in RUNTIME_FIELDS}
+
+
 def check_resume(ck, path, encoder_config, cfg):
     """Raise ClearError unless checkpoint `ck` is of this very run: same encoder, same settings."""
     have, want = ck["encoder_config"], encoder_config
     if have != want:
         raise ClearError(f"{path}: a checkpoint of encoder {have['name']}/{have['size']} at {have['img_size']} "
                          f"px; this command asks for {want['name']}/{want['size']} at {want['img_size']} px")
-    for k, v in _plain(asdict(cfg)).items():
-        if k not in RUNTIME_FIELDS and ck["config"].get(k) != v:
+    for k, v in run_settings(cfg).items():
+        if ck["config"].get(k) != v:
             raise ClearError(f"{path}: trained with {k}={ck['config'].get(k)!r}, this command has {k}={v!r}; "
                              "resume with the same settings")
 

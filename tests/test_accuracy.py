@@ -1,7 +1,7 @@
 """The pieces of benchmark.py accuracy that its smoke test cannot check for values: the tumour-slice probe and
 the slice flags it is trained on."""
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +10,11 @@ import torch
 
 import accuracy
 import benchmark
+import probe
 from data import Cohort
 from mil import Bags
 from phantom import SynthConfig, make_phantom, write_cohort
+from views import ViewConfig
 
 
 def probe_data(signal, n_patients=40, n_slices=30, dim=16, seed=0):
@@ -28,16 +30,16 @@ def probe_data(signal, n_patients=40, n_slices=30, dim=16, seed=0):
 
 def test_probe_finds_a_planted_direction_and_nothing_in_noise():
     feats, flags, patients = probe_data(signal=4.0)
-    assert accuracy.slice_probe(feats, flags, patients) > 0.97  # two classes 4 sd apart: AUROC Φ(4/√2) ≈ 0.998
+    assert probe.slice_probe(feats, flags, patients) > 0.97  # two classes 4 sd apart: AUROC Φ(4/√2) ≈ 0.998
     feats, flags, patients = probe_data(signal=1.0)
-    assert 0.7 < accuracy.slice_probe(feats, flags, patients) < 0.85  # 1 sd apart: Φ(1/√2) = 0.76
-    aucs = [accuracy.slice_probe(*probe_data(signal=0.0, seed=s)) for s in range(5)]
+    assert 0.7 < probe.slice_probe(feats, flags, patients) < 0.85  # 1 sd apart: Φ(1/√2) = 0.76
+    aucs = [probe.slice_probe(*probe_data(signal=0.0, seed=s)) for s in range(5)]
     assert abs(np.mean(aucs) - 0.5) < 0.06
 
 
 def test_probe_is_undefined_without_both_classes_in_the_test_patients():
     feats, flags, patients = probe_data(signal=4.0)
-    assert np.isnan(accuracy.slice_probe(feats, [torch.zeros_like(f) for f in flags], patients))
+    assert np.isnan(probe.slice_probe(feats, [torch.zeros_like(f) for f in flags], patients))
 
 
 def test_slice_flags_follow_the_mask_at_the_bag_slices_z(tmp_path, capsys):
@@ -56,7 +58,7 @@ def test_slice_flags_follow_the_mask_at_the_bag_slices_z(tmp_path, capsys):
     names = tuple(s.scan for s in cohort.scans)
     assert names == ("P0000_S1", "P0001_S1", "P0002_S1")
     bags = Bags(Path(tmp_path), {}, 4, names, tuple(torch.zeros(len(z), 4) for z in z_mm), tuple(z_mm), ())
-    flags = accuracy.lesion_slice_flags(cohort, bags, accuracy.TUMOUR_LABELS)
+    flags = probe.lesion_slice_flags(cohort, bags, accuracy.TUMOUR_LABELS)
     for got, want in zip(flags, truth):
         assert got.numpy().tolist() == want.tolist()
     assert any(t.any() for t in truth) and not all(t.all() for t in truth)  # both kinds of slice to tell apart
@@ -84,14 +86,46 @@ def test_probe_command_refuses_a_missing_bag_folder_in_one_line(tmp_path, capsys
     assert err.count("\n") == 1 and err.startswith("benchmark.py probe: error: ") and "none" in err
 
 
-@pytest.mark.parametrize("field, value, same", [("encoders", ("gcnn",), True), ("fractions", (1.0,), True),
-                                                ("workers", 1, True), ("steps", 7, False), ("img_size", 48, False),
-                                                ("epochs", 3, False)])
-def test_a_kept_row_belongs_to_its_settings(field, value, same):
+@pytest.mark.parametrize("change, slices, net", [
+    ({"encoders": ("gcnn",)}, True, True), ({"fractions": (1.0,)}, True, True), ({"fit.workers": 1}, True, True),
+    ({"cohort.workers": 1}, True, True), ({"steps": 7}, False, True), ({"img_size": 48}, False, True),
+    ({"histogram_bins": 8}, True, True), ({"epochs_3d": 3}, True, False), ({"net.widths": (4, 4, 4, 4)}, True, False),
+    ({"fit.epochs": 3}, False, False), ({"cohort.seed": 1}, False, False)])
+def test_a_kept_row_belongs_to_its_own_settings(change, slices, net):
+    """A row is reused only by a run whose settings for that row match: the 3D baseline's tasks do not depend on
+    the encoders' pre-training, nor those on the 3D network; worker counts change neither."""
     base = accuracy.AccuracyConfig()
-    changed = replace(base, fit=replace(base.fit, **{field: value})) if field in ("workers", "epochs") else \
-        replace(base, **{field: value})
-    assert (accuracy._fingerprint(changed) == accuracy._fingerprint(base)) is same
+    (key, value), = change.items()
+    outer, _, inner = key.partition(".")
+    changed = replace(base, **{outer: replace(getattr(base, outer), **{inner: value}) if inner else value})
+    for encoder, method in [("vit", "lecl"), ("gcnn", "random")]:
+        same = accuracy.fingerprint(accuracy.encoder_settings(changed, encoder, method)) == \
+            accuracy.fingerprint(accuracy.encoder_settings(base, encoder, method))
+        assert same is (slices or key == "steps" and method == "random")  # random init takes no steps
+    assert (accuracy.fingerprint(accuracy.settings_3d(changed)) == accuracy.fingerprint(accuracy.settings_3d(base))) \
+        is net
+
+
+def test_a_kept_pretrained_row_follows_the_views():
+    """The crops and augmentations are part of a row's pre-training (they used to be missed by the fingerprint):
+    PretrainConfig's whole settings, views included, enter it."""
+    base = accuracy.AccuracyConfig()
+    settings = accuracy.encoder_settings(base, "vit", "lecl")
+    assert settings["encoder"]["views"] == accuracy._plain(asdict(ViewConfig()))
+    assert "checkpoint_every" not in settings["encoder"]  # a runtime field
+
+
+def test_hu_histogram_counts_pixels_per_bin_worked_by_hand():
+    x = torch.zeros(2, 2, 4, 4)
+    x[0, 0, :2] = 0.1  # half the pixels in bin 0 of 4 ([0, 0.25)), half at 0.6: bin 2
+    x[0, 0, 2:] = 0.6
+    x[0, 1] = 1.0  # the top edge belongs to the last bin
+    x[1, 0] = -0.5  # values outside [0, 1] clip into the end bins
+    x[1, 1, :, :1] = 0.3  # a quarter in bin 1, the rest at 2.0: bin 3
+    x[1, 1, :, 1:] = 2.0
+    h = probe.HUHistogram(in_chans=2, bins=4)(x)
+    want = torch.tensor([[0.5, 0, 0.5, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0.25, 0, 0.75]])
+    assert h.shape == (2, 8) and torch.equal(h, want)
 
 
 def test_first_axis_finds_a_height_code_and_its_share():
@@ -101,10 +135,10 @@ def test_first_axis_finds_a_height_code_and_its_share():
     height = [(t / t.max()).float() for t in z]
     feats = [h[:, None] * direction * 10 + 0.1 * torch.randn(len(h), 16, generator=g) for h in height]
     bags = Bags(Path("."), {}, 16, tuple(f"s{i}" for i in range(20)), tuple(feats), tuple(z), ())
-    share, corr = accuracy.first_axis(bags)
+    share, corr = probe.first_axis(bags)
     # the axis's variance: 100 |direction|^2 Var(h) against 0.01 per noise dimension (Var(h) of a uniform grid ~ 1/12)
     want = 100 * float(direction @ direction) / 12 / (100 * float(direction @ direction) / 12 + 16 * 0.01)
     assert share == pytest.approx(want, abs=0.01) and corr > 0.999
     noise = Bags(Path("."), {}, 16, bags.scans, tuple(torch.randn(60, 16, generator=g) for _ in z), tuple(z), ())
-    share, corr = accuracy.first_axis(noise)
+    share, corr = probe.first_axis(noise)
     assert share < 0.15 and corr < 0.1  # isotropic: 1/16 of the variance and more by chance, nothing of height

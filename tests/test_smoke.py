@@ -55,16 +55,17 @@ def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
     assert saved["rows"] == json.loads(json.dumps(report["rows"]))
     rows = saved["rows"]
     assert [(r["encoder"], r["method"]) for r in rows] == [("vit", "lecl"), ("vit", "random"),
-                                                           ("3D ResNet", "supervised")]
+                                                           ("HU histogram", "none"), ("3D ResNet", "supervised")]
     for r in rows:
         assert set(r["tasks"]) == set(accuracy.TASKS) and all(well_formed(t) for t in r["tasks"].values())
         assert r["train_flops"] > 0 and r["peak_bytes"] > 0 and sum(r["seconds"].values()) > 0
     assert rows[0]["train_flops"] > rows[1]["train_flops"]  # pre-training costs FLOPs; random init does not
-    assert all(r["probe"] is None or 0 <= r["probe"] <= 1 for r in rows[:2]) and "probe" not in rows[2]
+    assert all(r["probe"] is None or 0 <= r["probe"] <= 1 for r in rows[:3]) and "probe" not in rows[3]
     assert all(1 <= r["effective_rank"] <= 192 for r in rows[:2])  # RankMe of ViT-tiny's 192-wide embeddings
+    assert 1 <= rows[2]["effective_rank"] <= 3 * 16  # the histogram: 16 bins of 3 windows
     assert [e["fraction"] for e in saved["efficiency"]] == list(cfg.fractions)
     md = (tmp_path / "results" / "accuracy.md").read_text()
-    assert md.count("\n| vit |") == 2 and "| 3D ResNet |" in md and "| 50% |" in md and "| 100% |" in md
+    assert md.count("\n| vit |") == 2 and "| HU histogram |" in md and "| 3D ResNet |" in md and "| 50% |" in md and "| 100% |" in md
     # fraction 1.0 of the efficiency curve is the rows' own fits, not run a second time
     assert saved["efficiency"][-1]["vit-lecl + MIL"] == rows[0]["tasks"]
     assert saved["efficiency"][-1]["3D ResNet"] == rows[-1]["tasks"]
@@ -83,8 +84,8 @@ def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
     (tmp_path / "results" / "rows" / "mil-vit-lecl-0.5.json").unlink()
     logged.clear()
     moved = accuracy.run(cfg, tmp_path / "results", tmp_path / "work2", quiet, log=logged.append)
-    assert moved["rows"] == again["rows"][:1] + rows[1:] and (tmp_path / "work2" / "bags-vit-lecl").is_dir()
-    assert sum("reused" in line for line in logged) == 2 + 3 + 3  # 2 encoder rows and the 3D tasks at 100 and 50 %
+    assert moved["rows"] == again["rows"][:1] + rows[1:] and len(list((tmp_path / "work2").glob("bags-vit-lecl-*")))
+    assert sum("reused" in line for line in logged) == 3 + 3 + 3  # 3 slice rows and the 3D tasks at 100 and 50 %
     # the efficiency curve follows the first row: with another first encoder its kept fits are not reused
     logged.clear()
     other = accuracy.run(replace(cfg, methods=("random",)), tmp_path / "results", tmp_path / "work", quiet,
@@ -92,8 +93,14 @@ def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
     assert "vit-random + MIL" in other["efficiency"][0]
     assert not any(line.startswith("[accuracy] mil-") for line in logged)
     assert "[accuracy] 3d-stage-0.5: finished by an earlier run, reused" in logged
-    # other settings are another experiment: nothing of this one is reused
+    # other settings are another experiment for the rows they touch: the 3D network's epochs make new 3D rows,
+    # and leave the slice rows reused; the fits' epochs touch every row
     logged.clear()
     accuracy.run(replace(cfg, methods=("random",), epochs_3d=2, fractions=(1.0,)), tmp_path / "results",
                  tmp_path / "work", quiet, log=logged.append)
+    assert [line.split(":")[0] for line in logged if "reused" in line] == ["[accuracy] vit-random",
+                                                                            "[accuracy] hist-none"]
+    logged.clear()
+    accuracy.run(replace(cfg, methods=("random",), epochs_3d=2, fractions=(1.0,), fit=replace(cfg.fit, epochs=1)),
+                 tmp_path / "results", tmp_path / "work", quiet, log=logged.append)
     assert not any("reused" in line for line in logged)

@@ -1,0 +1,107 @@
+"""Diagnostics of a slice encoder, read from its bags (`python benchmark.py probe`, and columns of
+`benchmark.py accuracy`), and the reference encoder that learns nothing.
+
+- slice_probe: does the encoder see lesions? A linear probe of per-slice lesion flags (from the masks) on the
+  slice embeddings, in held-out patients. The MIL never sees slice labels; the probe is a diagnosis of the
+  encoder, not part of the method.
+- first_axis: has it collapsed onto anatomy? The first principal axis's share of the variance and its
+  correlation with slice height. models.effective_rank (RankMe) is the other half of that reading.
+- HUHistogram: the histogram of each HU window's pixel values, (B, C, H, W) -> (B, C · bins), with nothing
+  learnt. As bags it shows what attention-MIL can read from intensities alone: diffuse disease shifts the lung
+  histogram, a small lesion's site or size barely moves any bin. A learnt encoder has to beat it.
+"""
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cv
+from data import canonical_grid, load_mask, nearest_slices, voxel_spacing
+from metrics import auroc
+
+
+def lesion_slice_flags(cohort, bags, labels=None):
+    """For every bag slice, whether its scan's mask holds a lesion (labels `labels`, default any non-zero) at that
+    z: a tuple of (L_i,) bool per scan of `bags`; a bag slice takes the nearest stored mask slice."""
+    by_name, out = {s.scan: s for s in cohort.scans}, []
+    for name, z_mm in zip(bags.scans, bags.z_mm):
+        scan = by_name[name]
+        affine, shape = canonical_grid(scan.image)
+        hit = torch.from_numpy(load_mask(scan.mask, shape))  # (Z, Y, X); a mask off its image's grid is refused
+        hit = hit != 0 if labels is None else torch.isin(hit, torch.tensor(list(labels)))
+        out.append(hit.flatten(1).any(1)[nearest_slices(z_mm, voxel_spacing(affine)[2], shape[0])])  # (L,)
+    return tuple(out)
+
+
+def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
+    """Does the encoder see lesions? A linear probe: L2-regularised logistic regression (LBFGS) of the per-slice
+    lesion flags on the standardised slice embeddings, in `folds` patient folds stratified by whether a patient
+    has a lesion slice; the mean over folds of the held-out AUROC (NaN if no fold has both classes). features,
+    flags: per scan (L_i, D), (L_i,); patients: per scan. Slice labels are what the MIL never sees: the probe
+    diagnoses the encoder, it is not part of the method."""
+    has_lesion = np.array([[bool(f.any())] for f in flags], dtype=np.int64)  # (N, 1)
+    fold = cv.patient_folds(np.asarray(patients), has_lesion, folds, seed)  # (N,)
+    x = torch.cat([f.double() for f in features])  # (T, D)
+    y = torch.cat([torch.as_tensor(f, dtype=torch.float64) for f in flags])  # (T,)
+    fold = torch.cat([torch.full((len(f),), int(k)) for f, k in zip(features, fold)])  # (T,)
+    aucs = []
+    for k in range(folds):
+        test = fold == k
+        if len(set(y[test].tolist())) < 2 or len(set(y[~test].tolist())) < 2:
+            continue
+        z = (x - x[~test].mean(0)) / (x[~test].std(0) + 1e-6)  # (T, D), training slices' statistics
+        w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)  # weights and bias
+        opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            logits = z[~test] @ w[:-1] + w[-1]
+            loss = F.binary_cross_entropy_with_logits(logits, y[~test]) + l2 * (w[:-1] ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        aucs.append(auroc(y[test].numpy(), (z[test] @ w[:-1]).detach().numpy()))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def first_axis(bags, most=20000):
+    """The first principal axis of the bags' slice embeddings (up to `most` slices, evenly spaced): (its share of
+    the variance, |Pearson correlation| of the slices' coordinates on it with their height in the scan, 0 at the
+    bottom slice to 1 at the top). A collapsed encoder puts nearly all variance there, and often it is the
+    slice's position in the body: anatomy, not findings."""
+    x = torch.cat(bags.features).double()  # (T, D)
+    h = torch.cat([z / z.max().clamp(min=1e-9) for z in bags.z_mm]).double()  # (T,) height in [0, 1]
+    pick = torch.linspace(0, len(x) - 1, min(most, len(x)), dtype=torch.float64).long()
+    x, h = x[pick] - x[pick].mean(0), h[pick]
+    u, sigma, _ = torch.linalg.svd(x, full_matrices=False)  # u: (T', r), sigma: (r,)
+    coord = u[:, 0] * sigma[0]  # (T',) each slice on the first axis
+    corr = torch.corrcoef(torch.stack([coord, h]))[0, 1].abs()
+    return float(sigma[0] ** 2 / (sigma ** 2).sum()), float(corr)
+
+
+def probe_bags(cohort, bags, labels=None, seed=0, cache=None):
+    """slice_probe of `bags` against the lesion masks of `cohort` -> (AUROC, NaN if undefined; the slice flags).
+    `cache`, a dict, keeps the flags of each slice set and labels, so the encoders of one cohort read its masks
+    once."""
+    key = (bags.scans, labels, *(z.numpy().tobytes() for z in bags.z_mm))
+    cache = {} if cache is None else cache
+    if key not in cache:
+        cache[key] = lesion_slice_flags(cohort, bags, labels)
+    patient = {s.scan: s.patient for s in cohort.scans}
+    return slice_probe(bags.features, cache[key], [patient[s] for s in bags.scans], seed), cache[key]
+
+
+class HUHistogram(nn.Module):
+    """(B, C, H, W) window channels in [0, 1] -> (B, C · bins): per channel, the share of the slice's pixels in each
+    of `bins` equal bins of [0, 1] (pixels clipped to a window's ends fall in its first or last bin). Each row
+    sums to C. Nothing is learnt; `bins` sets the resolution, 1/bins of a window's width (16 bins of the lung
+    window, 1500 HU wide: 94 HU, about the step from normal lung to ground glass)."""
+
+    def __init__(self, in_chans=3, bins=16):
+        super().__init__()
+        self.in_chans, self.bins, self.embed_dim = in_chans, bins, in_chans * bins
+
+    def forward(self, x):  # x: (B, C, H, W)
+        idx = (x.clamp(0, 1) * self.bins).long().clamp(max=self.bins - 1)  # (B, C, H, W) bin of each pixel
+        return F.one_hot(idx.flatten(2), self.bins).float().mean(2).flatten(1)  # (B, C · bins)
