@@ -60,7 +60,7 @@ class AccuracyConfig:
     epochs_3d: int = 30  # the 3D network's epochs (early-stopped on validation AUROC like the MIL)
     fractions: tuple = (0.1, 0.25, 0.5, 1.0)
     histogram: bool = True  # the reference row: HU-histogram bags (probe.HUHistogram), nothing learnt
-    histogram_bins: int = 16  # per window channel
+    histogram_bins: int = 32  # per window channel (probe.HUHistogram says why 32)
 
 
 QUICK = AccuracyConfig(cohort=SynthConfig(n=40, size=48, thickness=(8.0, 10.0), workers=1), img_size=32,

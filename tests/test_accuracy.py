@@ -113,6 +113,9 @@ def test_a_kept_pretrained_row_follows_the_views():
     settings = accuracy.encoder_settings(base, "vit", "lecl")
     assert settings["encoder"]["views"] == accuracy._plain(asdict(ViewConfig()))
     assert "checkpoint_every" not in settings["encoder"]  # a runtime field
+    hist = accuracy.fingerprint(accuracy.encoder_settings(base, "hist", "none"))
+    assert hist != accuracy.fingerprint(accuracy.encoder_settings(replace(base, histogram_bins=8), "hist", "none"))
+    assert hist == accuracy.fingerprint(accuracy.encoder_settings(replace(base, steps=7), "hist", "none"))
 
 
 def test_hu_histogram_counts_pixels_per_bin_worked_by_hand():
