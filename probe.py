@@ -104,5 +104,8 @@ class HUHistogram(nn.Module):
         self.in_chans, self.bins, self.embed_dim = in_chans, bins, in_chans * bins
 
     def forward(self, x):  # x: (B, C, H, W)
+        B, C, H, W = x.shape
         idx = (x.clamp(0, 1) * self.bins).long().clamp(max=self.bins - 1)  # (B, C, H, W) bin of each pixel
-        return F.one_hot(idx.flatten(2), self.bins).float().mean(2).flatten(1)  # (B, C · bins)
+        idx = idx + self.bins * torch.arange(B * C, device=x.device).view(B, C, 1, 1)  # one bin range per image
+        counts = torch.bincount(idx.flatten(), minlength=B * C * self.bins)  # (B · C · bins,)
+        return counts.view(B, C * self.bins).float() / (H * W)  # (B, C · bins)
