@@ -31,12 +31,17 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys):
         assert len({r["metric"] for r in auc}) == 2 and all(well_formed(r) for r in auc), name
         assert f"\n{name:<14} " in printed  # the table's row
     assert (out / "vit-lecl.pt").is_file() and len(list((out / "bags").glob("*.pt"))) == 100
+    # the control: HU-histogram bags (32 bins of 3 windows) and their lung-disease fit, a row of the table
+    control = json.loads((out / clear.CONTROL / "metrics.json").read_text())["rows"]
+    assert all(well_formed(r) for r in control if r["metric"].startswith("AUROC"))
+    assert torch.load(next((out / "bags-histogram").glob("*.pt")), weights_only=True)["features"].shape[1] == 96
+    assert "control: the same MIL on HU-histogram bags" in printed
     ranks = torch.load(out / "vit-lecl.pt", weights_only=True)["ranks"]
     assert f"effective rank of the slice embeddings from {ranks[0]:.1f} to {ranks[-1]:.1f}" in printed
     # a second run finds every step done and only prints the table again
     assert clear.main(argv) == 0
     again = capsys.readouterr().out
-    assert again.count("exists, skipping") == 2 + len(clear.DEMO_TASKS) and clear.demo_table(out) in again
+    assert again.count("exists, skipping") == 2 + len(clear.DEMO_TASKS) + 1 and clear.demo_table(out) in again
 
 
 TINY = accuracy.AccuracyConfig(
