@@ -510,7 +510,7 @@ def add_demo(sub):
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); re-running continues")
     p.add_argument("--n", type=int, default=120, help="scans in the cohort")
     p.add_argument("--img-size", type=int, default=64, help="encoder input size")
-    p.add_argument("--steps", type=int, default=150, help="pre-training steps")
+    p.add_argument("--steps", type=int, default=100, help="pre-training steps (default 100: the demo fits in 5 minutes on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=64, help="pre-training batch")
     p.set_defaults(func=cmd_demo)
 
