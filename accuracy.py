@@ -20,7 +20,7 @@ import json
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +32,9 @@ from baseline3d import Net3DConfig, ResNet3D, Volume3DConfig, fit_cv_3d, load_vo
 from data import Cohort, SliceConfig, atomic_path
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from mil import AttentionMIL, load_bags
-from models import effective_rank
 from phantom import SITES, SynthConfig, write_cohort
 from pretrain import PretrainConfig, pretrain, run_settings
-from probe import HUHistogram, probe_bags
+from probe import HUHistogram, bags_rank, probe_bags
 
 TUMOUR_LABELS = tuple(range(1, len(SITES) + 1))  # phantom.py's mask labels of tumours (9, 10: lung disease)
 TASKS = {"location": (tuple(f"loc_{s}" for s in SITES), None), "lung_disease": (("lung_disease",), None),
@@ -204,7 +203,7 @@ def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
     return {"encoder": "HU histogram" if method == "none" else encoder, "method": method, "tasks": fits,
             "seconds": meter.seconds, "train_flops": train_flops, "peak_bytes": meter.peak, "slices": n_slices,
             "probe": probe if np.isfinite(probe) else None,  # None: too few lesion slices to probe
-            "effective_rank": effective_rank(torch.cat(bags.features))}
+            "effective_rank": bags_rank(bags)}
 
 
 def run_3d(cfg, cohort, volumes, fraction=1.0, keep=lambda task, fn: fn()):

@@ -350,8 +350,7 @@ def bench_accuracy(args):
 
 def bench_probe(args):
     """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (probe.slice_probe)."""
-    from probe import first_axis, probe_bags
-    from models import effective_rank
+    from probe import bags_rank, first_axis, probe_bags
     from data import ClearError, Cohort
     from mil import load_bags
 
@@ -370,7 +369,7 @@ def bench_probe(args):
           f"{args.labels or 'any'}); linear probe AUROC on held-out patients' slices, mean over the 4 patient "
           f"folds that hold both classes: {score}")
     share, corr = first_axis(bags)
-    rank = effective_rank(torch.cat(bags.features))
+    rank = bags_rank(bags)
     print(f"{args.bags}: effective rank (RankMe) of the slice embeddings {rank:.1f} of {bags.dim}; the first "
           f"principal axis holds {share:.0%} of their variance and correlates with the slice's height in the scan "
           f"at |r| = {corr:.2f}")

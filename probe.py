@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import cv
 from data import canonical_grid, load_mask, nearest_slices, voxel_spacing
 from metrics import auroc
+from models.common import effective_rank, evenly_spaced
 
 
 def lesion_slice_flags(cohort, bags, labels=None):
@@ -72,12 +73,17 @@ def first_axis(bags, most=20000):
     slice's position in the body: anatomy, not findings."""
     x = torch.cat(bags.features).double()  # (T, D)
     h = torch.cat([z / z.max().clamp(min=1e-9) for z in bags.z_mm]).double()  # (T,) height in [0, 1]
-    pick = torch.linspace(0, len(x) - 1, min(most, len(x)), dtype=torch.float64).long()
+    pick = evenly_spaced(len(x), most)
     x, h = x[pick] - x[pick].mean(0), h[pick]
     u, sigma, _ = torch.linalg.svd(x, full_matrices=False)  # u: (T', r), sigma: (r,)
     coord = u[:, 0] * sigma[0]  # (T',) each slice on the first axis
     corr = torch.corrcoef(torch.stack([coord, h]))[0, 1].abs()
     return float(sigma[0] ** 2 / (sigma ** 2).sum()), float(corr)
+
+
+def bags_rank(bags):
+    """models.effective_rank (RankMe) of every slice embedding of `bags` (up to 20 000, evenly spaced)."""
+    return effective_rank(torch.cat(bags.features))
 
 
 def probe_bags(cohort, bags, labels=None, seed=0, cache=None):

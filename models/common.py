@@ -53,6 +53,12 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def evenly_spaced(n, most):
+    """Indices of min(n, most) rows spread evenly over n, first and last included: a sample that keeps the
+    order (the slices of every scan, bottom to top) when a computation cannot take every row."""
+    return torch.linspace(0, n - 1, min(most, n), dtype=torch.float64).long()
+
+
 def effective_rank(embeddings, most=20000) -> float:
     """RankMe (Garrido et al. 2023, Eq. 1) of embeddings (N, D): exp of the entropy of the normalised singular
     values, p_k = σ_k / Σ σ + ε. It ranges from 1 (every embedding on one line) to min(N - 1, D) (all directions
@@ -62,7 +68,7 @@ def effective_rank(embeddings, most=20000) -> float:
     embeddings' norm are rounding, not directions (all embeddings at one point give 1). Of more than `most`
     rows, `most` evenly spaced ones are used (the SVD of a cohort's slices would take minutes)."""
     x = torch.as_tensor(embeddings).detach()
-    x = x[torch.linspace(0, len(x) - 1, min(most, len(x)), dtype=torch.float64).long()].double()  # (N', D)
+    x = x[evenly_spaced(len(x), most)].double()  # (N', D)
     sigma = torch.linalg.svdvals(x - x.mean(0))  # (min(N', D),)
     sigma = sigma[sigma > 1e-6 * x.norm()]
     if len(sigma) == 0:
