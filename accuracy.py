@@ -29,11 +29,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cv
 from baseline3d import Net3DConfig, ResNet3D, Volume3DConfig, fit_cv_3d, load_volumes
-from data import Cohort, SliceConfig, atomic_path
+from data import ClearError, Cohort, SliceConfig, atomic_path
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from mil import AttentionMIL, load_bags
 from phantom import SITES, SynthConfig, write_cohort
-from pretrain import PretrainConfig, pretrain, run_settings
+from pretrain import PretrainConfig, plain, pretrain, run_settings
 from probe import HUHistogram, bags_rank, probe_bags
 
 TUMOUR_LABELS = tuple(range(1, len(SITES) + 1))  # phantom.py's mask labels of tumours (9, 10: lung disease)
@@ -127,8 +127,12 @@ def pretrain_config(cfg, encoder, method):
                           checkpoint_every=max(1, cfg.steps // 4), seed=cfg.cohort.seed)
 
 
-def encoder_settings(cfg, encoder, method):
-    """What a row of the slice pipeline depends on: the cohort, the fits, and how its encoder is made (the whole
+FIT_3D = ("folds", "lr", "weight_decay", "batch_size", "patience", "val_fraction", "seed", "n_bootstrap")  # of
+#          cv.FitConfig, what the 3D baseline reads (epochs are its own, epochs_3d; the rest is the MIL's)
+
+
+def encoder_making(cfg, encoder, method):
+    """What a row's checkpoint and bags depend on: the cohort, the slices, and how its encoder is made (the whole
     pre-training config, crops and augmentations included; a random init; or the histogram's bins)."""
     if method == "random":
         made = {"random": encoder, "seed": EncoderSpec.seed, "img_size": cfg.img_size}
@@ -136,30 +140,38 @@ def encoder_settings(cfg, encoder, method):
         made = {"histogram": cfg.histogram_bins, "img_size": cfg.img_size}
     else:
         made = run_settings(pretrain_config(cfg, encoder, method))
-    return {**_shared_settings(cfg), "thickness": cfg.thickness, "encoder": made}
+    return {"cohort": _cohort_settings(cfg), "thickness": cfg.thickness, "encoder": made}
+
+
+def encoder_settings(cfg, encoder, method):
+    """What a row of the slice pipeline depends on: its encoder's making and the MIL fits (worker processes aside:
+    the same fits come out for any number; torch threads stay in, as they may change the order of float sums)."""
+    return {**encoder_making(cfg, encoder, method), "fit": asdict(replace(cfg.fit, workers=0))}
 
 
 def settings_3d(cfg):
-    """What a task of the 3D baseline depends on: the cohort, the fits and the network's own settings."""
-    return {**_shared_settings(cfg), "volume": asdict(cfg.volume), "net": asdict(cfg.net), "epochs": cfg.epochs_3d}
+    """What a task of the 3D baseline depends on: the cohort, the fit settings it reads (FIT_3D) and its own."""
+    fit = {k: getattr(cfg.fit, k) for k in FIT_3D}
+    return {"cohort": _cohort_settings(cfg), "fit": fit, "volume": asdict(cfg.volume), "net": asdict(cfg.net),
+            "epochs": cfg.epochs_3d}
 
 
-def _shared_settings(cfg):
-    """Every row's: the cohort and the fits, without the numbers of worker processes (the same cohort and fits
-    come out for any; only the timings do not)."""
-    return {"cohort": asdict(replace(cfg.cohort, workers=0)), "fit": asdict(replace(cfg.fit, workers=0))}
+def _cohort_settings(cfg):
+    """The cohort's settings without its worker processes (the same cohort comes out for any number)."""
+    return asdict(replace(cfg.cohort, workers=0))
 
 
 def fingerprint(settings):
     """A finished row is reused only by a run whose settings for it hash the same."""
-    return hashlib.sha256(json.dumps(_plain(settings), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(plain(settings), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_bags(cfg, work, cohort, encoder, method, progress, meter):
     """pretrain (unless random init or the histogram; continues a killed run) -> extract: (bags, encoder, slice
     settings, slices embedded by this call, pre-training steps). Stages are timed by `meter`. The work files
-    carry the row's fingerprint, so a checkpoint or bags of other settings are never picked up."""
-    tag = f"{encoder}-{method}-{fingerprint(encoder_settings(cfg, encoder, method))[:8]}"
+    carry the fingerprint of encoder_making, so a checkpoint or bags made otherwise are never picked up, and a
+    change of the fits alone re-uses them."""
+    tag = f"{encoder}-{method}-{fingerprint(encoder_making(cfg, encoder, method))[:8]}"
     steps, ckpt = 0, work / f"{tag}.pt"
     if method == "none":
         enc = HUHistogram(len(SliceConfig.windows), cfg.histogram_bins)
@@ -238,17 +250,21 @@ def run(cfg, out, work, progress, log=print):
     out.mkdir(parents=True, exist_ok=True)
     if not (work / "cohort" / "labels.csv").exists():
         write_cohort(cfg.cohort, work / "cohort", progress=lambda it, total: progress("synth", "scan")(it, total))
+    drawn = json.loads((work / "cohort" / "synth.json").read_text())
+    if {**drawn, "workers": 0} != plain(_cohort_settings(cfg)):
+        raise ClearError(f"{work / 'cohort'}: drawn with other settings ({drawn}) than this run's; use another work "
+                         "folder")
     cohort = Cohort(work / "cohort")
     machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                f"fit workers {cfg.fit.workers or 'one per core'}")
-    report = {"config": _plain(asdict(cfg)), "machine": machine, "rows": [], "efficiency": [],
+    report = {"config": plain(asdict(cfg)), "machine": machine, "rows": [], "efficiency": [],
               "dropped_labels": {n: _task_targets(cohort, n, cfg.fit.folds)[2] for n in TASKS}}
 
     def row(key, settings, fn):
         return _kept(out / "rows" / f"{key}.json", fingerprint(settings), fn, log)
 
     flags = {}  # the probe's slice flags, read from the masks once for all rows
-    made = [(e, m) for e in cfg.encoders for m in cfg.methods] + [("hist", "none")] * cfg.histogram
+    made = [(e, m) for e in cfg.encoders for m in cfg.methods] + ([("hist", "none")] if cfg.histogram else [])
     for encoder, method in made:
         log(f"[accuracy] {encoder} / {method}")
         report["rows"].append(row(f"{encoder}-{method}", encoder_settings(cfg, encoder, method),
@@ -265,21 +281,22 @@ def run(cfg, out, work, progress, log=print):
     write_report(report, out)
     if not made:  # no slice-pipeline row to draw the curve of
         return report
-    (encoder, method), first = made[0], report["rows"][0]
+    (first_encoder, first_method), first = made[0], report["rows"][0]
+    first_tag, first_settings = f"{first_encoder}-{first_method}", encoder_settings(cfg, first_encoder, first_method)
 
     @functools.cache
     def first_bags():  # the first row's bags: a row kept from another machine has none here, so they are made
-        return make_bags(cfg, work, cohort, encoder, method, progress, Meter())[0]
+        return make_bags(cfg, work, cohort, first_encoder, first_method, progress, Meter())[0]
     for fraction in cfg.fractions:
         log(f"[accuracy] data efficiency: {fraction:.0%} of the training patients")
         if fraction == 1.0:  # the same fits as the rows above (same folds and seeds): not run twice
             mil, net = first["tasks"], full_3d["tasks"]
         else:
-            mil = row(f"mil-{encoder}-{method}-{fraction}", encoder_settings(cfg, encoder, method), lambda: _fit_tasks(
+            mil = row(f"mil-{first_tag}-{fraction}", first_settings, lambda: _fit_tasks(
                 first_bags(), cohort.root / "labels.csv", cfg, cohort, Meter(), fraction))
             net = run_3d(cfg, cohort, volumes, fraction,
                          lambda task, fn: row(f"3d-{task}-{fraction}", settings_3d(cfg), fn))["tasks"]
-        report["efficiency"].append({"fraction": fraction, f"{encoder}-{method} + MIL": mil, "3D ResNet": net})
+        report["efficiency"].append({"fraction": fraction, f"{first_tag} + MIL": mil, "3D ResNet": net})
         write_report(report, out)
     return report
 
@@ -296,10 +313,6 @@ def _kept(path, fingerprint, fn, log):
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"fingerprint": fingerprint, "row": result}))
     return result
-
-
-def _plain(x):
-    return {k: _plain(v) for k, v in x.items()} if isinstance(x, dict) else list(x) if isinstance(x, tuple) else x
 
 
 def _cell(t):

@@ -403,7 +403,7 @@ def main(argv=None):
     p_acc.add_argument("--out", default="results", help="where accuracy.md and accuracy.json go")
     p_acc.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); a re-run reuses them")
     p_acc.add_argument("--encoders", nargs="+", choices=("vit", "gcnn", "ssm"),
-                       help="run only these encoders' rows (default all); the 3D rows always run")
+                       help="run only these encoders' rows (default all); the HU-histogram and 3D rows always run")
     p_acc.add_argument("--methods", nargs="+", choices=("lecl", "moco", "random"), help="likewise for pre-training")
     p_acc.set_defaults(func=bench_accuracy)
     p_probe = sub.add_parser("probe", help="does an encoder see lesions? slice-level linear probe on its bags, "

@@ -15,6 +15,7 @@ as one line naming the file, with exit code 2; long work shows a progress bar an
 import argparse
 import dataclasses
 import math
+import shlex
 import shutil
 import sys
 import tempfile
@@ -464,13 +465,14 @@ def cmd_demo(args):
         if name == "fit":
             done = Path(command[command.index("--out") + 1]) / "metrics.json"
         if done is not None and done.exists():  # a re-run continues where the last one stopped
-            print(f"\n[demo] {done} exists, skipping: python clear.py {' '.join(command)}")
+            print(f"\n[demo] {done} exists, skipping: python clear.py {shlex.join(command)}")
             continue
-        print(f"\n[demo] python clear.py {' '.join(command)}", flush=True)
+        print(f"\n[demo] python clear.py {shlex.join(command)}", flush=True)
         if main(command) != 0:
             raise ClearError(f"demo step '{name}' failed (see above); fix it and run the demo again to continue")
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Outputs in {out}: cohort/ (CT + masks + labels.csv), "
-          "vit-lecl.pt (LeCL checkpoint), bags/ (slice embeddings), fit-*/ (metrics, predictions, attention)")
+          "vit-lecl.pt (LeCL checkpoint), bags/ (slice embeddings), fit-*/ (metrics, predictions, attention), "
+          f"bags-histogram/ and {CONTROL}/ (the control)")
     print(demo_table(out))
     from pretrain import load_checkpoint, rank_trend
 
@@ -506,11 +508,13 @@ def demo_table(out):
 def add_demo(sub):
     p = sub.add_parser("demo", help="synth -> pretrain -> extract -> fit on a small cohort (about 5 min on CPU)",
                        description="The whole method on a small synthetic cohort: generate it, pre-train a "
-                                   "ViT-tiny with LeCL, extract bags and fit the MIL on the three tasks.")
+                                   "ViT-tiny with LeCL, extract bags and fit the MIL on the three tasks; then a "
+                                   "control, the MIL on HU-histogram bags (nothing learnt) for lung disease.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); re-running continues")
     p.add_argument("--n", type=int, default=120, help="scans in the cohort")
     p.add_argument("--img-size", type=int, default=64, help="encoder input size")
-    p.add_argument("--steps", type=int, default=100, help="pre-training steps (default 100: the demo fits in 5 minutes on 2 CPU cores)")
+    p.add_argument("--steps", type=int, default=100,
+                   help="pre-training steps (default 100: the whole demo fits in 5 minutes on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=64, help="pre-training batch")
     p.set_defaults(func=cmd_demo)
 

@@ -102,11 +102,11 @@ def lr_at(step, total, cfg):
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def _plain(x):
+def plain(x):
     """Tuples -> lists, recursively: a checkpoint holds only tensors, dicts, lists, numbers and strings."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+        return {k: plain(v) for k, v in x.items()}
+    return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, ranks, data_info, seconds=0.0):
@@ -117,9 +117,9 @@ def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, ranks, d
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     return {"format": FORMAT, "encoder_config": dict(model.encoder.encoder_config),
             "encoder": {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
-            "slice_config": {"windows": _plain(cfg.windows), "img_size": cfg.img_size,
+            "slice_config": {"windows": plain(cfg.windows), "img_size": cfg.img_size,
                              "thickness_mm": cfg.thickness},
-            "config": _plain(asdict(cfg)), "step": step, "steps": total, "losses": list(losses), "ranks": list(ranks),
+            "config": plain(asdict(cfg)), "step": step, "steps": total, "losses": list(losses), "ranks": list(ranks),
             "seconds": seconds,
             "data": data_info, "state": {"model": {k: v for k, v in sd.items() if not k.startswith("encoder.")},
                                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -139,7 +139,7 @@ def load_checkpoint(path):
 
 def run_settings(cfg):
     """The settings that define a run: the config as a checkpoint stores it, without RUNTIME_FIELDS."""
-    return {k: v for k, v in _plain(asdict(cfg)).items() if k not in RUNTIME_FIELDS}
+    return {k: v for k, v in plain(asdict(cfg)).items() if k not in RUNTIME_FIELDS}
 
 
 def check_resume(ck, path, encoder_config, cfg):

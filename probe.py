@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import cv
 from data import canonical_grid, load_mask, nearest_slices, voxel_spacing
 from metrics import auroc
-from models.common import effective_rank, evenly_spaced
+from models.common import check_images, effective_rank, evenly_spaced
 
 
 def lesion_slice_flags(cohort, bags, labels=None):
@@ -107,9 +107,15 @@ class HUHistogram(nn.Module):
 
     def __init__(self, in_chans=3, bins=32):
         super().__init__()
+        if bins < 1 or in_chans < 1:
+            raise ValueError(f"HUHistogram: needs bins >= 1 and in_chans >= 1, got {bins} and {in_chans}")
         self.in_chans, self.bins, self.embed_dim = in_chans, bins, in_chans * bins
+        # the bin edges, unused in forward (bins are found by scaling): a buffer, so that the weights' sha256 in a
+        # bag's identity (extract.weights_sha256) tells histograms of other bins apart
+        self.register_buffer("edges", torch.linspace(0, 1, bins + 1))
 
     def forward(self, x):  # x: (B, C, H, W)
+        check_images(x, self.in_chans, 1, "HUHistogram")
         B, C, H, W = x.shape
         idx = (x.clamp(0, 1) * self.bins).long().clamp(max=self.bins - 1)  # (B, C, H, W) bin of each pixel
         idx = idx + self.bins * torch.arange(B * C, device=x.device).view(B, C, 1, 1)  # one bin range per image

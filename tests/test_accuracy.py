@@ -12,8 +12,10 @@ import accuracy
 import benchmark
 import probe
 from data import Cohort
+from extract import weights_sha256
 from mil import Bags
 from phantom import SynthConfig, make_phantom, write_cohort
+from pretrain import plain
 from views import ViewConfig
 
 
@@ -90,7 +92,8 @@ def test_probe_command_refuses_a_missing_bag_folder_in_one_line(tmp_path, capsys
     ({"encoders": ("gcnn",)}, True, True), ({"fractions": (1.0,)}, True, True), ({"fit.workers": 1}, True, True),
     ({"cohort.workers": 1}, True, True), ({"steps": 7}, False, True), ({"img_size": 48}, False, True),
     ({"histogram_bins": 8}, True, True), ({"epochs_3d": 3}, True, False), ({"net.widths": (4, 4, 4, 4)}, True, False),
-    ({"fit.epochs": 3}, False, False), ({"cohort.seed": 1}, False, False)])
+    ({"fit.epochs": 3}, False, True), ({"fit.hidden": 64}, False, True), ({"fit.lr": 0.01}, False, False),
+    ({"cohort.seed": 1}, False, False)])
 def test_a_kept_row_belongs_to_its_own_settings(change, slices, net):
     """A row is reused only by a run whose settings for that row match: the 3D baseline's tasks do not depend on
     the encoders' pre-training, nor those on the 3D network; worker counts change neither."""
@@ -111,7 +114,7 @@ def test_a_kept_pretrained_row_follows_the_views():
     PretrainConfig's whole settings, views included, enter it."""
     base = accuracy.AccuracyConfig()
     settings = accuracy.encoder_settings(base, "vit", "lecl")
-    assert settings["encoder"]["views"] == accuracy._plain(asdict(ViewConfig()))
+    assert settings["encoder"]["views"] == plain(asdict(ViewConfig()))
     assert "checkpoint_every" not in settings["encoder"]  # a runtime field
     hist = accuracy.fingerprint(accuracy.encoder_settings(base, "hist", "none"))
     assert hist != accuracy.fingerprint(accuracy.encoder_settings(replace(base, histogram_bins=8), "hist", "none"))
@@ -129,6 +132,10 @@ def test_hu_histogram_counts_pixels_per_bin_worked_by_hand():
     h = probe.HUHistogram(in_chans=2, bins=4)(x)
     want = torch.tensor([[0.5, 0, 0.5, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0.25, 0, 0.75]])
     assert h.shape == (2, 8) and torch.equal(h, want)
+    # other bins are another encoder to the bags (their identity holds the weights' sha256), and wrong input says so
+    assert weights_sha256(probe.HUHistogram(3, 16)) != weights_sha256(probe.HUHistogram(3, 32))
+    with pytest.raises(ValueError, match="in_chans=2"):
+        probe.HUHistogram(in_chans=2, bins=4)(torch.zeros(1, 3, 4, 4))
 
 
 def test_first_axis_finds_a_height_code_and_its_share():
