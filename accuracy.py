@@ -60,6 +60,8 @@ class AccuracyConfig:
     fractions: tuple = (0.1, 0.25, 0.5, 1.0)
     histogram: bool = True  # the reference row: HU-histogram bags (probe.HUHistogram), nothing learnt
     histogram_bins: int = 32  # per window channel (probe.HUHistogram says why 32)
+    pretrain: tuple = ()  # changes to every pre-trained row's PretrainConfig, ("field", value) or ("views.field",
+    #                       value) pairs: ablation.py's variants; none in the table
 
 
 QUICK = AccuracyConfig(cohort=SynthConfig(n=40, size=48, thickness=(8.0, 10.0), workers=1), img_size=32,
@@ -121,10 +123,14 @@ def _fit_tasks(bags, labels, cfg, cohort, meter, fraction=1.0):
 
 
 def pretrain_config(cfg, encoder, method):
-    """The pre-training of one row: the same budget for every encoder and method."""
-    return PretrainConfig(encoder=encoder, method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+    """The pre-training of one row: the same budget for every encoder and method, then `cfg.pretrain`'s changes."""
+    pcfg = PretrainConfig(encoder=encoder, method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                           mlp_dim=cfg.mlp_dim, img_size=cfg.img_size, thickness=cfg.thickness,
                           checkpoint_every=max(1, cfg.steps // 4), seed=cfg.cohort.seed)
+    for key, value in cfg.pretrain:
+        outer, _, inner = key.partition(".")
+        pcfg = replace(pcfg, **{outer: replace(getattr(pcfg, outer), **{inner: value}) if inner else value})
+    return pcfg
 
 
 FIT_3D = ("folds", "lr", "weight_decay", "batch_size", "patience", "val_fraction", "seed", "n_bootstrap")  # of
@@ -240,12 +246,8 @@ def run_3d(cfg, cohort, volumes, fraction=1.0, keep=lambda task, fn: fn()):
             "train_flops": train_flops, "peak_bytes": max(t["peak_bytes"] for t in done.values())}
 
 
-def run(cfg, out, work, progress, log=print):
-    """The whole experiment. Every finished row is kept in `out`/rows/ (a small JSON file beside the report) and
-    the report rewritten after it, so a killed run loses at most the row it was in, and running the same command
-    again continues: also on another machine, from a copy of `out` alone (the cohort, checkpoints and bags in
-    `work` are made again where they are needed)."""
-    out, work = Path(out), Path(work)
+def open_cohort(cfg, out, work, progress):
+    """The run's cohort in `work`/cohort, drawn on first use; a cohort drawn with other settings is refused."""
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if not (work / "cohort" / "labels.csv").exists():
@@ -254,14 +256,26 @@ def run(cfg, out, work, progress, log=print):
     if {**drawn, "workers": 0} != plain(_cohort_settings(cfg)):
         raise ClearError(f"{work / 'cohort'}: drawn with other settings ({drawn}) than this run's; use another work "
                          "folder")
-    cohort = Cohort(work / "cohort")
-    machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-               f"fit workers {cfg.fit.workers or 'one per core'}")
-    report = {"config": plain(asdict(cfg)), "machine": machine, "rows": [], "efficiency": [],
+    return Cohort(work / "cohort")
+
+
+def machine(cfg):
+    return (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"fit workers {cfg.fit.workers or 'one per core'}")
+
+
+def run(cfg, out, work, progress, log=print):
+    """The whole experiment. Every finished row is kept in `out`/rows/ (a small JSON file beside the report) and
+    the report rewritten after it, so a killed run loses at most the row it was in, and running the same command
+    again continues: also on another machine, from a copy of `out` alone (the cohort, checkpoints and bags in
+    `work` are made again where they are needed)."""
+    out, work = Path(out), Path(work)
+    cohort = open_cohort(cfg, out, work, progress)
+    report = {"config": plain(asdict(cfg)), "machine": machine(cfg), "rows": [], "efficiency": [],
               "dropped_labels": {n: _task_targets(cohort, n, cfg.fit.folds)[2] for n in TASKS}}
 
     def row(key, settings, fn):
-        return _kept(out / "rows" / f"{key}.json", fingerprint(settings), fn, log)
+        return kept(out / "rows" / f"{key}.json", fingerprint(settings), fn, log)
 
     flags = {}  # the probe's slice flags, read from the masks once for all rows
     made = [(e, m) for e in cfg.encoders for m in cfg.methods] + ([("hist", "none")] if cfg.histogram else [])
@@ -301,12 +315,12 @@ def run(cfg, out, work, progress, log=print):
     return report
 
 
-def _kept(path, fingerprint, fn, log):
+def kept(path, fingerprint, fn, log, tag="accuracy"):
     """fn()'s row, or the one an earlier run of the same settings left in `path` (JSON, written atomically)."""
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("fingerprint") == fingerprint:
-            log(f"[accuracy] {path.stem}: finished by an earlier run, reused")
+            log(f"[{tag}] {path.stem}: finished by an earlier run, reused")
             return saved["row"]
     result = json.loads(json.dumps(fn()))  # as a re-run will read it back
     path.parent.mkdir(exist_ok=True)
@@ -317,6 +331,13 @@ def _kept(path, fingerprint, fn, log):
 
 def _cell(t):
     return f"{t['value']:.3f} [{t['ci_low']:.2f}, {t['ci_high']:.2f}]" if t["value"] is not None else "n/a"
+
+
+def row_cells(r):
+    """A slice-pipeline row's table cells: the three tasks' AUROCs, the tumour-slice probe and the rank."""
+    probe = f"{r['probe']:.3f}" if r.get("probe") is not None else "n/a"
+    rank = f"{r['effective_rank']:.1f}" if r.get("effective_rank") is not None else "n/a"
+    return [_cell(r["tasks"][name]) for name in TASKS] + [probe, rank]
 
 
 def write_report(report, out):
@@ -330,17 +351,14 @@ def write_report(report, out):
              "| encoder | pre-training | location | lung disease | stage | tumour-slice probe | rank | wall time (s) "
              "| training FLOPs | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        t, probe = r["tasks"], f"{r['probe']:.3f}" if r.get("probe") is not None else "n/a"
-        rank = f"{r['effective_rank']:.1f}" if r.get("effective_rank") is not None else "n/a"
-        lines.append(f"| {r['encoder']} | {r['method']} | {_cell(t['location'])} | {_cell(t['lung_disease'])} | "
-                     f"{_cell(t['stage'])} | {probe} | {rank} | {sum(r['seconds'].values()):.0f} | "
-                     f"{r['train_flops']:.2g} | {r['peak_bytes'] / 2**30:.1f} GiB |")
+        lines.append(" | ".join(["", r["encoder"], r["method"], *row_cells(r), f"{sum(r['seconds'].values()):.0f}",
+                                 f"{r['train_flops']:.2g}", f"{r['peak_bytes'] / 2**30:.1f} GiB", ""]).strip())
     if report["efficiency"]:
         keys = [k for k in report["efficiency"][0] if k != "fraction"]
         lines += ["", "| training patients | " + " | ".join(f"{k}: {n}" for k in keys for n in TASKS) + " |",
                   "|---|" + "---|" * (len(keys) * len(TASKS))]
         for e in report["efficiency"]:
-            lines.append(f"| {e['fraction']:.0%} | " + " | ".join(f"{e[k][n]['value']:.3f}" if e[k][n]["value"] is not None
-                                                               else "n/a" for k in keys for n in TASKS) + " |")
+            values = [e[k][n]["value"] for k in keys for n in TASKS]
+            lines.append(f"| {e['fraction']:.0%} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in values) + " |")
     with atomic_path(Path(out) / "accuracy.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")

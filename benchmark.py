@@ -4,6 +4,7 @@
     python benchmark.py encoders    # slices/s and achieved GFLOP/s of the three encoders vs matmul peak
     python benchmark.py speed       # one table: scan, encoders, extraction, MIL fit, peak memory
     python benchmark.py accuracy    # the paper's claim on the synthetic cohort: results/accuracy.md
+    python benchmark.py ablate      # LeCL's settings one at a time on its ViT row: results/ablation.md
     python benchmark.py probe --data COHORT --bags BAGS   # does an encoder see the lesions of the masks?
 
 These machines are shared and noisy: every figure is the best of several repeats and is printed beside a
@@ -331,21 +332,33 @@ def bench_speed(args):
     print("\n".join(f"| {' | '.join(r)} |" for r in rows))
 
 
-def bench_accuracy(args):
-    """The paper's table on the synthetic cohort (accuracy.py): results/accuracy.md and .json."""
+def _run_report(run, cfg, args, name):
+    """run(cfg, out, work, progress) with tqdm bars, then print `out`/name.md and how long it took."""
     from tqdm import tqdm
 
+    progress = lambda desc, unit: lambda it, total: tqdm(it, total=total, desc=desc, unit=unit, leave=False)  # noqa: E731
+    t0 = time.time()
+    report = run(cfg, args.out, args.work or f"{args.out}/work", progress)
+    print(open(f"{args.out}/{name}.md").read())
+    print(f"{len(report['rows'])} rows in {time.time() - t0:.0f} s on {report['machine']}; "
+          f"results in {args.out}/{name}.md and .json")
+
+
+def bench_accuracy(args):
+    """The paper's table on the synthetic cohort (accuracy.py): results/accuracy.md and .json."""
     import accuracy
 
     cfg = accuracy.QUICK if args.quick else accuracy.AccuracyConfig()
     cfg = dataclasses.replace(cfg, **{k: tuple(getattr(args, k)) for k in ("encoders", "methods")
                                       if getattr(args, k)})
-    progress = lambda desc, unit: lambda it, total: tqdm(it, total=total, desc=desc, unit=unit, leave=False)  # noqa: E731
-    t0 = time.time()
-    report = accuracy.run(cfg, args.out, args.work or f"{args.out}/work", progress)
-    print(open(f"{args.out}/accuracy.md").read())
-    print(f"{len(report['rows'])} rows in {time.time() - t0:.0f} s on {report['machine']}; "
-          f"results in {args.out}/accuracy.md and .json")
+    _run_report(accuracy.run, cfg, args, "accuracy")
+
+
+def bench_ablate(args):
+    """LeCL's settings one at a time on the accuracy benchmark's ViT row (ablation.py): results/ablation.md, .json."""
+    import ablation
+
+    _run_report(ablation.run, ablation.QUICK if args.quick else ablation.AblationConfig(), args, "ablation")
 
 
 def bench_probe(args):
@@ -406,6 +419,12 @@ def main(argv=None):
                        help="run only these encoders' rows (default all); the HU-histogram and 3D rows always run")
     p_acc.add_argument("--methods", nargs="+", choices=("lecl", "moco", "random"), help="likewise for pre-training")
     p_acc.set_defaults(func=bench_accuracy)
+    p_abl = sub.add_parser("ablate", help="why LeCL does not beat MoCo here: its settings one at a time (ViT row)")
+    p_abl.add_argument("--quick", action="store_true", help="a tiny version (a smoke test)")
+    p_abl.add_argument("--out", default="results", help="where ablation.md and ablation.json go")
+    p_abl.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); benchmark.py accuracy's "
+                       "work folder shares its cohort, cache and random-init bags")
+    p_abl.set_defaults(func=bench_ablate)
     p_probe = sub.add_parser("probe", help="does an encoder see lesions? slice-level linear probe on its bags, "
                                            "and the embeddings' effective rank")
     p_probe.add_argument("--data", required=True, help="cohort folder with masks/ (the bags' scans)")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import ablation
 import accuracy
 import benchmark
 import probe
@@ -152,3 +153,28 @@ def test_first_axis_finds_a_height_code_and_its_share():
     noise = Bags(Path("."), {}, 16, bags.scans, tuple(torch.randn(60, 16, generator=g) for _ in z), tuple(z), ())
     share, corr = probe.first_axis(noise)
     assert share < 0.15 and corr < 0.1  # isotropic: 1/16 of the variance and more by chance, nothing of height
+
+
+def _flat(cfg):
+    """A PretrainConfig as {"field": value, "views.field": value}."""
+    d = plain(asdict(cfg))
+    return {**{k: v for k, v in d.items() if k != "views"}, **{f"views.{k}": v for k, v in d["views"].items()}}
+
+
+def test_ablation_variants_change_only_what_they_say():
+    """Each of ablation.py's variants pre-trains the table's ViT row with exactly its own changes (moco: its method),
+    so no two share a fingerprint; random init shares the table's, so its bags are the table's."""
+    base = ablation.AblationConfig().base
+    table = _flat(accuracy.pretrain_config(base, "vit", "lecl"))
+    prints = set()
+    for key, _, method, changes in ablation.VARIANTS:
+        cfg = replace(base, pretrain=changes)
+        if method != "random":
+            got = _flat(accuracy.pretrain_config(cfg, "vit", method))
+            assert {k for k in got if got[k] != table[k]} == {k for k, _ in changes} | ({"method"} if method == "moco"
+                                                                                       else set()), key
+            assert all(got[k] == v for k, v in changes), key
+        prints.add(accuracy.fingerprint(accuracy.encoder_settings(cfg, "vit", method)))
+    assert len(prints) == len(ablation.VARIANTS)
+    assert accuracy.fingerprint(accuracy.encoder_settings(replace(base, pretrain=()), "vit", "random")) == \
+        accuracy.fingerprint(accuracy.encoder_settings(accuracy.AccuracyConfig(), "vit", "random"))

@@ -1,5 +1,5 @@
-"""Smoke tests of the two long commands, at a tiny size: `clear.py demo` and `benchmark.py accuracy`. They check
-that each finishes and writes well-formed results (every table cell present and in range), never the accuracy
+"""Smoke tests of the long commands, at a tiny size: `clear.py demo`, `benchmark.py accuracy` and `ablate`. They
+check that each finishes and writes well-formed results (every table cell present and in range), never the accuracy
 itself: at this size every AUROC is noise, and the real figures come from the full commands (README)."""
 import json
 import math
@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import ablation
 import accuracy
 import clear
 import cv
@@ -116,3 +117,28 @@ def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
     # a work folder whose cohort was drawn otherwise is refused, in one line, not silently used
     with pytest.raises(ClearError, match="drawn with other settings"):
         accuracy.run(replace(cfg, cohort=replace(cfg.cohort, seed=1)), tmp_path / "results", tmp_path / "work", quiet)
+
+
+def test_ablation_writes_a_complete_report_and_trains_each_variant_as_asked(tmp_path):
+    """Three variants of ablation.py (a top-level change, a views change, random init) on TINY's cohort: every row
+    well formed, and each variant's checkpoint holds the settings it asked for, so the change reached training."""
+    picked = {v[0]: v for v in ablation.VARIANTS if v[0] in ("tau1", "crop03", "random")}
+    cfg = ablation.AblationConfig(base=TINY, variants=tuple(picked.values()))
+    logged = []
+    report = ablation.run(cfg, tmp_path / "results", tmp_path / "work", lambda desc, unit: lambda it, total: it,
+                          log=logged.append)
+    assert [r["variant"] for r in report["rows"]] == list(picked)
+    for r in report["rows"]:
+        assert set(r["tasks"]) == set(accuracy.TASKS) and all(well_formed(t) for t in r["tasks"].values())
+        assert (r["probe"] is None or 0 <= r["probe"] <= 1) and 1 <= r["effective_rank"] <= 192
+    assert len(list((tmp_path / "results" / "rows").glob("ablation-vit-*.json"))) == len(picked)
+    temps = sorted((c["temperature"], c["views"]["crop_min"]) for c in
+                   (torch.load(p, weights_only=True)["config"] for p in (tmp_path / "work").glob("vit-lecl-*.pt")))
+    assert temps == [(0.2, 0.3), (1.0, 0.08)]  # the table's τ 0.2 and crop-min 0.08, each changed once
+    md = (tmp_path / "results" / "ablation.md").read_text()
+    assert all(f"| {key} | {v[1]} | " in md for key, v in picked.items())
+    # a second run reuses every row
+    logged.clear()
+    ablation.run(cfg, tmp_path / "results", tmp_path / "work", lambda desc, unit: lambda it, total: it,
+                 log=logged.append)
+    assert sum("finished by an earlier run, reused" in line for line in logged) == len(picked)
