@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import accuracy
-from data import atomic_path
+from files import atomic_path
 from pretrain import plain
 
 VARIANTS = (  # (key, what changes, method, changes to PretrainConfig as accuracy.AccuracyConfig.pretrain takes them)
@@ -50,7 +50,8 @@ QUICK = AblationConfig(base=accuracy.QUICK)  # a smoke test: every variant, at a
 def run(cfg, out, work, progress, log=print):
     """Every variant's row (accuracy.run_encoder), kept in `out`/rows/ and reported after each."""
     out, work = Path(out), Path(work)
-    cohort = accuracy.open_cohort(cfg.base, out, work, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    cohort = accuracy.open_cohort(cfg.base, work, progress)
     report = {"config": plain(asdict(cfg)), "machine": accuracy.machine(cfg.base), "rows": []}
     flags = {}  # the probe's slice flags, shared by the rows
     for key, what, method, changes in cfg.variants:

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cv
 from baseline3d import Net3DConfig, ResNet3D, Volume3DConfig, fit_cv_3d, load_volumes
-from data import ClearError, Cohort, SliceConfig, atomic_path
+from data import Cohort, SliceConfig
+from files import ClearError, atomic_path
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from mil import AttentionMIL, load_bags
 from phantom import SITES, SynthConfig, write_cohort
@@ -246,10 +247,9 @@ def run_3d(cfg, cohort, volumes, fraction=1.0, keep=lambda task, fn: fn()):
             "train_flops": train_flops, "peak_bytes": max(t["peak_bytes"] for t in done.values())}
 
 
-def open_cohort(cfg, out, work, progress):
+def open_cohort(cfg, work, progress):
     """The run's cohort in `work`/cohort, drawn on first use; a cohort drawn with other settings is refused."""
     work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     if not (work / "cohort" / "labels.csv").exists():
         write_cohort(cfg.cohort, work / "cohort", progress=lambda it, total: progress("synth", "scan")(it, total))
     drawn = json.loads((work / "cohort" / "synth.json").read_text())
@@ -270,7 +270,8 @@ def run(cfg, out, work, progress, log=print):
     again continues: also on another machine, from a copy of `out` alone (the cohort, checkpoints and bags in
     `work` are made again where they are needed)."""
     out, work = Path(out), Path(work)
-    cohort = open_cohort(cfg, out, work, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    cohort = open_cohort(cfg, work, progress)
     report = {"config": plain(asdict(cfg)), "machine": machine(cfg), "rows": [], "efficiency": [],
               "dropped_labels": {n: _task_targets(cohort, n, cfg.fit.folds)[2] for n in TASKS}}
 

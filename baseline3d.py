@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 import metrics
 from cv import fold_split, macro_auroc, make_task, patient_folds
-from data import ClearError, SliceConfig, load_ct, window
+from data import SliceConfig, load_ct, window
+from files import ClearError
 from mil import CumulativeLink
 
 

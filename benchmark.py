@@ -364,7 +364,8 @@ def bench_ablate(args):
 def bench_probe(args):
     """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (probe.slice_probe)."""
     from probe import bags_rank, first_axis, probe_bags
-    from data import ClearError, Cohort
+    from data import Cohort
+    from files import ClearError
     from mil import load_bags
 
     cohort, bags = Cohort(args.data), load_bags(args.bags)
@@ -434,7 +435,7 @@ def main(argv=None):
     p_probe.add_argument("--seed", type=int, default=0, help="which patients are held out")
     p_probe.set_defaults(func=bench_probe)
     args = parser.parse_args(argv)
-    from data import ClearError
+    from files import ClearError
 
     try:
         args.func(args)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import ClearError
+from files import ClearError
 from phantom import SITES
 
 

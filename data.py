@@ -15,15 +15,9 @@ inferior slice; bags, attention overlays and resampling all use it.
 
 Shapes: Z slices, Y rows, X columns, C window channels, S the encoder's square input size.
 """
-import contextlib
 import csv
-import glob
 import math
 import os
-import pickle
-import re
-import socket
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,79 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-class ClearError(Exception):
-    """A problem with the user's input or files. The CLI prints it as one line and exits with code 2.
-    By convention the message starts with the file it is about: "scans/a.nii.gz: not a NIfTI file"."""
-
-
-def cause(e):
-    """An exception as a short cause for a one-line message: its type and the first line of its text."""
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-
-
-UMASK = os.umask(0o022)  # read once (it can only be read by setting it), and put back at once
-os.umask(UMASK)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, owned by another user
-        pass
-    return True
-
-
-@contextlib.contextmanager
-def atomic_path(path, clean=False):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes.
-
-    A crash or Ctrl-C inside the block leaves no half-written file under the final name (the rename is
-    atomic on POSIX), and the temporary file is removed. A SIGKILL can leave it behind, under its own name
-    ".<name>.<host>-<pid>.<random>.tmp", never under `path`. With `clean`, for the large files written again and
-    again under one name (checkpoints: up to a GB left per killed save), this write first removes the ones whose
-    process, on this host, is gone; it lists the folder, so it is not for the thousands of files of a bag folder.
-    (Containers that share a host name and a disk but not their process ids should not write one checkpoint.)"""
-    path = Path(path)
-    host = socket.gethostname().replace(".", "_")
-    for old in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}-*.tmp") if clean else ():
-        pid = old.name[len(f".{path.name}.{host}-"):].split(".")[0]
-        try:
-            if pid.isdigit() and not _alive(int(pid)):
-                old.unlink(missing_ok=True)
-        except (OSError, OverflowError):  # not ours to remove, or no pid at all: left as it is
-            pass
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{host}-{os.getpid()}.", suffix=".tmp")
-    except OSError as e:  # a read-only folder, a missing one, a file where the folder should be
-        raise ClearError(f"{path}: cannot write ({e.strerror})") from None
-    os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes it owner-only; the file is to read as any file written here
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def load_untrusted(path, refusal):
-    """torch.load a file that is untrusted input (a checkpoint, a bag, a fold model) with weights_only=True: only
-    tensors and plain data are read; a pickled object that would run code is refused, never built. Any failure
-    is one ClearError, "<path>: <refusal> (<cause>)", e.g. refusal = "cannot read bag"."""
-    path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise ClearError(f"{path}: {refusal} (empty file)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # refused by weights_only (torch's own text advises weights_only=False)
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        raise ClearError(f"{path}: {refusal}: it holds pickled Python objects{f' ({found[1]})' if found else ''} "
-                         "that could run code when loaded; refused, only tensors and plain data are read") from None
-    except Exception as e:  # not a torch file, truncated, ...
-        raise ClearError(f"{path}: {refusal} ({cause(e)})") from None
+from files import ClearError, atomic_path, cause
 
 
 # ----------------------------------------------------------------------------------------------- NIfTI

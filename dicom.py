@@ -33,7 +33,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from data import ClearError, _to_ras, cause, resample_z, save_nifti, voxel_spacing
+from data import _to_ras, resample_z, save_nifti, voxel_spacing
+from files import ClearError, cause
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

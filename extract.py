@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from data import ClearError, SliceConfig, atomic_path, load_ct, prepare_slices
+from data import SliceConfig, load_ct, prepare_slices
+from files import ClearError, atomic_path
 from models import build_encoder
 from pretrain import load_checkpoint
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metrics
-from data import ClearError, cause, load_untrusted
+from files import ClearError, cause, load_untrusted
 
 MIL_FORMAT = "clear-mil-1"  # the `format` of a fold model that cv.save_run writes
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data import atomic_path, save_nifti
+from data import save_nifti
+from files import atomic_path
 
 SITES = ("bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue", "pelvis")
 ORGAN_SITES = ("bone", "liver", "lung", "kidney", "soft_tissue", "pelvis")  # a second one = metastasis

@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from data import ClearError, Cohort, SliceConfig, atomic_path, load_untrusted
+from data import Cohort, SliceConfig
+from files import ClearError, atomic_path, load_untrusted
 from lecl import MoCo, gather, momentum_at
 from models import build_encoder, effective_rank
 from views import ViewConfig, batch_ids, make_views, mix, open_cache

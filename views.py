@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import ClearError, atomic_path, lesion_boxes, load_ct, load_mask, prepare_slices
+from data import lesion_boxes, load_ct, load_mask, prepare_slices
+from files import ClearError, atomic_path
 
 CACHE_VERSION = 1
 MASK64 = (1 << 64) - 1

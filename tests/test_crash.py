@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import clear
-from data import UMASK
+from files import UMASK
 from test_hostile import shown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_a_write_removes_the_temporary_files_that_killed_writers_of_it_left(tmp_
     import socket
     import subprocess
 
-    from data import atomic_path
+    from files import atomic_path
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # a process that has ended, as one SIGKILLed mid-save has

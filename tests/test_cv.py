@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv  # noqa: E402
 import metrics  # noqa: E402
 import mil  # noqa: E402
-from data import ClearError  # noqa: E402
+from files import ClearError  # noqa: E402
 from test_mil import ENCODER, error, one_thread, write_bags  # noqa: E402, F401  (one_thread: autouse fixture)
 
 FAST = dict(epochs=4, patience=2, hidden=16, att_dim=8, batch_size=8, n_bootstrap=50, folds=3)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import (ClearError, Cohort, SliceConfig, canonical_grid, lesion_boxes, load_ct, load_mask,
-                  prepare_slices, read_labels, resample_z, save_overlay, window)
+from data import (Cohort, SliceConfig, canonical_grid, lesion_boxes, load_ct, load_mask, prepare_slices,
+                  read_labels, resample_z, save_overlay, window)
+from files import ClearError
 
 
 def _ras_volume(shape=(6, 5, 4)):

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mil  # noqa: E402
-from data import ClearError  # noqa: E402
+from files import ClearError  # noqa: E402
 
 ENCODER = {"name": "toy", "size": "s", "sha256": "0" * 64}
 

@@ -13,7 +13,7 @@ import accuracy
 import clear
 import cv
 from baseline3d import Net3DConfig, Volume3DConfig
-from data import ClearError
+from files import ClearError
 from phantom import SynthConfig
 
 
