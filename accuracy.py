@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cv
 from baseline3d import Net3DConfig, ResNet3D, Volume3DConfig, fit_cv_3d, load_volumes
-from data import Cohort, SliceConfig
+from cohort import Cohort
+from data import SliceConfig
 from files import ClearError, atomic_path
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from mil import AttentionMIL, load_bags

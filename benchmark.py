@@ -364,7 +364,7 @@ def bench_ablate(args):
 def bench_probe(args):
     """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (probe.slice_probe)."""
     from probe import bags_rank, first_axis, probe_bags
-    from data import Cohort
+    from cohort import Cohort
     from files import ClearError
     from mil import load_bags
 

@@ -266,7 +266,7 @@ def add_pretrain(sub):
 
 
 def cmd_extract(args):
-    from data import Cohort
+    from cohort import Cohort
     from extract import EncoderSpec, extract_bags, load_encoder, shard_from_env
 
     spec = EncoderSpec(checkpoint=args.checkpoint, module=args.encoder_module, size=args.size,

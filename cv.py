@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import metrics
-from data import read_labels
+from cohort import read_labels
 from files import ClearError, atomic_path
 from mil import MIL_FORMAT, AttentionMIL, Task, infer, pad_bags, torch_threads
 

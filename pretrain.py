@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from data import Cohort, SliceConfig
+from cohort import Cohort
+from data import SliceConfig
 from files import ClearError, atomic_path, load_untrusted
 from lecl import MoCo, gather, momentum_at
 from models import build_encoder, effective_rank

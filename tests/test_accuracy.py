@@ -12,7 +12,7 @@ import ablation
 import accuracy
 import benchmark
 import probe
-from data import Cohort
+from cohort import Cohort
 from extract import weights_sha256
 from mil import Bags
 from phantom import SynthConfig, make_phantom, write_cohort

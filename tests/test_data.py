@@ -1,4 +1,5 @@
-"""data.py: NIfTI orientation and scaling, HU windows, z resampling, lesion boxes, cohorts, and bad input."""
+"""data.py and cohort.py: NIfTI orientation and scaling, HU windows, z resampling, lesion boxes, cohorts, and bad
+input."""
 import gzip
 
 import nibabel as nib
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import (Cohort, SliceConfig, canonical_grid, lesion_boxes, load_ct, load_mask, prepare_slices,
-                  read_labels, resample_z, save_overlay, window)
+from cohort import Cohort, read_labels
+from data import (SliceConfig, canonical_grid, lesion_boxes, load_ct, load_mask, prepare_slices, resample_z,
+                  save_overlay, window)
 from files import ClearError
 
 

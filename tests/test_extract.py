@@ -7,7 +7,8 @@ import torch
 
 import clear
 import phantom as P
-from data import Cohort, SliceConfig, load_ct, prepare_slices
+from cohort import Cohort
+from data import SliceConfig, load_ct, prepare_slices
 from files import ClearError
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from models import build_encoder

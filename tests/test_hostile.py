@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import clear
-from data import read_labels
+from cohort import read_labels
 from mil import MIL_FORMAT, AttentionMIL, Task
 from models import build_encoder
 from pretrain import FORMAT

@@ -4,7 +4,8 @@ import pytest
 
 import clear
 import phantom as P
-from data import Cohort, load_ct, load_mask
+from cohort import Cohort
+from data import load_ct, load_mask
 
 SMALL = P.SynthConfig(n=6, size=48, thickness=(4.0, 5.0), workers=1)
 

@@ -14,7 +14,8 @@ import torch
 import clear
 import lecl
 import views
-from data import Cohort, SliceConfig, lesion_boxes, load_ct, load_mask, prepare_slices
+from cohort import Cohort
+from data import SliceConfig, lesion_boxes, load_ct, load_mask, prepare_slices
 from models import build_encoder
 from pretrain import PretrainConfig, lr_at, pretrain
 from test_lecl import one_thread  # noqa: F401  (autouse fixture: one thread for these tiny tensors)
