@@ -31,8 +31,8 @@ import cv
 from baseline3d import Net3DConfig, ResNet3D, Volume3DConfig, fit_cv_3d, load_volumes
 from cohort import Cohort
 from data import SliceConfig
-from files import ClearError, atomic_path
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
+from files import ClearError, atomic_path
 from mil import AttentionMIL, load_bags
 from phantom import SITES, SynthConfig, write_cohort
 from pretrain import PretrainConfig, plain, pretrain, run_settings
@@ -62,8 +62,8 @@ class AccuracyConfig:
     fractions: tuple = (0.1, 0.25, 0.5, 1.0)
     histogram: bool = True  # the reference row: HU-histogram bags (probe.HUHistogram), nothing learnt
     histogram_bins: int = 32  # per window channel (probe.HUHistogram says why 32)
-    pretrain: tuple = ()  # changes to every pre-trained row's PretrainConfig, ("field", value) or ("views.field",
-    #                       value) pairs: ablation.py's variants; none in the table
+    pretrain_changes: tuple = ()  # to every pre-trained row's PretrainConfig: ("field", value) or ("views.field",
+    #                               value) pairs (`changed`); ablation.py's variants; none in the table
 
 
 QUICK = AccuracyConfig(cohort=SynthConfig(n=40, size=48, thickness=(8.0, 10.0), workers=1), img_size=32,
@@ -124,14 +124,19 @@ def _fit_tasks(bags, labels, cfg, cohort, meter, fraction=1.0):
     return out
 
 
+def changed(cfg, key, value):
+    """The dataclass `cfg` with field `key` set to `value`; "outer.inner" sets a field of the nested `cfg.outer`."""
+    outer, _, inner = key.partition(".")
+    return replace(cfg, **{outer: replace(getattr(cfg, outer), **{inner: value}) if inner else value})
+
+
 def pretrain_config(cfg, encoder, method):
-    """The pre-training of one row: the same budget for every encoder and method, then `cfg.pretrain`'s changes."""
+    """The pre-training of one row: the same budget for every encoder and method, then cfg.pretrain_changes."""
     pcfg = PretrainConfig(encoder=encoder, method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                           mlp_dim=cfg.mlp_dim, img_size=cfg.img_size, thickness=cfg.thickness,
                           checkpoint_every=max(1, cfg.steps // 4), seed=cfg.cohort.seed)
-    for key, value in cfg.pretrain:
-        outer, _, inner = key.partition(".")
-        pcfg = replace(pcfg, **{outer: replace(getattr(pcfg, outer), **{inner: value}) if inner else value})
+    for key, value in cfg.pretrain_changes:
+        pcfg = changed(pcfg, key, value)
     return pcfg
 
 
@@ -192,8 +197,9 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
             kept = torch.load(ckpt, weights_only=True) if ckpt.exists() else None
             earlier = kept.get("seconds", 0.0) if kept else 0.0  # training time of the processes before this one
             if kept is None or kept["step"] < cfg.steps:  # resumes a killed run
-                r = meter("pretrain", lambda: pretrain(pcfg, cohort.root, ckpt, ckpt if kept else None,
-                                                       work / "cache", progress=progress))
+                cache = work / ("cache" if pcfg.cache_size is None else f"cache-{pcfg.cache_size}")  # one per size
+                r = meter("pretrain", lambda: pretrain(pcfg, cohort.root, ckpt, ckpt if kept else None, cache,
+                                                       progress=progress))
                 earlier = r.run_seconds - r.seconds
             if earlier > 0:
                 meter.seconds["pretrain, earlier processes"] = earlier
@@ -261,6 +267,7 @@ def open_cohort(cfg, work, progress):
 
 
 def machine(cfg):
+    """This machine and the run's threads, for the report."""
     return (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"fit workers {cfg.fit.workers or 'one per core'}")
 
@@ -353,14 +360,16 @@ def write_report(report, out):
              "| encoder | pre-training | location | lung disease | stage | tumour-slice probe | rank | wall time (s) "
              "| training FLOPs | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(" | ".join(["", r["encoder"], r["method"], *row_cells(r), f"{sum(r['seconds'].values()):.0f}",
-                                 f"{r['train_flops']:.2g}", f"{r['peak_bytes'] / 2**30:.1f} GiB", ""]).strip())
+        cells = [r["encoder"], r["method"], *row_cells(r), f"{sum(r['seconds'].values()):.0f}",
+                 f"{r['train_flops']:.2g}", f"{r['peak_bytes'] / 2**30:.1f} GiB"]
+        lines.append("| " + " | ".join(cells) + " |")
     if report["efficiency"]:
         keys = [k for k in report["efficiency"][0] if k != "fraction"]
         lines += ["", "| training patients | " + " | ".join(f"{k}: {n}" for k in keys for n in TASKS) + " |",
                   "|---|" + "---|" * (len(keys) * len(TASKS))]
         for e in report["efficiency"]:
             values = [e[k][n]["value"] for k in keys for n in TASKS]
-            lines.append(f"| {e['fraction']:.0%} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in values) + " |")
+            cells = [f"{e['fraction']:.0%}", *("n/a" if v is None else f"{v:.3f}" for v in values)]
+            lines.append("| " + " | ".join(cells) + " |")
     with atomic_path(Path(out) / "accuracy.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -333,15 +333,17 @@ def bench_speed(args):
 
 
 def _run_report(run, cfg, args, name):
-    """run(cfg, out, work, progress) with tqdm bars, then print `out`/name.md and how long it took."""
+    """run(cfg, out, work, progress) with tqdm bars, then print `out`/name.md and how long it took. --quick writes
+    to results/quick by default, so that its tiny cohort never lands in the work folder of the full run."""
     from tqdm import tqdm
 
     progress = lambda desc, unit: lambda it, total: tqdm(it, total=total, desc=desc, unit=unit, leave=False)  # noqa: E731
+    out = args.out or ("results/quick" if args.quick else "results")
     t0 = time.time()
-    report = run(cfg, args.out, args.work or f"{args.out}/work", progress)
-    print(open(f"{args.out}/{name}.md").read())
+    report = run(cfg, out, args.work or f"{out}/work", progress)
+    print(open(f"{out}/{name}.md").read())
     print(f"{len(report['rows'])} rows in {time.time() - t0:.0f} s on {report['machine']}; "
-          f"results in {args.out}/{name}.md and .json")
+          f"results in {out}/{name}.md and .json")
 
 
 def bench_accuracy(args):
@@ -414,7 +416,7 @@ def main(argv=None):
     p_speed.set_defaults(func=bench_speed)
     p_acc = sub.add_parser("accuracy", help="encoders x pre-training x MIL vs a 3D CNN on the synthetic cohort")
     p_acc.add_argument("--quick", action="store_true", help="a tiny version (a smoke test, about a minute)")
-    p_acc.add_argument("--out", default="results", help="where accuracy.md and accuracy.json go")
+    p_acc.add_argument("--out", help="where accuracy.md and accuracy.json go (default results, or results/quick)")
     p_acc.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); a re-run reuses them")
     p_acc.add_argument("--encoders", nargs="+", choices=("vit", "gcnn", "ssm"),
                        help="run only these encoders' rows (default all); the HU-histogram and 3D rows always run")
@@ -422,7 +424,7 @@ def main(argv=None):
     p_acc.set_defaults(func=bench_accuracy)
     p_abl = sub.add_parser("ablate", help="why LeCL does not beat MoCo here: its settings one at a time (ViT row)")
     p_abl.add_argument("--quick", action="store_true", help="a tiny version (a smoke test)")
-    p_abl.add_argument("--out", default="results", help="where ablation.md and ablation.json go")
+    p_abl.add_argument("--out", help="where ablation.md and ablation.json go (default results, or results/quick)")
     p_abl.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); benchmark.py accuracy's "
                        "work folder shares its cohort, cache and random-init bags")
     p_abl.set_defaults(func=bench_ablate)

@@ -1,5 +1,5 @@
-"""The pieces of benchmark.py accuracy that its smoke test cannot check for values: the tumour-slice probe and
-the slice flags it is trained on."""
+"""The pieces of benchmark.py accuracy and ablate that their smoke tests cannot check for values: the tumour-slice
+probe and the slice flags it is trained on, the HU histogram, and which settings each kept row depends on."""
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -94,18 +94,17 @@ def test_probe_command_refuses_a_missing_bag_folder_in_one_line(tmp_path, capsys
     ({"cohort.workers": 1}, True, True), ({"steps": 7}, False, True), ({"img_size": 48}, False, True),
     ({"histogram_bins": 8}, True, True), ({"epochs_3d": 3}, True, False), ({"net.widths": (4, 4, 4, 4)}, True, False),
     ({"fit.epochs": 3}, False, True), ({"fit.hidden": 64}, False, True), ({"fit.lr": 0.01}, False, False),
-    ({"cohort.seed": 1}, False, False)])
+    ({"cohort.seed": 1}, False, False), ({"pretrain_changes": (("temperature", 1.0),)}, False, True)])
 def test_a_kept_row_belongs_to_its_own_settings(change, slices, net):
     """A row is reused only by a run whose settings for that row match: the 3D baseline's tasks do not depend on
     the encoders' pre-training, nor those on the 3D network; worker counts change neither."""
     base = accuracy.AccuracyConfig()
     (key, value), = change.items()
-    outer, _, inner = key.partition(".")
-    changed = replace(base, **{outer: replace(getattr(base, outer), **{inner: value}) if inner else value})
+    changed = accuracy.changed(base, key, value)
     for encoder, method in [("vit", "lecl"), ("gcnn", "random")]:
         same = accuracy.fingerprint(accuracy.encoder_settings(changed, encoder, method)) == \
             accuracy.fingerprint(accuracy.encoder_settings(base, encoder, method))
-        assert same is (slices or key == "steps" and method == "random")  # random init takes no steps
+        assert same is (slices or key in ("steps", "pretrain_changes") and method == "random")  # no pre-training
     assert (accuracy.fingerprint(accuracy.settings_3d(changed)) == accuracy.fingerprint(accuracy.settings_3d(base))) \
         is net
 
@@ -168,7 +167,7 @@ def test_ablation_variants_change_only_what_they_say():
     table = _flat(accuracy.pretrain_config(base, "vit", "lecl"))
     prints = set()
     for key, _, method, changes in ablation.VARIANTS:
-        cfg = replace(base, pretrain=changes)
+        cfg = replace(base, pretrain_changes=changes)
         if method != "random":
             got = _flat(accuracy.pretrain_config(cfg, "vit", method))
             assert {k for k in got if got[k] != table[k]} == {k for k, _ in changes} | ({"method"} if method == "moco"
@@ -176,5 +175,5 @@ def test_ablation_variants_change_only_what_they_say():
             assert all(got[k] == v for k, v in changes), key
         prints.add(accuracy.fingerprint(accuracy.encoder_settings(cfg, "vit", method)))
     assert len(prints) == len(ablation.VARIANTS)
-    assert accuracy.fingerprint(accuracy.encoder_settings(replace(base, pretrain=()), "vit", "random")) == \
+    assert accuracy.fingerprint(accuracy.encoder_settings(base, "vit", "random")) == \
         accuracy.fingerprint(accuracy.encoder_settings(accuracy.AccuracyConfig(), "vit", "random"))

@@ -131,7 +131,9 @@ def test_ablation_writes_a_complete_report_and_trains_each_variant_as_asked(tmp_
     for r in report["rows"]:
         assert set(r["tasks"]) == set(accuracy.TASKS) and all(well_formed(t) for t in r["tasks"].values())
         assert (r["probe"] is None or 0 <= r["probe"] <= 1) and 1 <= r["effective_rank"] <= 192
-    assert len(list((tmp_path / "results" / "rows").glob("ablation-vit-*.json"))) == len(picked)
+    rows = sorted(p.stem for p in (tmp_path / "results" / "rows").glob("*.json"))
+    assert rows == ["ablation-vit-crop03", "ablation-vit-tau1", "vit-random"]  # random init: the table's own row
+    assert not list((tmp_path / "work").glob("vit-random-*.pt"))  # and it never pre-trains
     temps = sorted((c["temperature"], c["views"]["crop_min"]) for c in
                    (torch.load(p, weights_only=True)["config"] for p in (tmp_path / "work").glob("vit-lecl-*.pt")))
     assert temps == [(0.2, 0.3), (1.0, 0.08)]  # the table's τ 0.2 and crop-min 0.08, each changed once
