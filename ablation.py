@@ -41,6 +41,8 @@ VARIANTS = (  # (key, what changes, method, PretrainConfig changes as accuracy.c
     ("f09", "lesion fraction 0.9", "lecl", (("lesion_fraction", 0.9),)),
     ("cache128", "crops cut from the cohort's full 128-px slices (--cache-size 128), then resized to 64", "lecl",
      (("cache_size", 128),)),
+    ("frozen", "patch projection frozen at its random init (--freeze-stem; MoCo v3's remedy, its Sec. 5)", "lecl",
+     (("freeze_stem", True),)),
 )
 
 

@@ -252,6 +252,8 @@ def add_pretrain(sub):
     p.add_argument("--temperature", type=float, default=d.temperature, help=f"default {d.temperature}")
     p.add_argument("--mlp-dim", type=int, default=d.mlp_dim, help="hidden width of the heads (default 4096)")
     p.add_argument("--proj-dim", type=int, default=d.proj_dim, help="projection width d (default 256)")
+    p.add_argument("--freeze-stem", action="store_true", help="keep the encoder's first layer (patch projection; "
+                   "gcnn: stem) at its random init, as MoCo v3 does for ViTs")
     p.add_argument("--cache", help="slice cache folder (default: OUT.cache); runs can share one")
     p.add_argument("--cache-size", type=int, help="slice size in the cache (default: --img-size)")
     p.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint")

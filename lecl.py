@@ -26,8 +26,8 @@ C window channels, S input size, F BatchNorm features.
 Departures from MoCo v3 and the official code (KatherLab/CLEAR, a MoCo v3 fork): w = 0 drops the lesion term
 (the formula as written would add exp(0) = 1 per lesion key); the two views share one encoder call (the
 encoders normalise per sample, so this equals two calls), the heads see each view alone; MoCo v3 freezes its
-ViT's random patch projection (a stability trick, its Sec. 5), here every encoder trains whole, so that the
-three families are pre-trained alike.
+ViT's random patch projection (a stability trick, its Sec. 5), here every encoder trains whole by default, and
+pretrain.py's `freeze_stem` freezes the first layer of any of the three families alike (models.stem).
 """
 import copy
 import math
@@ -162,9 +162,11 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def update_momentum(self, m):
-        """θ_m <- m θ_m + (1 - m) θ for the encoder and projector (MoCo v3, Alg. 1)."""
+        """θ_m <- m θ_m + (1 - m) θ for the encoder and projector (MoCo v3, Alg. 1); a frozen θ (pretrain.py's
+        freeze_stem) is left out: its copy equals it already, and the update would only add rounding."""
         for pm, p in zip(self.momentum_parameters(), self.base_parameters()):
-            pm.mul_(m).add_(p.detach(), alpha=1 - m)
+            if p.requires_grad:
+                pm.mul_(m).add_(p.detach(), alpha=1 - m)
 
     def forward(self, x1, x2, lesion, m):  # x1, x2: (N, C, S, S); lesion: (N,) bool
         N = x1.shape[0]

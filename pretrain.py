@@ -42,11 +42,13 @@ from cohort import Cohort
 from data import SliceConfig
 from files import ClearError, atomic_path, load_untrusted
 from lecl import MoCo, gather, momentum_at
-from models import build_encoder, effective_rank
+from models import build_encoder, effective_rank, stem
 from views import ViewConfig, batch_ids, make_views, mix, open_cache
 
 FORMAT = "clear-pretrain/1"
 RUNTIME_FIELDS = ("device", "checkpoint_every")  # may change on --resume; every other field defines the run
+LATER_FIELDS = {"freeze_stem": False}  # fields added after runs were made: at these defaults they are left out of a
+#                                       run's settings, so the runs made before them keep their identity
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class PretrainConfig:
     thickness: float | None = None  # resample slices to this spacing in mm; None: as stored (data.SliceConfig)
     windows: tuple = SliceConfig.windows  # HU (level, width) per channel: lung, soft tissue, bone
     views: ViewConfig = ViewConfig()  # crops and augmentations
+    freeze_stem: bool = False  # keep the encoder's first layer at its random init (models.stem): MoCo v3's remedy
+    #                            (its Sec. 5) for the instability of ViTs early in training
     seed: int = 0  # initial weights, data order and every view follow from it
     device: str = "auto"  # auto: CUDA if present (bf16 autocast, fp16 where bf16 is missing), else CPU
     checkpoint_every: int = 500  # steps between checkpoints; one is also written at the end
@@ -140,8 +144,11 @@ def load_checkpoint(path):
 
 
 def run_settings(cfg):
-    """The settings that define a run: the config as a checkpoint stores it, without RUNTIME_FIELDS."""
-    return {k: v for k, v in plain(asdict(cfg)).items() if k not in RUNTIME_FIELDS}
+    """The settings that define a run (a PretrainConfig, or the config as a checkpoint stores it): without
+    RUNTIME_FIELDS, and without LATER_FIELDS at their defaults."""
+    d = cfg if isinstance(cfg, dict) else plain(asdict(cfg))
+    return {k: v for k, v in d.items()
+            if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 def check_resume(ck, path, encoder_config, cfg):
@@ -150,10 +157,12 @@ def check_resume(ck, path, encoder_config, cfg):
     if have != want:
         raise ClearError(f"{path}: a checkpoint of encoder {have['name']}/{have['size']} at {have['img_size']} "
                          f"px; this command asks for {want['name']}/{want['size']} at {want['img_size']} px")
-    for k, v in run_settings(cfg).items():
-        if ck["config"].get(k) != v:
-            raise ClearError(f"{path}: trained with {k}={ck['config'].get(k)!r}, this command has {k}={v!r}; "
-                             "resume with the same settings")
+    have, want = run_settings(ck["config"]), run_settings(cfg)
+    for k in [*want, *(k for k in have if k not in want)]:
+        h, w = have.get(k, LATER_FIELDS.get(k)), want.get(k, LATER_FIELDS.get(k))
+        if h != w:
+            raise ClearError(f"{path}: trained with {k}={h!r}, this command has {k}={w!r}; resume with the same "
+                             "settings")
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -252,6 +261,9 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             raise ClearError(f"--encoder/--size/--img-size: {e}") from None
         model = MoCo(encoder, cfg.proj_dim, cfg.mlp_dim, cfg.temperature,
                      cfg.lesion_weight if cfg.method == "lecl" else 0.0)
+        for p in stem(encoder).parameters() if cfg.freeze_stem else ():
+            p.requires_grad_(False)  # out of AdamW (it takes the parameters that require grad) and of the momentum
+            #                          update (lecl.MoCo.update_momentum): both copies stay at the init
         ck = load_checkpoint(resume) if resume else None
         if ck is not None:
             check_resume(ck, resume, encoder.encoder_config, cfg)

@@ -22,6 +22,7 @@ from .ssm import SSMConfig, VisionMamba
 from .vit import VisionTransformer, ViTConfig
 
 ENCODERS = {"vit": VisionTransformer, "gcnn": GatedCNN, "ssm": VisionMamba}
+STEMS = {"vit": "patch_embed", "gcnn": "stem", "ssm": "patch_embed"}  # each family's first layer: pixels -> features
 
 # name -> size -> architecture (in_chans and img_size are filled in by build_encoder).
 SIZES = {
@@ -59,5 +60,12 @@ def build_encoder(name, size="tiny", in_chans=3, img_size=224) -> nn.Module:
     return encoder
 
 
-__all__ = ["ENCODERS", "SIZES", "build_encoder", "count_parameters", "effective_rank", "GCNNConfig", "SSMConfig",
+def stem(encoder) -> nn.Module:
+    """The encoder's first layer, the one that maps pixels to features: the patch projection of vit and ssm, the
+    convolutional stem of gcnn. MoCo v3 (Chen et al. 2021, Sec. 5) freezes it at its random init (pretrain.py's
+    `freeze_stem`)."""
+    return getattr(encoder, STEMS[encoder.encoder_config["name"]])
+
+
+__all__ = ["ENCODERS", "SIZES", "STEMS", "build_encoder", "stem", "count_parameters", "effective_rank", "GCNNConfig", "SSMConfig",
            "ViTConfig", "GatedCNN", "VisionMamba", "VisionTransformer"]

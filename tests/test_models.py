@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models.ssm
-from models import SIZES, build_encoder, count_parameters
+from models import SIZES, build_encoder, count_parameters, stem
 from models.gcnn import GatedCNNBlock
 from models.ssm import BiMamba, Direction, SSMConfig
 from models.vit import Attention, VisionTransformer, ViTConfig
@@ -88,6 +88,23 @@ def test_gradients_reach_every_parameter(name):
     (out * torch.randn_like(out)).sum().backward()  # a random projection: sum() alone is blind behind a norm
     dead = [n for n, p in enc.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, f"no gradient reaches {dead}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_stem_is_the_layer_that_sees_the_pixels(name):
+    """models.stem (what pretrain's freeze_stem freezes): with its weights zeroed, every image gives the same
+    embedding, so it is the one layer between the pixels and the rest; it is a small part of the encoder."""
+    enc = build_encoder(name, img_size=32).eval()
+    first = stem(enc)
+    x = images(2)
+    with torch.no_grad():
+        assert not torch.allclose(enc(x)[0], enc(x)[1], atol=1e-4)
+        for p in first.parameters():
+            if p.dim() > 1:  # the weights; biases and norms are not the pixels' way in
+                p.zero_()
+        out = enc(x)
+    assert torch.allclose(out[0], out[1], atol=1e-5)
+    assert 0 < count_parameters(first) < 0.05 * count_parameters(enc)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -142,6 +142,44 @@ def test_sixty_steps_lower_the_loss_and_the_checkpoint_rebuilds_the_encoder(run6
     assert ck["config"]["method"] == "lecl" and ck["encoder_config"]["name"] == "vit"
 
 
+@pytest.fixture(scope="module")
+def frozen(cohort):
+    out = cohort / "frozen.pt"
+    assert cli_pretrain(cohort, out, "--steps", "3", "--freeze-stem") == 0
+    return out
+
+
+def test_a_frozen_stem_stays_at_its_random_init_and_the_rest_trains(frozen, run60):
+    """--freeze-stem: the patch projection of the trained encoder and of its momentum copy is the one pre-training
+    starts from (seed 0), bit for bit; every other tensor has moved, and without the flag the stem moves too."""
+    ck = load(frozen)
+    torch.manual_seed(0)  # as pretrain() seeds before building the encoder
+    init = build_encoder(**ck["encoder_config"]).state_dict()
+    frozen = {k for k in init if k.startswith("patch_embed.")}
+    assert frozen and ck["config"]["freeze_stem"] is True
+    for k, v in init.items():
+        assert torch.equal(ck["encoder"][k], v) is (k in frozen), k
+        if k in frozen:
+            assert torch.equal(ck["state"]["model"][f"momentum_encoder.{k}"], v), k
+    assert not torch.equal(load(run60)["encoder"]["patch_embed.proj.weight"], init["patch_embed.proj.weight"])
+
+
+def test_a_setting_added_later_keeps_the_runs_before_it(cohort, run60, frozen, capsys):
+    """freeze_stem came after runs were made (pretrain.LATER_FIELDS): a checkpoint without it is a run at its
+    default, which a command at the default continues and one with --freeze-stem refuses; so is a frozen run
+    refused to a command without the flag."""
+    ck = load(run60)
+    del ck["config"]["freeze_stem"]
+    old = cohort / "old.pt"
+    torch.save(ck, old)
+    same = ["--steps", "60", "--checkpoint-every", "25", "--resume", str(old)]
+    assert cli_pretrain(cohort, old, *same) == 0 and "nothing to do, already at step 60" in capsys.readouterr().out
+    assert cli_pretrain(cohort, old, *same, "--freeze-stem") == 2
+    assert "trained with freeze_stem=False, this command has freeze_stem=True" in capsys.readouterr().err
+    assert cli_pretrain(cohort, frozen, "--steps", "3", "--resume", str(frozen)) == 2
+    assert "trained with freeze_stem=True, this command has freeze_stem=False" in capsys.readouterr().err
+
+
 def test_resume_after_ctrl_c_ends_with_the_uninterrupted_weights(cohort, monkeypatch, capsys):
     args = ["--steps", "12", "--checkpoint-every", "100", "--seed", "3"]
     assert cli_pretrain(cohort, cohort / "full.pt", *args) == 0
