@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from triton_scan import default_method, scan_chunked, selective_scan, selective_scan_ref
+from triton_scan import chunked, default_method, scan_chunked, selective_scan, selective_scan_ref
 from triton_scan.parallel import linear_scan
 
 METHODS = ["chunked", "parallel"]
@@ -178,6 +178,13 @@ def test_default_method_and_shape_errors():
 def test_inference_mode(method):
     # The encoders run the scan under torch.inference_mode; the custom autograd.Function must work there too.
     u, delta, A, B, C, D, z, bias = make_inputs(2, 3, 4, 40)
+    chunked.WORKSPACE.flat.clear()  # as in a fresh process, whose first scan is an extraction's
     with torch.inference_mode():
         got = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, method=method)
-    assert_rel_close(got, selective_scan_ref(u, delta, A, B, C, D, z, bias, delta_softplus=True))
+    want = selective_scan_ref(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+    assert_rel_close(got, want)
+    # and after it, outside it: the chunked scan's kept work blocks were made under inference_mode the first time
+    # (a bag extraction, then a FLOP count in the same process raised "Inplace update to inference tensor")
+    with torch.no_grad():
+        again = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, method=method)
+    assert_rel_close(again, want)

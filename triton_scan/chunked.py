@@ -46,15 +46,17 @@ LOG2_E = 1.4426950408889634  # exp(x) = 2 ** (x log2 e); torch.exp2 measured 1.8
 
 
 class Workspace(threading.local):
-    """The (T, B, N, D) work blocks, reused from call to call (per thread, per device and dtype) and grown to the
-    largest size asked for: at most 4 T B N D numbers, 100 MiB for Vim-Ti at B = 64."""
+    """The (T, B, N, D) work blocks, reused from call to call (per thread, device, dtype and inference mode) and
+    grown to the largest size asked for: at most 4 T B N D numbers, 100 MiB for Vim-Ti at B = 64. Blocks made under
+    torch.inference_mode are inference tensors, which may not be written outside it (extraction, then a FLOP count
+    or training in the same process), so each mode has its own."""
 
     def __init__(self):
         self.flat = {}
 
     def blocks(self, count, shape, like):
         numel = count * math.prod(shape)
-        key = (like.device, like.dtype)
+        key = (like.device, like.dtype, torch.is_inference_mode_enabled())
         if key not in self.flat or self.flat[key].numel() < numel:
             self.flat[key] = like.new_empty(numel)
         return self.flat[key][:numel].view(count, *shape).unbind(0)  # count x (T, B, N, D)
