@@ -87,7 +87,7 @@ def write_report(report, out):
              "| variant | what changes | location | lung disease | stage | tumour-slice probe | rank | wall time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        cells = [r["variant"], r["changes"], *accuracy.row_cells(r), f"{sum(r['seconds'].values()):.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(accuracy.md_row([r["variant"], r["changes"], *accuracy.row_cells(r),
+                                      f"{sum(r['seconds'].values()):.0f}"]))
     with atomic_path(Path(out) / "ablation.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -342,6 +342,11 @@ def _cell(t):
     return f"{t['value']:.3f} [{t['ci_low']:.2f}, {t['ci_high']:.2f}]" if t["value"] is not None else "n/a"
 
 
+def md_row(cells):
+    """One row of a Markdown table."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def row_cells(r):
     """A slice-pipeline row's table cells: the three tasks' AUROCs, the tumour-slice probe and the rank."""
     probe = f"{r['probe']:.3f}" if r.get("probe") is not None else "n/a"
@@ -362,14 +367,13 @@ def write_report(report, out):
     for r in report["rows"]:
         cells = [r["encoder"], r["method"], *row_cells(r), f"{sum(r['seconds'].values()):.0f}",
                  f"{r['train_flops']:.2g}", f"{r['peak_bytes'] / 2**30:.1f} GiB"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(cells))
     if report["efficiency"]:
         keys = [k for k in report["efficiency"][0] if k != "fraction"]
         lines += ["", "| training patients | " + " | ".join(f"{k}: {n}" for k in keys for n in TASKS) + " |",
                   "|---|" + "---|" * (len(keys) * len(TASKS))]
         for e in report["efficiency"]:
             values = [e[k][n]["value"] for k in keys for n in TASKS]
-            cells = [f"{e['fraction']:.0%}", *("n/a" if v is None else f"{v:.3f}" for v in values)]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(md_row([f"{e['fraction']:.0%}", *("n/a" if v is None else f"{v:.3f}" for v in values)]))
     with atomic_path(Path(out) / "accuracy.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")

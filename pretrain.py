@@ -157,12 +157,11 @@ def check_resume(ck, path, encoder_config, cfg):
     if have != want:
         raise ClearError(f"{path}: a checkpoint of encoder {have['name']}/{have['size']} at {have['img_size']} "
                          f"px; this command asks for {want['name']}/{want['size']} at {want['img_size']} px")
-    have, want = run_settings(ck["config"]), run_settings(cfg)
-    for k in [*want, *(k for k in have if k not in want)]:
-        h, w = have.get(k, LATER_FIELDS.get(k)), want.get(k, LATER_FIELDS.get(k))
-        if h != w:
-            raise ClearError(f"{path}: trained with {k}={h!r}, this command has {k}={w!r}; resume with the same "
-                             "settings")
+    have, want = ({**LATER_FIELDS, **run_settings(c)} for c in (ck["config"], cfg))  # a missing later field: default
+    for k, w in want.items():
+        if have.get(k) != w:
+            raise ClearError(f"{path}: trained with {k}={have.get(k)!r}, this command has {k}={w!r}; resume with "
+                             "the same settings")
 
 
 # --------------------------------------------------------------------------------------------- training

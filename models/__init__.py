@@ -67,5 +67,5 @@ def stem(encoder) -> nn.Module:
     return getattr(encoder, STEMS[encoder.encoder_config["name"]])
 
 
-__all__ = ["ENCODERS", "SIZES", "STEMS", "build_encoder", "stem", "count_parameters", "effective_rank", "GCNNConfig", "SSMConfig",
-           "ViTConfig", "GatedCNN", "VisionMamba", "VisionTransformer"]
+__all__ = ["ENCODERS", "SIZES", "STEMS", "build_encoder", "stem", "count_parameters", "effective_rank", "GCNNConfig",
+           "SSMConfig", "ViTConfig", "GatedCNN", "VisionMamba", "VisionTransformer"]
