@@ -6,6 +6,7 @@
     python benchmark.py accuracy    # the paper's claim on the synthetic cohort: results/accuracy.md
     python benchmark.py ablate      # LeCL's settings one at a time on its ViT row: results/ablation.md
     python benchmark.py probe --data COHORT --bags BAGS   # does an encoder see the lesions of the masks?
+    python benchmark.py twin --checkpoint E.pt  # ... and with anatomy and noise held fixed (synthetic twins)?
 
 These machines are shared and noisy: every figure is the best of several repeats and is printed beside a
 reference measured in the same run, so ratios are what to read.
@@ -391,6 +392,28 @@ def bench_probe(args):
           f"at |r| = {corr:.2f}")
 
 
+def bench_twin(args):
+    """The twin test (probe.twin_probe) of one encoder on the accuracy benchmark's cohort, one row per finding."""
+    from accuracy import AccuracyConfig
+    from extract import EncoderSpec, load_encoder
+    from probe import twin_probe, twin_slices
+
+    spec = EncoderSpec(checkpoint=args.checkpoint, name=args.encoder, module=args.encoder_module,
+                       img_size=args.img_size)
+    encoder, identity, slices = load_encoder(spec)
+    slices = dataclasses.replace(slices, thickness_mm=None)
+    cohort = dataclasses.replace(AccuracyConfig().cohort, seed=args.seed)
+    findings = {"ground glass (mask 9)": (9,), "emphysema (10)": (10,), "tumours (1-8)": tuple(range(1, 9))}
+    twins = twin_slices(cohort, range(args.n), findings, slices)
+    print(f"twin test of {identity.get('name', '?')}, {identity['source']}, at {slices.img_size} px, on patients "
+          f"0-{args.n - 1} of the synthetic cohort (seed {args.seed}, {cohort.size} px): each slice with a finding "
+          f"against the same slice of its twin without it")
+    print("| finding | patients | slice pairs | twin probe AUROC | consistency |\n|---|---:|---:|---:|---:|")
+    for name, pairs in twins.items():
+        auc, cons = twin_probe(encoder, pairs, args.seed) if len(pairs) >= 4 else (math.nan, math.nan)
+        print(f"| {name} | {len(pairs)} | {sum(len(w) for _, w, _ in pairs)} | {auc:.3f} | {cons:.2f} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -436,6 +459,17 @@ def main(argv=None):
                          "the synthetic cohort's tumours are 1-8)")
     p_probe.add_argument("--seed", type=int, default=0, help="which patients are held out")
     p_probe.set_defaults(func=bench_probe)
+    p_twin = sub.add_parser("twin", help="does an encoder see a finding with anatomy and noise held fixed? "
+                                         "synthetic scans against their twins without the findings")
+    src = p_twin.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a clear.py pretrain checkpoint")
+    src.add_argument("--encoder", choices=("vit", "gcnn", "ssm"), help="this encoder at random init")
+    src.add_argument("--encoder-module", metavar="FILE.py:FACTORY", help="e.g. probe.py:HUHistogram")
+    p_twin.add_argument("--img-size", type=int, default=64, help="input size for --encoder/--encoder-module "
+                        "(default: the accuracy benchmark's 64)")
+    p_twin.add_argument("--n", type=int, default=60, help="patients drawn (those with each finding are used)")
+    p_twin.add_argument("--seed", type=int, default=0, help="the cohort's seed (0: the accuracy benchmark's)")
+    p_twin.set_defaults(func=bench_twin)
     args = parser.parse_args(argv)
     from files import ClearError
 

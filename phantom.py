@@ -254,8 +254,10 @@ def _blur(hu, sigma_px):
     return hu
 
 
-def make_phantom(cfg, patient, scan=0):
-    """One scan of one patient: anatomy and findings from (seed, patient), acquisition from the scan."""
+def make_phantom(cfg, patient, scan=0, findings=True):
+    """One scan of one patient: anatomy and findings from (seed, patient), acquisition from the scan.
+    findings=False: its twin, the same scan with the findings drawn but not painted (same anatomy, placement and
+    noise, labels all 0): probe.twin_slices compares the two."""
     rng_f, rng_a, rng_s = (np.random.default_rng([cfg.seed, patient, k, scan * (k == 2)]) for k in range(3))
     lesions, disease = draw_findings(rng_f, cfg)
     height, girth = rng_a.uniform(480, 560), rng_a.uniform(0.85, 1.1)
@@ -266,9 +268,12 @@ def make_phantom(cfg, patient, scan=0):
     origin = (-rng_s.uniform(900, 1100), -cfg.size / 2 * pixel + shift[0], -cfg.size / 2 * pixel + shift[1])
     cv = Canvas((nz, cfg.size, cfg.size), (dz, pixel, pixel), origin)
     H = _anatomy(cv, rng_a, height, girth)
+    healthy = None if findings else (cv.hu.copy(), cv.mask.copy())
     if disease:
         _lung_disease(cv, rng_f, disease, cfg.contrast, H)
     placed = [(s, d) for s, d in lesions if _lesion(cv, rng_s, s, d, cfg.contrast)]
+    if healthy is not None:  # every random draw made as above, so the noise below is the same
+        (cv.hu, cv.mask), disease, placed = healthy, 0, []
     noise = rng_s.uniform(8, 20) * 2.5  # HU before the blur, which lowers it about 2.5x
     hu = cv.hu + rng_s.standard_normal(cv.hu.shape, dtype=np.float32) * noise
     hu = np.clip(np.rint(_blur(hu, 0.7)), -1024, 3071).astype(np.float32)

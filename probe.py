@@ -1,11 +1,15 @@
-"""Diagnostics of a slice encoder, read from its bags (`python benchmark.py probe`, and columns of
-`benchmark.py accuracy`), and the reference encoder that learns nothing.
+"""Diagnostics of a slice encoder (`python benchmark.py probe` on its bags, `benchmark.py twin` on synthetic twins,
+and columns of `benchmark.py accuracy`), and the reference encoder that learns nothing.
 
 - slice_probe: does the encoder see lesions? A linear probe of per-slice lesion flags (from the masks) on the
   slice embeddings, in held-out patients. The MIL never sees slice labels; the probe is a diagnosis of the
   encoder, not part of the method.
 - first_axis: has it collapsed onto anatomy? The first principal axis's share of the variance and its
   correlation with slice height. models.effective_rank (RankMe) is the other half of that reading.
+- twin_probe: does it see a finding with everything else held fixed? Each synthetic scan against its twin, the
+  same scan without the finding (phantom.make_phantom(findings=False): same anatomy, acquisition and noise): a
+  linear probe of "with or without" on the twin slices' embeddings, in held-out patients. Unlike slice_probe,
+  no other property of the slice (its height in the body, above all) can stand in for the finding.
 - HUHistogram: the histogram of each HU window's pixel values, (B, C, H, W) -> (B, C · bins), with nothing
   learnt. As bags it shows what attention-MIL can read from intensities alone: diffuse disease shifts the lung
   histogram, a small lesion's site or size barely moves any bin. A learnt encoder has to beat it.
@@ -16,9 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cv
-from data import canonical_grid, load_mask, nearest_slices, voxel_spacing
+from data import canonical_grid, load_mask, nearest_slices, prepare_slices, voxel_spacing
+from extract import embed_slices
 from metrics import auroc
 from models.common import check_images, effective_rank, evenly_spaced
+from phantom import make_phantom
 
 
 def lesion_slice_flags(cohort, bags, labels=None):
@@ -64,6 +70,40 @@ def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
         opt.step(closure)
         aucs.append(auroc(y[test].numpy(), (z[test] @ w[:-1]).detach().numpy()))
     return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def twin_slices(cfg, patients, findings, slices, min_voxels=4):
+    """The twin test's slices. findings: {name: phantom mask labels}. For each patient in `patients` of the synthetic
+    cohort `cfg` (phantom.SynthConfig), the slices of its first scan that hold a finding on at least `min_voxels`
+    voxels, and the same slices of its twin without the findings -> {name: [(patient, with, without)]}, each
+    (n, C, S, S) as data.prepare_slices makes them (stored slices, no z resampling); patients without the
+    finding are left out of its list."""
+    out = {name: [] for name in findings}
+    for patient in patients:
+        a, b = make_phantom(cfg, patient), None
+        for name, labels in findings.items():
+            hit = np.isin(a.mask, labels).reshape(len(a.mask), -1).sum(1) >= min_voxels  # (Z,)
+            if hit.any():
+                b = make_phantom(cfg, patient, findings=False) if b is None else b
+                out[name].append((patient, prepare_slices(a.hu[hit], a.spacing, slices)[0],
+                                  prepare_slices(b.hu[hit], b.spacing, slices)[0]))
+    return out
+
+
+def twin_probe(encoder, twins, seed=0, batch_size=64):
+    """(AUROC, consistency) of `encoder` on twin_slices' `twins`. AUROC: slice_probe of "with the finding" against
+    the twin slices (4 patient folds); 0.5 when the embedding does not change with the finding in a way one
+    linear direction reads across patients. Consistency: the mean cosine between the changes (with - without)
+    over all pairs of slices, 1 when the finding moves every slice's embedding the same way."""
+    features, flags = [], []
+    for _, with_, without in twins:
+        features.append(embed_slices(encoder, torch.cat([with_, without]), batch_size))  # (2n, D)
+        flags.append(torch.arange(2 * len(with_)) < len(with_))  # (2n,) True: with the finding
+    auc = slice_probe(features, flags, [p for p, _, _ in twins], seed)
+    change = torch.cat([f[: len(f) // 2] - f[len(f) // 2:] for f in features]).double()  # (T, D)
+    change = change / change.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    T = len(change)  # the mean off-diagonal cosine, from |sum of unit vectors|^2 = T + sum over i != j
+    return auc, float((change.sum(0).pow(2).sum() - T) / max(T * (T - 1), 1))
 
 
 def first_axis(bags, most=20000):

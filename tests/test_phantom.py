@@ -51,6 +51,21 @@ def test_stage_agrees_with_the_findings_in_the_mask(phantoms):
     assert stages == {0, 1, 2, 3}
 
 
+def test_a_twin_is_the_same_scan_without_its_findings():
+    """make_phantom(findings=False), the twin test's control: same anatomy, acquisition and noise, no findings.
+    Voxels beyond the blur's reach (2 px in-plane) of every finding are identical; the findings' own changed."""
+    a, b = P.make_phantom(SMALL, 1), P.make_phantom(SMALL, 1, findings=False)  # patient 1: ground glass, tumours
+    assert (a.mask == P.LUNG_GGO).any() and (a.mask[a.mask < P.LUNG_GGO] > 0).any() and a.labels["lung_disease"]
+    assert not b.mask.any() and not any(b.labels.values()) and not b.lesions
+    assert np.array_equal(a.tissue, b.tissue) and np.array_equal(a.affine, b.affine)
+    near = a.mask > 0
+    for axis in (1, 2):
+        for _ in range(2):
+            near = near | np.roll(near, 1, axis) | np.roll(near, -1, axis)
+    assert (~near).sum() > 0.9 * near.size and np.array_equal(a.hu[~near], b.hu[~near])
+    assert (a.hu - b.hu)[a.mask == P.LUNG_GGO].mean() > 150  # +250 or +850 HU, before the blur and rounding
+
+
 def test_anatomy_sits_at_plausible_hounsfield_units():
     ranges = {P.AIR: (-1010, -950), P.FAT: (-140, -60), P.MUSCLE: (20, 70), P.LUNG: (-900, -780),
               P.LIVER: (45, 75), P.SPLEEN: (35, 65), P.KIDNEY: (20, 50), P.BLADDER: (-5, 25),
