@@ -407,7 +407,7 @@ def bench_twin(args):
     twins = twin_slices(cohort, range(args.n), findings, slices)
     print(f"twin test of {identity.get('name', '?')}, {identity['source']}, at {slices.img_size} px, on patients "
           f"0-{args.n - 1} of the synthetic cohort (seed {args.seed}, {cohort.size} px): each slice with a finding "
-          f"against the same slice of its twin without it")
+          f"against the same slice of its twin without it\n")
     print("| finding | patients | slice pairs | twin probe AUROC | consistency |\n|---|---:|---:|---:|---:|")
     for name, pairs in twins.items():
         auc, cons = twin_probe(encoder, pairs, args.seed) if len(pairs) >= 4 else (math.nan, math.nan)
