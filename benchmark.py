@@ -394,8 +394,9 @@ def bench_probe(args):
 
 def bench_twin(args):
     """The twin test (probe.twin_probe) of one encoder on the accuracy benchmark's cohort, one row per finding."""
-    from accuracy import AccuracyConfig
+    from accuracy import TUMOUR_LABELS, AccuracyConfig
     from extract import EncoderSpec, load_encoder
+    from phantom import LUNG_EMPHYSEMA, LUNG_GGO
     from probe import twin_probe, twin_slices
 
     spec = EncoderSpec(checkpoint=args.checkpoint, name=args.encoder, module=args.encoder_module,
@@ -403,9 +404,10 @@ def bench_twin(args):
     encoder, identity, slices = load_encoder(spec)
     slices = dataclasses.replace(slices, thickness_mm=None)
     cohort = dataclasses.replace(AccuracyConfig().cohort, seed=args.seed)
-    findings = {"ground glass (mask 9)": (9,), "emphysema (10)": (10,), "tumours (1-8)": tuple(range(1, 9))}
+    findings = {f"ground glass (mask {LUNG_GGO})": (LUNG_GGO,), f"emphysema ({LUNG_EMPHYSEMA})": (LUNG_EMPHYSEMA,),
+                f"tumours ({TUMOUR_LABELS[0]}-{TUMOUR_LABELS[-1]})": TUMOUR_LABELS}
     twins = twin_slices(cohort, range(args.n), findings, slices)
-    print(f"twin test of {identity.get('name', '?')}, {identity['source']}, at {slices.img_size} px, on patients "
+    print(f"twin test of {identity['name']}, {identity['source']}, at {slices.img_size} px, on patients "
           f"0-{args.n - 1} of the synthetic cohort (seed {args.seed}, {cohort.size} px): each slice with a finding "
           f"against the same slice of its twin without it\n")
     print("| finding | patients | slice pairs | twin probe AUROC | consistency |\n|---|---:|---:|---:|---:|")

@@ -155,11 +155,11 @@ def test_a_frozen_stem_stays_at_its_random_init_and_the_rest_trains(frozen, run6
     ck = load(frozen)
     torch.manual_seed(0)  # as pretrain() seeds before building the encoder
     init = build_encoder(**ck["encoder_config"]).state_dict()
-    frozen = {k for k in init if k.startswith("patch_embed.")}
-    assert frozen and ck["config"]["freeze_stem"] is True
+    stem_keys = {k for k in init if k.startswith("patch_embed.")}
+    assert stem_keys and ck["config"]["freeze_stem"] is True
     for k, v in init.items():
-        assert torch.equal(ck["encoder"][k], v) is (k in frozen), k
-        if k in frozen:
+        assert torch.equal(ck["encoder"][k], v) is (k in stem_keys), k
+        if k in stem_keys:
             assert torch.equal(ck["state"]["model"][f"momentum_encoder.{k}"], v), k
     assert not torch.equal(load(run60)["encoder"]["patch_embed.proj.weight"], init["patch_embed.proj.weight"])
 
