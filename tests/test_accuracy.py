@@ -139,6 +139,18 @@ def test_hu_histogram_counts_pixels_per_bin_worked_by_hand():
         probe.HUHistogram(in_chans=2, bins=4)(torch.zeros(1, 3, 4, 4))
 
 
+def test_pixel_grid_averages_each_cell_worked_by_hand():
+    x = torch.arange(2 * 4 * 6, dtype=torch.float32).view(1, 2, 4, 6)  # two channels of 4 x 6 pixels, 0..47
+    g = probe.PixelGrid(in_chans=2, grid=2)(x)  # cells of 2 x 3 pixels
+    # channel 0's top-left cell holds 0, 1, 2, 6, 7, 8 (mean 4); a step right adds 3, a step down 12; channel 1 is +24
+    want = torch.tensor([[4.0, 7.0, 16.0, 19.0, 28.0, 31.0, 40.0, 43.0]])
+    assert g.shape == (1, 8) and torch.allclose(g, want)
+    assert probe.PixelGrid(2, grid=1)(x).flatten().tolist() == [11.5, 35.5]  # one cell: the channel means
+    assert weights_sha256(probe.PixelGrid(3, 4)) != weights_sha256(probe.PixelGrid(3, 8))
+    with pytest.raises(ValueError, match="in_chans=2"):
+        probe.PixelGrid(in_chans=2)(torch.zeros(1, 3, 8, 8))
+
+
 class Windows(torch.nn.Module):
     """An encoder reading only some of the window channels: a HU histogram of them."""
 
