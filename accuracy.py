@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import cv
 from baseline3d import Net3DConfig, ResNet3D, Volume3DConfig, fit_cv_3d, load_volumes
@@ -34,6 +33,7 @@ from data import SliceConfig
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from files import ClearError, atomic_path
 from mil import AttentionMIL, load_bags
+from models import build_encoder, count_flops
 from phantom import SITES, SynthConfig, write_cohort
 from pretrain import PretrainConfig, plain, pretrain, run_settings
 from probe import HUHistogram, bags_rank, probe_bags
@@ -72,11 +72,20 @@ QUICK = AccuracyConfig(cohort=SynthConfig(n=40, size=48, thickness=(8.0, 10.0), 
                        volume=Volume3DConfig(depth=8, size=16), net=Net3DConfig(widths=(4, 8, 8, 8)))
 
 
-def flops(module, *inputs):
-    """FLOPs (2 x MACs) of one forward pass, counted by torch's FlopCounterMode."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module.eval()(*inputs)
-    return counter.get_total_flops()
+def training_flops(cfg, encoder, method, n_slices):
+    """A row's estimated training FLOPs, from its settings and bag slices alone, so that a row kept from an earlier
+    run is counted by today's counter (models.count_flops): pre-training steps x batch x 2 views x (3 for the
+    encoder's forward and backward + 1 for the momentum encoder's forward) x one slice's forward, plus the
+    extraction of every bag slice, plus the MIL fits (3 x forward per bag slice x epochs x folds x tasks). The
+    heads (projector, predictor: about 2 % at mlp-dim 1024) are left out."""
+    enc = HUHistogram(len(SliceConfig.windows), cfg.histogram_bins) if method == "none" else \
+        build_encoder(encoder, img_size=cfg.img_size)
+    per_slice = count_flops(enc, torch.zeros(1, len(SliceConfig.windows), cfg.img_size, cfg.img_size))
+    mil = AttentionMIL(enc.embed_dim, 8, cfg.fit.hidden, att_dim=cfg.fit.att_dim)
+    per_bag_slice = count_flops(mil, torch.zeros(1, 100, enc.embed_dim)) / 100
+    steps = 0 if method in ("random", "none") else cfg.steps
+    mil_flops = 3 * per_bag_slice * n_slices * cfg.fit.epochs * cfg.fit.folds * len(TASKS)
+    return steps * cfg.batch_size * 2 * 4 * per_slice + n_slices * per_slice + mil_flops
 
 
 def _task_targets(cohort, name, folds):
@@ -180,12 +189,12 @@ def fingerprint(settings):
 
 
 def make_bags(cfg, work, cohort, encoder, method, progress, meter):
-    """pretrain (unless random init or the histogram; continues a killed run) -> extract: (bags, encoder, slice
-    settings, slices embedded by this call, pre-training steps). Stages are timed by `meter`. The work files
+    """pretrain (unless random init or the histogram; continues a killed run) -> extract -> the bags (mil.Bags).
+    Stages are timed by `meter`. The work files
     carry the fingerprint of encoder_making, so a checkpoint or bags made otherwise are never picked up, and a
     change of the fits alone re-uses them."""
     tag = f"{encoder}-{method}-{fingerprint(encoder_making(cfg, encoder, method))[:8]}"
-    steps, ckpt = 0, work / f"{tag}.pt"
+    ckpt = work / f"{tag}.pt"
     if method == "none":
         enc = HUHistogram(len(SliceConfig.windows), cfg.histogram_bins)
         identity = {"name": "hu-histogram", "bins": cfg.histogram_bins, "source": "accuracy.py",
@@ -203,31 +212,26 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
                 earlier = r.run_seconds - r.seconds
             if earlier > 0:
                 meter.seconds["pretrain, earlier processes"] = earlier
-            steps = cfg.steps
-        enc, identity, slices = load_encoder(EncoderSpec(checkpoint=str(ckpt)) if steps else
-                                             EncoderSpec(name=encoder, img_size=cfg.img_size))
+        enc, identity, slices = load_encoder(EncoderSpec(name=encoder, img_size=cfg.img_size) if method == "random"
+                                             else EncoderSpec(checkpoint=str(ckpt)))
     slices = replace(slices, thickness_mm=cfg.thickness)
     bags_dir = work / f"bags-{tag}"
-    n_slices = meter("extract", lambda: sum(n for status, _, n in extract_bags(cohort, enc, identity, slices, bags_dir)
-                                            if status == "done"))
-    return load_bags(bags_dir), enc, slices, n_slices, steps
+    failed = meter("extract", lambda: [why for status, _, why in extract_bags(cohort, enc, identity, slices, bags_dir)
+                                       if status == "failed"])
+    if failed:  # the cohort is this benchmark's own: a scan it cannot read is a bug, not a row with fewer scans
+        raise ClearError(f"{bags_dir}: {len(failed)} scan(s) failed to extract: {'; '.join(failed)}")
+    return load_bags(bags_dir)
 
 
 def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
     """make_bags -> fit the three tasks, and the tumour-slice probe: one row of the table. flags: probe_bags's
     cache, shared by the rows."""
     meter = Meter()
-    bags, enc, slices, n_slices, steps = make_bags(cfg, work, cohort, encoder, method, progress, meter)
-    n_slices = n_slices or sum(len(f) for f in bags.features)
-    per_slice = flops(enc, torch.zeros(1, len(slices.windows), cfg.img_size, cfg.img_size))
-    mil = AttentionMIL(bags.dim, 8, cfg.fit.hidden, att_dim=cfg.fit.att_dim)
-    per_bag_slice = flops(mil, torch.zeros(1, 100, bags.dim)) / 100
+    bags = make_bags(cfg, work, cohort, encoder, method, progress, meter)
     fits = _fit_tasks(bags, cohort.root / "labels.csv", cfg, cohort, meter)
     probe, _ = probe_bags(cohort, bags, TUMOUR_LABELS, cfg.cohort.seed, flags)
-    mil_flops = 3 * per_bag_slice * sum(len(f) for f in bags.features) * cfg.fit.epochs * cfg.fit.folds * len(TASKS)
-    train_flops = steps * cfg.batch_size * 2 * 4 * per_slice + n_slices * per_slice + mil_flops  # 2 views x (3+1)
     return {"encoder": "HU histogram" if method == "none" else encoder, "method": method, "tasks": fits,
-            "seconds": meter.seconds, "train_flops": train_flops, "peak_bytes": meter.peak, "slices": n_slices,
+            "seconds": meter.seconds, "peak_bytes": meter.peak, "slices": sum(len(f) for f in bags.features),
             "probe": probe if np.isfinite(probe) else None,  # None: too few lesion slices to probe
             "effective_rank": bags_rank(bags)}
 
@@ -247,7 +251,8 @@ def run_3d(cfg, cohort, volumes, fraction=1.0, keep=lambda task, fn: fn()):
     done = {name: keep(name, functools.partial(fit_task, name)) for name in TASKS}
     tasks = {name: {k: v for k, v in t.items() if k not in ("seconds", "peak_bytes")} for name, t in done.items()}
     v = cfg.volume
-    per_volume = flops(ResNet3D(len(v.windows), 1, cfg.net), torch.zeros(1, len(v.windows), v.depth, v.size, v.size))
+    volume = torch.zeros(1, len(v.windows), v.depth, v.size, v.size)  # (1, C, Z, S, S)
+    per_volume = count_flops(ResNet3D(len(v.windows), 1, cfg.net), volume)
     train_flops = 3 * per_volume * len(cohort) * (1 - 1 / cfg.fit.folds) * cfg.epochs_3d * cfg.fit.folds * len(TASKS)
     return {"encoder": "3D ResNet", "method": "supervised", "tasks": tasks,
             "seconds": {k: v for t in done.values() for k, v in t["seconds"].items()},
@@ -290,8 +295,9 @@ def run(cfg, out, work, progress, log=print):
     made = [(e, m) for e in cfg.encoders for m in cfg.methods] + ([("hist", "none")] if cfg.histogram else [])
     for encoder, method in made:
         log(f"[accuracy] {encoder} / {method}")
-        report["rows"].append(row(f"{encoder}-{method}", encoder_settings(cfg, encoder, method),
-                                  lambda: run_encoder(cfg, work, cohort, encoder, method, progress, flags)))
+        r = row(f"{encoder}-{method}", encoder_settings(cfg, encoder, method),
+                lambda: run_encoder(cfg, work, cohort, encoder, method, progress, flags))
+        report["rows"].append({**r, "train_flops": training_flops(cfg, encoder, method, r["slices"])})
         write_report(report, out)
 
     @functools.cache
@@ -309,7 +315,7 @@ def run(cfg, out, work, progress, log=print):
 
     @functools.cache
     def first_bags():  # the first row's bags: a row kept from another machine has none here, so they are made
-        return make_bags(cfg, work, cohort, first_encoder, first_method, progress, Meter())[0]
+        return make_bags(cfg, work, cohort, first_encoder, first_method, progress, Meter())
     for fraction in cfg.fractions:
         log(f"[accuracy] data efficiency: {fraction:.0%} of the training patients")
         if fraction == 1.0:  # the same fits as the rows above (same folds and seeds): not run twice

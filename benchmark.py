@@ -179,44 +179,13 @@ def bench_scan(args):
 # ---------------------------------------------------------------- encoders: slices/s and GFLOP/s vs matmul peak
 
 
-def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs):
-    """FlopCounterMode knows the CUDA attention kernels but not the CPU one; count it as they are counted."""
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query, key, value)
-
-
-def _encoder_flops(encoder, x):
-    """FLOPs of one forward: 2 x MACs of every matmul, convolution and attention (QK^T and PV included), by
-    torch.utils.flop_counter.FlopCounterMode; the SSM's selective scan is counted analytically instead, as 7
-    FLOPs per state update (exp(dt A), the two terms of h_t, C.h; exp as one), so that the count does not depend
-    on which scan implementation runs. Elementwise work (norms, activations, gates) is counted for no encoder."""
-    from unittest import mock
-
-    import models.ssm
-    from torch.utils.flop_counter import FlopCounterMode
-
-    scan_flops = 0
-
-    def counted_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-        nonlocal scan_flops
-        scan_flops += 7 * u.numel() * A.shape[1]  # (B, D, L) x N state updates
-        return u * torch.nn.functional.silu(z)  # right shape, no matmul for the counter to see
-
-    counter = FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops})
-    with mock.patch.object(models.ssm, "selective_scan", counted_scan), counter, torch.inference_mode():
-        encoder(x)
-    return counter.get_total_flops() + scan_flops
-
-
 def encoder_figures(name, size, x, repeat):
     """One encoder's forward on batch x: {params, flops (per batch), seconds, gflops (achieved), peak (matmul
     GFLOP/s measured interleaved with it, best of each)}."""
-    from models import build_encoder, count_parameters
+    from models import build_encoder, count_flops, count_parameters
 
     encoder = build_encoder(name, size, img_size=x.shape[-1]).to(x.device).eval()
-    flops = _encoder_flops(encoder, x)
+    flops = count_flops(encoder, x)
     t, peak = float("inf"), 0.0
     with torch.inference_mode(), x.device:  # the peak's operands on the encoder's device too
         best_time(lambda: encoder(x), repeat=1, warmup=1)  # two warm-ups: the allocator settles

@@ -13,9 +13,13 @@ Every encoder takes any H, W that are multiples of its patch size (16 for vit an
 and multiples of 32 keep its grids exact), so the 64-128 px synthetic slices work as well as 224².
 """
 import dataclasses
+from unittest import mock
 
+import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from . import ssm as ssm_module
 from .common import check_choice, count_parameters, effective_rank
 from .gcnn import GatedCNN, GCNNConfig
 from .ssm import SSMConfig, VisionMamba
@@ -67,5 +71,33 @@ def stem(encoder) -> nn.Module:
     return getattr(encoder, STEMS[encoder.encoder_config["name"]])
 
 
-__all__ = ["ENCODERS", "SIZES", "STEMS", "build_encoder", "stem", "count_parameters", "effective_rank", "GCNNConfig",
-           "SSMConfig", "ViTConfig", "GatedCNN", "VisionMamba", "VisionTransformer"]
+def count_flops(module, *inputs) -> int:
+    """FLOPs of one forward pass of `module` on `inputs` (in eval mode, no grad): 2 x MACs of every matmul,
+    convolution and attention (QK^T and PV included), by torch.utils.flop_counter.FlopCounterMode. It knows the CUDA
+    attention kernels but not the CPU one, which is counted here as they are. The SSM's selective scan is counted
+    analytically, 7 FLOPs per state update (exp(Δ A), the two terms of h_t, C·h; exp as one), so that the count
+    does not depend on which scan implementation runs. Elementwise work (norms, activations, gates) is counted
+    for no model. The project's one FLOP counter: benchmark.py's encoder table and the accuracy table use it."""
+    scan_flops = 0
+
+    def counted_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        nonlocal scan_flops
+        scan_flops += 7 * u.numel() * A.shape[1]  # (B, E, L) x N state updates
+        return u * torch.nn.functional.silu(z)  # the right shape, and no matmul for the counter to see
+
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention})
+    training = module.training
+    try:
+        with mock.patch.object(ssm_module, "selective_scan", counted_scan), counter, torch.inference_mode():
+            module.eval()(*inputs)
+    finally:
+        module.train(training)
+    return counter.get_total_flops() + scan_flops
+
+
+__all__ = ["ENCODERS", "SIZES", "STEMS", "build_encoder", "stem", "count_flops", "count_parameters", "effective_rank",
+           "GCNNConfig", "SSMConfig", "ViTConfig", "GatedCNN", "VisionMamba", "VisionTransformer"]

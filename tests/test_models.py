@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models.ssm
-from models import SIZES, build_encoder, count_parameters, stem
+from models import SIZES, build_encoder, count_flops, count_parameters, stem
 from models.gcnn import GatedCNNBlock
 from models.ssm import BiMamba, Direction, SSMConfig
 from models.vit import Attention, VisionTransformer, ViTConfig
@@ -341,3 +341,23 @@ def test_effective_rank_counts_the_directions_used():
     skewed = torch.randn(4000, 16, generator=g) * torch.logspace(0, -3, 16)  # RankMe of the spreads alone: 5.9
     assert 4.5 < effective_rank(skewed) < 7.5
     assert effective_rank(torch.full((50, 8), 0.3)) == 1.0  # every embedding at one point: no direction at all
+
+
+def test_count_flops_worked_by_hand_counts_attention_and_the_scan():
+    """2 x MACs per layer, worked out for one block at width 8 on a 32² image (4 patches of 16², 3 channels)."""
+    x = torch.zeros(2, 3, 32, 32)
+    patch = 2 * 4 * (3 * 16 * 16) * 8  # the patch projection: 4 patches x 768 pixels -> 8
+    # ViT, 2 heads of 4, L = 5 tokens with the class token: qkv, q k^T and p v (the CPU attention kernel, which
+    # FlopCounterMode alone does not count), the output projection, the MLP of 4 x 8
+    vit = 2 * 5 * 8 * 24 + 2 * (2 * 2 * 5 * 5 * 4) + 2 * 5 * 8 * 8 + 2 * (2 * 5 * 8 * 32)
+    assert count_flops(VisionTransformer(ViTConfig(embed_dim=8, depth=1, num_heads=2, img_size=32)), x) == \
+        2 * (patch + vit)
+    # SSM, E = 16, N = 2, R = 1, L = 4: in_proj 8 -> 32; per direction the depthwise conv (width 4, L + 3 outputs
+    # before the crop), x_proj 16 -> R + 2N, dt_proj R -> 16, and 7 FLOPs per state update of the scan; out_proj
+    direction = 2 * 16 * 7 * 4 + 2 * 4 * 16 * 5 + 2 * 4 * 1 * 16 + 7 * 16 * 4 * 2
+    ssm = 2 * 4 * 8 * 32 + 2 * direction + 2 * 4 * 16 * 8
+    assert count_flops(models.ssm.VisionMamba(SSMConfig(embed_dim=8, depth=1, d_state=2, img_size=32)), x) == \
+        2 * (patch + ssm)
+    encoder = build_encoder("gcnn", img_size=32).train()
+    count_flops(encoder, x[:1])
+    assert encoder.training  # the count leaves the module's mode as it was
