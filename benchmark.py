@@ -205,7 +205,7 @@ def bench_twin(args):
           f"against the same slice of its twin without it\n")
     print("| finding | patients | slice pairs | twin probe AUROC | consistency |\n|---|---:|---:|---:|---:|")
     for name, pairs in twins.items():
-        auc, cons = twin_probe(encoder, pairs, args.seed) if len(pairs) >= 4 else (math.nan, math.nan)
+        auc, cons = twin_probe(encoder, pairs, args.seed)
         print(f"| {name} | {len(pairs)} | {sum(len(w) for _, w, _ in pairs)} | {auc:.3f} | {cons:.2f} |")
 
 

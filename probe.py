@@ -17,6 +17,8 @@ and columns of `benchmark.py accuracy`), and the reference encoders that learn n
   (B, C, H, W) -> (B, C · grid²). Linear in the pixels, as a random-init encoder nearly is: the floor that
   an encoder's features have to clear.
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -93,16 +95,19 @@ def twin_slices(cfg, patients, findings, slices, min_voxels=4):
     return out
 
 
-def twin_probe(encoder, twins, seed=0, batch_size=64):
+def twin_probe(encoder, twins, seed=0, batch_size=64, folds=4):
     """(AUROC, consistency) of `encoder` on twin_slices' `twins`. AUROC: slice_probe of "with the finding" against
-    the twin slices (4 patient folds); 0.5 when the embedding does not change with the finding in a way one
+    the twin slices (`folds` patient folds); 0.5 when the embedding does not change with the finding in a way one
     linear direction reads across patients. Consistency: the mean cosine between the changes (with - without)
-    over all pairs of slices, 1 when the finding moves every slice's embedding the same way."""
+    over all pairs of slices, 1 when the finding moves every slice's embedding the same way. (NaN, NaN) when
+    fewer patients than folds have the finding."""
+    if len(twins) < folds:
+        return math.nan, math.nan
     features, flags = [], []
     for _, with_, without in twins:
         features.append(embed_slices(encoder, torch.cat([with_, without]), batch_size))  # (2n, D)
         flags.append(torch.arange(2 * len(with_)) < len(with_))  # (2n,) True: with the finding
-    auc = slice_probe(features, flags, [p for p, _, _ in twins], seed)
+    auc = slice_probe(features, flags, [p for p, _, _ in twins], seed, folds)
     change = torch.cat([f[: len(f) // 2] - f[len(f) // 2:] for f in features]).double()  # (T, D)
     change = change / change.norm(dim=1, keepdim=True).clamp(min=1e-12)
     T = len(change)  # the mean off-diagonal cosine, from |sum of unit vectors|^2 = T + sum over i != j

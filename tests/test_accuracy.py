@@ -1,5 +1,6 @@
 """The pieces of benchmark.py accuracy and ablate that their smoke tests cannot check for values: the tumour-slice
 probe and the slice flags it is trained on, the HU histogram, and which settings each kept row depends on."""
+import math
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -174,6 +175,9 @@ def test_twin_probe_finds_what_an_encoder_reads_and_not_what_it_is_blind_to():
     # the soft-tissue and bone windows clip normal lung (-850 HU) and emphysema (-980) alike to their floor
     auc, consistency = probe.twin_probe(Windows([1, 2]), twins["emph"])
     assert abs(auc - 0.5) < 0.1 and consistency < 0.1  # measured 0.52 and 0.02
+    # fewer patients than the probe's folds: no figure, rather than one from a fold with no test patient
+    assert all(math.isnan(v) for v in probe.twin_probe(probe.HUHistogram(), twins["ggo"][:3]))
+    assert not any(math.isnan(v) for v in probe.twin_probe(probe.HUHistogram(), twins["ggo"][:3], folds=3))
 
 
 def test_twin_command_prints_one_row_per_finding_and_refuses_a_bad_checkpoint(tmp_path, capsys):
