@@ -73,7 +73,8 @@ def run(cfg, out, work, progress, log=print):
         row = accuracy.kept(out / "rows" / f"{name}.json", accuracy.fingerprint(settings),
                             lambda: accuracy.run_encoder(vcfg, work, cohort, cfg.encoder, method, progress, flags),
                             log, "ablation")
-        report["rows"].append({"variant": key, "changes": what, "pretrain": plain(changes), **row})
+        report["rows"].append({"variant": key, "changes": what, "pretrain": plain(changes), **row,
+                               "train_flops": accuracy.training_flops(vcfg, cfg.encoder, method, row["slices"])})
         write_report(report, out)
     return report
 

@@ -37,6 +37,7 @@ from models import build_encoder, count_flops
 from phantom import SITES, SynthConfig, write_cohort
 from pretrain import PretrainConfig, plain, pretrain, run_settings
 from probe import HUHistogram, bags_rank, probe_bags
+from speed import reset_peak_rss, rss_kib
 
 TUMOUR_LABELS = tuple(range(1, len(SITES) + 1))  # phantom.py's mask labels of tumours (9, 10: lung disease)
 TASKS = {"location": (tuple(f"loc_{s}" for s in SITES), None), "lung_disease": (("lung_disease",), None),
@@ -72,22 +73,6 @@ QUICK = AccuracyConfig(cohort=SynthConfig(n=40, size=48, thickness=(8.0, 10.0), 
                        volume=Volume3DConfig(depth=8, size=16), net=Net3DConfig(widths=(4, 8, 8, 8)))
 
 
-def training_flops(cfg, encoder, method, n_slices):
-    """A row's estimated training FLOPs, from its settings and bag slices alone, so that a row kept from an earlier
-    run is counted by today's counter (models.count_flops): pre-training steps x batch x 2 views x (3 for the
-    encoder's forward and backward + 1 for the momentum encoder's forward) x one slice's forward, plus the
-    extraction of every bag slice, plus the MIL fits (3 x forward per bag slice x epochs x folds x tasks). The
-    heads (projector, predictor: about 2 % at mlp-dim 1024) are left out."""
-    enc = HUHistogram(len(SliceConfig.windows), cfg.histogram_bins) if method == "none" else \
-        build_encoder(encoder, img_size=cfg.img_size)
-    per_slice = count_flops(enc, torch.zeros(1, len(SliceConfig.windows), cfg.img_size, cfg.img_size))
-    mil = AttentionMIL(enc.embed_dim, 8, cfg.fit.hidden, att_dim=cfg.fit.att_dim)
-    per_bag_slice = count_flops(mil, torch.zeros(1, 100, enc.embed_dim)) / 100
-    steps = 0 if method in ("random", "none") else cfg.steps
-    mil_flops = 3 * per_bag_slice * n_slices * cfg.fit.epochs * cfg.fit.folds * len(TASKS)
-    return steps * cfg.batch_size * 2 * 4 * per_slice + n_slices * per_slice + mil_flops
-
-
 def _task_targets(cohort, name, folds):
     """A task's label columns, without those too rare to stratify into `folds` (dropped, and reported)."""
     targets, kind = TASKS[name]
@@ -110,16 +95,14 @@ class Meter:
 
     def __call__(self, stage, fn):
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
+            reset_peak_rss()
+        except OSError:  # then the peak is the process's whole life's
             pass
         t0 = time.perf_counter()
         out = fn()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
-        with open("/proc/self/status") as f:
-            self.peak = max(self.peak, next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM")),
-                            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+        self.peak = max(self.peak, rss_kib("VmHWM:") * 1024,
+                        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
         return out
 
 
@@ -147,6 +130,35 @@ def pretrain_config(cfg, encoder, method):
     for key, value in cfg.pretrain_changes:
         pcfg = changed(pcfg, key, value)
     return pcfg
+
+
+def histogram(cfg):
+    """The reference row's encoder: the HU histogram of each default window, nothing learnt."""
+    return HUHistogram(len(SliceConfig.windows), cfg.histogram_bins)
+
+
+def training_flops(cfg, encoder, method, n_slices):
+    """A row's estimated training FLOPs, from its settings (pretrain_config's, cfg.pretrain_changes included) and
+    its bags' slices alone, so that a row kept from an earlier run is counted by today's counter (models.count_flops):
+    pre-training steps x batch x 2 views x (3 for the encoder's forward and backward + 1 for the momentum encoder's
+    forward) x one slice's forward, plus the extraction of every bag slice, plus the MIL fits (3 x forward per bag
+    slice x the training folds' share x epochs x folds x tasks, as run_3d counts the 3D network's). The heads
+    (projector, predictor: about 2 % at mlp-dim 1024) are left out."""
+    steps, batch, img_size = 0, 0, cfg.img_size
+    if method == "none":
+        enc = histogram(cfg)
+    elif method == "random":
+        enc = build_encoder(encoder, img_size=img_size)
+    else:
+        p = pretrain_config(cfg, encoder, method)
+        steps, batch, img_size = p.steps, p.batch_size, p.img_size
+        enc = build_encoder(encoder, p.size, img_size=img_size)
+    per_slice = count_flops(enc, torch.zeros(1, len(SliceConfig.windows), img_size, img_size))  # (1, C, S, S)
+    mil = AttentionMIL(enc.embed_dim, 8, cfg.fit.hidden, att_dim=cfg.fit.att_dim)
+    per_bag_slice = count_flops(mil, torch.zeros(1, 100, enc.embed_dim)) / 100  # a bag of (1, 100, D)
+    k = cfg.fit.folds
+    mil_flops = 3 * per_bag_slice * n_slices * (1 - 1 / k) * cfg.fit.epochs * k * len(TASKS)
+    return steps * batch * 2 * 4 * per_slice + n_slices * per_slice + mil_flops
 
 
 FIT_3D = ("folds", "lr", "weight_decay", "batch_size", "patience", "val_fraction", "seed", "n_bootstrap")  # of
@@ -190,13 +202,12 @@ def fingerprint(settings):
 
 def make_bags(cfg, work, cohort, encoder, method, progress, meter):
     """pretrain (unless random init or the histogram; continues a killed run) -> extract -> the bags (mil.Bags).
-    Stages are timed by `meter`. The work files
-    carry the fingerprint of encoder_making, so a checkpoint or bags made otherwise are never picked up, and a
-    change of the fits alone re-uses them."""
+    Stages are timed by `meter`. The work files carry the fingerprint of encoder_making, so a checkpoint or bags
+    made otherwise are never picked up, and a change of the fits alone re-uses them."""
     tag = f"{encoder}-{method}-{fingerprint(encoder_making(cfg, encoder, method))[:8]}"
     ckpt = work / f"{tag}.pt"
     if method == "none":
-        enc = HUHistogram(len(SliceConfig.windows), cfg.histogram_bins)
+        enc = histogram(cfg)
         identity = {"name": "hu-histogram", "bins": cfg.histogram_bins, "source": "accuracy.py",
                     "sha256": weights_sha256(enc)}
         slices = SliceConfig(img_size=cfg.img_size)
@@ -224,7 +235,8 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
 
 
 def run_encoder(cfg, work, cohort, encoder, method, progress, flags=None):
-    """make_bags -> fit the three tasks, and the tumour-slice probe: one row of the table. flags: probe_bags's
+    """make_bags -> fit the three tasks, and the tumour-slice probe: one row of the table (its "slices": the bags'
+    slices, all of them; its FLOPs are training_flops', counted when the report is written). flags: probe_bags's
     cache, shared by the rows."""
     meter = Meter()
     bags = make_bags(cfg, work, cohort, encoder, method, progress, meter)

@@ -1,7 +1,7 @@
 """Speed figures of CLEAR, each measured beside a reference in the same run (`python benchmark.py scan`,
 `encoders` and `speed` print them): best-of-n wall time, peak memory, this machine's matmul peak, the selective
-scan's candidates (the sequential loop of triton_scan, its default path, mambapy's pscan when installed), the
-encoders' forward throughput, the extraction of a real-sized scan and one MIL fold.
+scan's candidates (triton_scan's sequential loop, its default path and its other one, mambapy's pscan when
+installed), the encoders' forward throughput, the extraction of a real-sized scan and one MIL fold.
 """
 import time
 
@@ -24,12 +24,20 @@ def best_time(fn, repeat=5, warmup=1):
     return best
 
 
-def _rss_kib(field):
+def rss_kib(field):
+    """A memory field of this process in KiB, e.g. "VmRSS:" (resident now) or "VmHWM:" (its peak), on Linux."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field):
                 return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss():
+    """Reset this process's peak resident set (VmHWM) to what it holds now: Linux's /proc/self/clear_refs. OSError
+    where that cannot be written (another OS, or a locked-down container)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def peak_memory(fn):
@@ -43,11 +51,10 @@ def peak_memory(fn):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss_kib("VmRSS:")
+        reset_peak_rss()
+        before = rss_kib("VmRSS:")
         fn()
-        return (_rss_kib("VmHWM:") - before) * 1024
+        return (rss_kib("VmHWM:") - before) * 1024
     except OSError:
         return None
 

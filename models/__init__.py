@@ -76,8 +76,11 @@ def count_flops(module, *inputs) -> int:
     convolution and attention (QK^T and PV included), by torch.utils.flop_counter.FlopCounterMode. It knows the CUDA
     attention kernels but not the CPU one, which is counted here as they are. The SSM's selective scan is counted
     analytically, 7 FLOPs per state update (exp(Δ A), the two terms of h_t, C·h; exp as one), so that the count
-    does not depend on which scan implementation runs. Elementwise work (norms, activations, gates) is counted
-    for no model. The project's one FLOP counter: benchmark.py's encoder table and the accuracy table use it."""
+    does not depend on which scan implementation runs; only models/ssm.py's call is replaced, so another module's
+    own call of triton_scan is counted by whatever that scan runs. Mamba's authors count 9 per update
+    (state-spaces/mamba issue #110: a parallel scan's extra operations), which would put SSM-tiny at 64 px 4 %
+    higher. Elementwise work (norms, activations, gates) is counted for no model. The project's one FLOP counter:
+    benchmark.py's encoder table and the accuracy table use it."""
     scan_flops = 0
 
     def counted_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):

@@ -15,6 +15,7 @@ import benchmark
 import probe
 from cohort import Cohort
 from data import SliceConfig
+from models import build_encoder, count_flops
 from extract import weights_sha256
 from mil import Bags
 from phantom import SynthConfig, make_phantom, write_cohort
@@ -230,3 +231,15 @@ def test_ablation_variants_change_only_what_they_say():
     assert len(prints) == len(ablation.VARIANTS)
     assert accuracy.fingerprint(accuracy.encoder_settings(base, "vit", "random")) == \
         accuracy.fingerprint(accuracy.encoder_settings(accuracy.AccuracyConfig(), "vit", "random"))
+
+
+def test_training_flops_follow_the_rows_settings_worked_by_formula():
+    cfg, n = accuracy.QUICK, 100  # ViT at 32 px, 3 steps of batch 8; 100 bag slices
+    per_slice = count_flops(build_encoder("vit", img_size=32), torch.zeros(1, 3, 32, 32))
+    random = accuracy.training_flops(cfg, "vit", "random", n)  # extraction and MIL fits only
+    assert random > n * per_slice
+    # pre-training adds steps x batch x 2 views x (3 + 1) forwards, and follows the row's own pre-training changes
+    assert accuracy.training_flops(cfg, "vit", "lecl", n) - random == pytest.approx(3 * 8 * 2 * 4 * per_slice)
+    longer = replace(cfg, pretrain_changes=(("steps", 6), ("batch_size", 4)))
+    assert accuracy.training_flops(longer, "vit", "moco", n) - random == pytest.approx(6 * 4 * 2 * 4 * per_slice)
+    assert accuracy.training_flops(cfg, "vit", "random", 2 * n) == pytest.approx(2 * random)  # all per bag slice

@@ -1,0 +1,68 @@
+"""The ad hoc encoders of the README's twin-test paragraph ('Not the cause either ...'), kept so that its figures
+can be made again: variants of the random-init ViT-tiny (seed 0, the draw of `benchmark.py twin --encoder vit`)
+and pixel grids of other sizes than probe.PixelGrid's default. Each name is a factory for
+
+    python benchmark.py twin --encoder-module results/twin_variants.py:NAME --img-size 64
+
+Measurements, not part of the method: nothing else imports this file.
+"""
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from models import build_encoder
+from probe import PixelGrid
+
+
+def vit():
+    """The ViT-tiny of `benchmark.py twin --encoder vit`: the same seed, so the same weights in every variant."""
+    torch.manual_seed(0)
+    return build_encoder("vit", size="tiny", img_size=64)
+
+
+def vit_no_norm():
+    """Every LayerNorm (the blocks' two and the final one) replaced by an identity."""
+    m = vit()
+    m.norm = nn.Identity()
+    for block in m.blocks:
+        block.norm1, block.norm2 = nn.Identity(), nn.Identity()
+    return m
+
+
+def vit_no_final_norm():
+    m = vit()
+    m.norm = nn.Identity()
+    return m
+
+
+def vit_mean_pool():
+    """The mean of the patch tokens instead of the class token."""
+    m = vit()
+    m.cfg = dataclasses.replace(m.cfg, pool="mean")
+    return m
+
+
+class PatchProjection(nn.Module):
+    """The ViT's random patch projection alone, averaged over the slice's patches: (B, C, H, W) -> (B, D), linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = vit()
+        self.embed_dim = self.vit.embed_dim
+
+    def forward(self, x):  # x: (B, C, H, W)
+        tokens, _ = self.vit.patch_embed(x)  # (B, h·w, D)
+        return tokens.mean(1)  # (B, D)
+
+
+def grid1():
+    return PixelGrid(3, 1)  # the slice's mean in each window
+
+
+def grid2():
+    return PixelGrid(3, 2)
+
+
+def grid8():
+    return PixelGrid(3, 8)
