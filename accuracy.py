@@ -227,8 +227,9 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
                                              else EncoderSpec(checkpoint=str(ckpt)))
     slices = replace(slices, thickness_mm=cfg.thickness)
     bags_dir = work / f"bags-{tag}"
-    failed = meter("extract", lambda: [why for status, _, why in extract_bags(cohort, enc, identity, slices, bags_dir)
-                                       if status == "failed"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as pre-training's "auto"
+    failed = meter("extract", lambda: [why for status, _, why in extract_bags(cohort, enc, identity, slices, bags_dir,
+                                                                               device=device) if status == "failed"])
     if failed:  # the cohort is this benchmark's own: a scan it cannot read is a bug, not a row with fewer scans
         raise ClearError(f"{bags_dir}: {len(failed)} scan(s) failed to extract: {'; '.join(failed)}")
     return load_bags(bags_dir)

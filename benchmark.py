@@ -124,7 +124,7 @@ def bench_speed(args):
 # ---------------------------------------------------------------- accuracy, ablation and the encoder's probes
 
 
-def _run_report(run, cfg, args, name):
+def _run_report(run, cfg, args, name, default_out="results"):
     """run(cfg, out, work, progress) with tqdm bars, then print `out`/name.md and how long it took. --quick writes
     to results/quick by default, so that its tiny cohort never lands in the work folder of the full run."""
     from tqdm import tqdm
@@ -132,7 +132,7 @@ def _run_report(run, cfg, args, name):
     def progress(desc, unit):
         return lambda it, total: tqdm(it, total=total, desc=desc, unit=unit, leave=False)
 
-    out = args.out or ("results/quick" if args.quick else "results")
+    out = args.out or ("results/quick" if args.quick else default_out)
     t0 = time.time()
     report = run(cfg, out, args.work or f"{out}/work", progress)
     print(open(f"{out}/{name}.md").read())
@@ -140,14 +140,38 @@ def _run_report(run, cfg, args, name):
           f"results in {out}/{name}.md and .json")
 
 
-def bench_accuracy(args):
-    """The paper's table on the synthetic cohort (accuracy.py): results/accuracy.md and .json."""
+SCALE = {"scans": "cohort.n", "size": "cohort.size", "img_size": "img_size", "steps": "steps",
+         "batch_size": "batch_size"}  # benchmark.py accuracy's scale options -> AccuracyConfig fields
+
+
+def accuracy_config(args):
+    """The AccuracyConfig of `benchmark.py accuracy` (or its --quick one) with the options given on the command
+    line, and whether they change its scale."""
     import accuracy
 
     cfg = accuracy.QUICK if args.quick else accuracy.AccuracyConfig()
     cfg = dataclasses.replace(cfg, **{k: tuple(getattr(args, k)) for k in ("encoders", "methods")
                                       if getattr(args, k)})
-    _run_report(accuracy.run, cfg, args, "accuracy")
+    scale = {field: getattr(args, opt) for opt, field in SCALE.items() if getattr(args, opt) is not None}
+    for field, value in scale.items():
+        cfg = accuracy.changed(cfg, field, value)
+    from files import ClearError
+
+    if cfg.cohort.n < 20 or cfg.cohort.size < 32 or cfg.img_size < 32 or cfg.img_size % 16 or cfg.steps < 1 \
+            or cfg.batch_size < 2:
+        raise ClearError(f"expected --scans >= 20, --size >= 32, --img-size a multiple of 16 from 32, --steps >= 1 "
+                         f"and --batch-size >= 2 (got {cfg.cohort.n}, {cfg.cohort.size}, {cfg.img_size}, "
+                         f"{cfg.steps}, {cfg.batch_size})")
+    return cfg, bool(scale)
+
+
+def bench_accuracy(args):
+    """The paper's table on the synthetic cohort (accuracy.py): results/accuracy.md and .json; at another scale,
+    results/custom/ unless --out says otherwise, so that the table's own rows are never replaced."""
+    import accuracy
+
+    cfg, rescaled = accuracy_config(args)
+    _run_report(accuracy.run, cfg, args, "accuracy", "results/custom" if rescaled else "results")
 
 
 def bench_ablate(args):
@@ -209,7 +233,7 @@ def bench_twin(args):
         print(f"| {name} | {len(pairs)} | {sum(len(w) for _, w, _ in pairs)} | {auc:.3f} | {cons:.2f} |")
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_scan = sub.add_parser("scan", help="selective scan fwd+bwd: reference vs default path vs mambapy")
@@ -239,6 +263,13 @@ def main(argv=None):
     p_acc.add_argument("--encoders", nargs="+", choices=("vit", "gcnn", "ssm"),
                        help="run only these encoders' rows (default all); the HU-histogram and 3D rows always run")
     p_acc.add_argument("--methods", nargs="+", choices=("lecl", "moco", "random"), help="likewise for pre-training")
+    scale = p_acc.add_argument_group("scale (default: the table's; another scale writes to results/custom unless "
+                                     "--out; pre-training and extraction run on the GPU when there is one)")
+    scale.add_argument("--scans", type=int, help="scans in the synthetic cohort (default 400)")
+    scale.add_argument("--size", type=int, help="the cohort's in-plane grid in pixels (default 128)")
+    scale.add_argument("--img-size", type=int, help="encoder input size (default 64; the paper's 224)")
+    scale.add_argument("--steps", type=int, help="pre-training steps of every encoder (default 600)")
+    scale.add_argument("--batch-size", type=int, help="pre-training batch (default 64)")
     p_acc.set_defaults(func=bench_accuracy)
     p_abl = sub.add_parser("ablate", help="why LeCL does not beat MoCo here: its settings one at a time (ViT row)")
     p_abl.add_argument("--quick", action="store_true", help="a tiny version (a smoke test)")
@@ -265,7 +296,11 @@ def main(argv=None):
     p_twin.add_argument("--n", type=int, default=60, help="patients drawn (those with each finding are used)")
     p_twin.add_argument("--seed", type=int, default=0, help="the cohort's seed (0: the accuracy benchmark's)")
     p_twin.set_defaults(func=bench_twin)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     from files import ClearError
 
     try:

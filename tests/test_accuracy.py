@@ -243,3 +243,18 @@ def test_training_flops_follow_the_rows_settings_worked_by_formula():
     longer = replace(cfg, pretrain_changes=(("steps", 6), ("batch_size", 4)))
     assert accuracy.training_flops(longer, "vit", "moco", n) - random == pytest.approx(6 * 4 * 2 * 4 * per_slice)
     assert accuracy.training_flops(cfg, "vit", "random", 2 * n) == pytest.approx(2 * random)  # all per bag slice
+
+
+def test_accuracy_scale_options_map_onto_its_config_and_are_checked(capsys):
+    def config(*argv):
+        return benchmark.accuracy_config(benchmark.build_parser().parse_args(["accuracy", *argv]))
+
+    assert config() == (accuracy.AccuracyConfig(), False)  # the table's own scale
+    cfg, rescaled = config("--quick", "--scans", "30", "--size", "64", "--img-size", "48", "--steps", "5",
+                           "--batch-size", "4", "--encoders", "gcnn")
+    assert rescaled and (cfg.cohort.n, cfg.cohort.size, cfg.img_size, cfg.steps, cfg.batch_size) == (30, 64, 48, 5, 4)
+    assert cfg == replace(accuracy.QUICK, cohort=replace(accuracy.QUICK.cohort, n=30, size=64), img_size=48, steps=5,
+                          batch_size=4, encoders=("gcnn",))  # nothing else changes
+    assert benchmark.main(["accuracy", "--quick", "--img-size", "40"]) == 2  # refused before any work
+    err = capsys.readouterr().err
+    assert "--img-size a multiple of 16" in err and "40" in err and len(err.strip().splitlines()) == 1
