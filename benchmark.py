@@ -141,7 +141,23 @@ def _run_report(run, cfg, args, name, default_out="results"):
 
 
 SCALE = {"scans": "cohort.n", "size": "cohort.size", "img_size": "img_size", "steps": "steps",
-         "batch_size": "batch_size"}  # benchmark.py accuracy's scale options -> AccuracyConfig fields
+         "batch_size": "batch_size"}  # the scale options of benchmark.py accuracy and ablate -> AccuracyConfig fields
+
+
+def rescaled(cfg, args):
+    """The AccuracyConfig `cfg` with the scale options given on the command line (SCALE), and whether any was."""
+    import accuracy
+    from files import ClearError
+
+    scale = {field: getattr(args, opt) for opt, field in SCALE.items() if getattr(args, opt) is not None}
+    for field, value in scale.items():
+        cfg = accuracy.changed(cfg, field, value)
+    if cfg.cohort.n < 20 or cfg.cohort.size < 32 or cfg.img_size < 32 or cfg.img_size % 16 or cfg.steps < 1 \
+            or cfg.batch_size < 2:
+        raise ClearError(f"expected --scans >= 20, --size >= 32, --img-size a multiple of 16 from 32, --steps >= 1 "
+                         f"and --batch-size >= 2 (got {cfg.cohort.n}, {cfg.cohort.size}, {cfg.img_size}, "
+                         f"{cfg.steps}, {cfg.batch_size})")
+    return cfg, bool(scale)
 
 
 def accuracy_config(args):
@@ -152,17 +168,7 @@ def accuracy_config(args):
     cfg = accuracy.QUICK if args.quick else accuracy.AccuracyConfig()
     cfg = dataclasses.replace(cfg, **{k: tuple(getattr(args, k)) for k in ("encoders", "methods")
                                       if getattr(args, k)})
-    scale = {field: getattr(args, opt) for opt, field in SCALE.items() if getattr(args, opt) is not None}
-    for field, value in scale.items():
-        cfg = accuracy.changed(cfg, field, value)
-    from files import ClearError
-
-    if cfg.cohort.n < 20 or cfg.cohort.size < 32 or cfg.img_size < 32 or cfg.img_size % 16 or cfg.steps < 1 \
-            or cfg.batch_size < 2:
-        raise ClearError(f"expected --scans >= 20, --size >= 32, --img-size a multiple of 16 from 32, --steps >= 1 "
-                         f"and --batch-size >= 2 (got {cfg.cohort.n}, {cfg.cohort.size}, {cfg.img_size}, "
-                         f"{cfg.steps}, {cfg.batch_size})")
-    return cfg, bool(scale)
+    return rescaled(cfg, args)
 
 
 def bench_accuracy(args):
@@ -170,15 +176,26 @@ def bench_accuracy(args):
     results/custom/ unless --out says otherwise, so that the table's own rows are never replaced."""
     import accuracy
 
-    cfg, rescaled = accuracy_config(args)
-    _run_report(accuracy.run, cfg, args, "accuracy", "results/custom" if rescaled else "results")
+    cfg, changed = accuracy_config(args)
+    _run_report(accuracy.run, cfg, args, "accuracy", "results/custom" if changed else "results")
+
+
+def ablation_config(args):
+    """The AblationConfig of `benchmark.py ablate` (or its --quick one), its base rescaled as the options say."""
+    import ablation
+
+    cfg = ablation.QUICK if args.quick else ablation.AblationConfig()
+    base, changed = rescaled(cfg.base, args)
+    return dataclasses.replace(cfg, base=base), changed
 
 
 def bench_ablate(args):
-    """LeCL's settings one at a time on the accuracy benchmark's ViT row (ablation.py): results/ablation.md, .json."""
+    """LeCL's settings one at a time on the accuracy benchmark's ViT row (ablation.py): results/ablation.md, .json;
+    at another scale results/custom/, as for accuracy."""
     import ablation
 
-    _run_report(ablation.run, ablation.QUICK if args.quick else ablation.AblationConfig(), args, "ablation")
+    cfg, changed = ablation_config(args)
+    _run_report(ablation.run, cfg, args, "ablation", "results/custom" if changed else "results")
 
 
 def bench_probe(args):
@@ -233,6 +250,17 @@ def bench_twin(args):
         print(f"| {name} | {len(pairs)} | {sum(len(w) for _, w, _ in pairs)} | {auc:.3f} | {cons:.2f} |")
 
 
+def add_scale(parser, steps):
+    """The scale options (SCALE) of a subcommand whose table has `steps` pre-training steps by default."""
+    scale = parser.add_argument_group("scale (default: the table's; another scale writes to results/custom unless "
+                                      "--out; pre-training and extraction run on the GPU when there is one)")
+    scale.add_argument("--scans", type=int, help="scans in the synthetic cohort (default 400)")
+    scale.add_argument("--size", type=int, help="the cohort's in-plane grid in pixels (default 128)")
+    scale.add_argument("--img-size", type=int, help="encoder input size (default 64; the paper's 224)")
+    scale.add_argument("--steps", type=int, help=f"pre-training steps of every encoder (default {steps})")
+    scale.add_argument("--batch-size", type=int, help="pre-training batch (default 64)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -263,19 +291,14 @@ def build_parser():
     p_acc.add_argument("--encoders", nargs="+", choices=("vit", "gcnn", "ssm"),
                        help="run only these encoders' rows (default all); the HU-histogram and 3D rows always run")
     p_acc.add_argument("--methods", nargs="+", choices=("lecl", "moco", "random"), help="likewise for pre-training")
-    scale = p_acc.add_argument_group("scale (default: the table's; another scale writes to results/custom unless "
-                                     "--out; pre-training and extraction run on the GPU when there is one)")
-    scale.add_argument("--scans", type=int, help="scans in the synthetic cohort (default 400)")
-    scale.add_argument("--size", type=int, help="the cohort's in-plane grid in pixels (default 128)")
-    scale.add_argument("--img-size", type=int, help="encoder input size (default 64; the paper's 224)")
-    scale.add_argument("--steps", type=int, help="pre-training steps of every encoder (default 600)")
-    scale.add_argument("--batch-size", type=int, help="pre-training batch (default 64)")
+    add_scale(p_acc, 600)
     p_acc.set_defaults(func=bench_accuracy)
     p_abl = sub.add_parser("ablate", help="why LeCL does not beat MoCo here: its settings one at a time (ViT row)")
     p_abl.add_argument("--quick", action="store_true", help="a tiny version (a smoke test)")
     p_abl.add_argument("--out", help="where ablation.md and ablation.json go (default results, or results/quick)")
     p_abl.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); benchmark.py accuracy's "
                        "work folder shares its cohort, cache and random-init bags")
+    add_scale(p_abl, 150)
     p_abl.set_defaults(func=bench_ablate)
     p_probe = sub.add_parser("probe", help="does an encoder see lesions? slice-level linear probe on its bags, "
                                            "and the embeddings' effective rank")

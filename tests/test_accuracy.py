@@ -255,6 +255,9 @@ def test_accuracy_scale_options_map_onto_its_config_and_are_checked(capsys):
     assert rescaled and (cfg.cohort.n, cfg.cohort.size, cfg.img_size, cfg.steps, cfg.batch_size) == (30, 64, 48, 5, 4)
     assert cfg == replace(accuracy.QUICK, cohort=replace(accuracy.QUICK.cohort, n=30, size=64), img_size=48, steps=5,
                           batch_size=4, encoders=("gcnn",))  # nothing else changes
+    abl, rescaled = benchmark.ablation_config(benchmark.build_parser().parse_args(["ablate", "--steps", "300"]))
+    default = ablation.AblationConfig()
+    assert rescaled and abl == replace(default, base=replace(default.base, steps=300))  # the ablation's base
     assert benchmark.main(["accuracy", "--quick", "--img-size", "40"]) == 2  # refused before any work
     err = capsys.readouterr().err
     assert "--img-size a multiple of 16" in err and "40" in err and len(err.strip().splitlines()) == 1
