@@ -127,10 +127,10 @@ def bench_speed(args):
 def _run_report(run, cfg, args, name, default_out="results"):
     """run(cfg, out, work, progress) with tqdm bars, then print `out`/name.md and how long it took. --quick writes
     to results/quick by default, so that its tiny cohort never lands in the work folder of the full run."""
-    from tqdm import tqdm
+    from clear import progress_bar
 
     def progress(desc, unit):
-        return lambda it, total: tqdm(it, total=total, desc=desc, unit=unit, leave=False)
+        return lambda it, total: progress_bar(it, total=total, desc=desc, unit=unit, leave=False)
 
     out = args.out or ("results/quick" if args.quick else default_out)
     t0 = time.time()
@@ -323,15 +323,9 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    from files import ClearError
+    from clear import run_command
 
-    try:
-        args.func(args)
-    except ClearError as e:
-        print(f"benchmark.py {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("benchmark.py", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

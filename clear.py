@@ -533,21 +533,26 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run_command(prog, args):
+    """args.func(args) as a command-line tool: a ClearError becomes one line and exit code 2, Ctrl-C one line and
+    130; either way the progress bars still open are closed first. clear.py's and benchmark.py's main."""
     try:
         args.func(args)
     except ClearError as e:
         end_bars()
         one_line = " / ".join(line.strip() for line in str(e).splitlines() if line.strip())  # should one slip in
-        print(f"clear.py {args.cmd}: error: {one_line}", file=sys.stderr)
+        print(f"{prog} {args.cmd}: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         end_bars()
-        print(f"clear.py {args.cmd}: interrupted; finished files are kept, run the same command again "
+        print(f"{prog} {args.cmd}: interrupted; finished files are kept, run the same command again "
               "to continue", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv=None):
+    return run_command("clear.py", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

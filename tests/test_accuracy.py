@@ -261,3 +261,13 @@ def test_accuracy_scale_options_map_onto_its_config_and_are_checked(capsys):
     assert benchmark.main(["accuracy", "--quick", "--img-size", "40"]) == 2  # refused before any work
     err = capsys.readouterr().err
     assert "--img-size a multiple of 16" in err and "40" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_in_a_benchmark_is_one_line_and_exit_code_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark, "bench_twin", interrupted)  # the parser binds the subcommand when it is built
+    assert benchmark.main(["twin", "--encoder", "vit"]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "benchmark.py twin: interrupted; finished files are kept, run the same command again to continue"]
