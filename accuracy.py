@@ -174,7 +174,16 @@ def encoder_making(cfg, encoder, method):
         made = {"histogram": cfg.histogram_bins, "img_size": cfg.img_size}
     else:
         made = run_settings(pretrain_config(cfg, encoder, method))
-    return {"cohort": _cohort_settings(cfg), "thickness": cfg.thickness, "encoder": made}
+    making = {"cohort": _cohort_settings(cfg), "thickness": cfg.thickness, "encoder": made}
+    if extraction_device() == "cuda":  # other numbers than the CPU's; CPU rows keep the fingerprints they had
+        making["extraction"] = "cuda, bf16 autocast"
+    return making
+
+
+def extraction_device():
+    """Where the benchmark extracts bags: the GPU when there is one (extract.embed_slices: bf16 autocast), as
+    pre-training's "auto" device, else the CPU (fp32)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def encoder_settings(cfg, encoder, method):
@@ -227,9 +236,9 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
                                              else EncoderSpec(checkpoint=str(ckpt)))
     slices = replace(slices, thickness_mm=cfg.thickness)
     bags_dir = work / f"bags-{tag}"
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # as pre-training's "auto"
     failed = meter("extract", lambda: [why for status, _, why in extract_bags(cohort, enc, identity, slices, bags_dir,
-                                                                               device=device) if status == "failed"])
+                                                                               device=extraction_device())
+                                       if status == "failed"])
     if failed:  # the cohort is this benchmark's own: a scan it cannot read is a bug, not a row with fewer scans
         raise ClearError(f"{bags_dir}: {len(failed)} scan(s) failed to extract: {'; '.join(failed)}")
     return load_bags(bags_dir)

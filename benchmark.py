@@ -24,9 +24,14 @@ from speed import best_time, encoder_figures, extraction_seconds, mil_fold_secon
 
 
 def _device(name):
-    device = torch.device(name)
+    from files import ClearError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ClearError(f"--device {name}: expected cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
+        raise ClearError(f"--device {name}: no CUDA device here")
     return device
 
 
@@ -124,15 +129,24 @@ def bench_speed(args):
 # ---------------------------------------------------------------- accuracy, ablation and the encoder's probes
 
 
-def _run_report(run, cfg, args, name, default_out="results"):
-    """run(cfg, out, work, progress) with tqdm bars, then print `out`/name.md and how long it took. --quick writes
-    to results/quick by default, so that its tiny cohort never lands in the work folder of the full run."""
+def default_out(args, scale=""):
+    """--out, or by default results; results/quick for --quick, so that its tiny cohort never lands in the work
+    folder of the full run; and results/custom-<scale> at another scale (rescaled's name for it), so that the
+    table's kept rows are never replaced and two scales never share a folder."""
+    if args.out:
+        return args.out
+    return f"results/custom-{'quick-' * args.quick}{scale}" if scale else "results/quick" if args.quick else "results"
+
+
+def _run_report(run, cfg, args, name, scale=""):
+    """run(cfg, out, work, progress) with tqdm bars into default_out, then print `out`/name.md and how long it
+    took."""
     from clear import progress_bar
 
     def progress(desc, unit):
         return lambda it, total: progress_bar(it, total=total, desc=desc, unit=unit, leave=False)
 
-    out = args.out or ("results/quick" if args.quick else default_out)
+    out = default_out(args, scale)
     t0 = time.time()
     report = run(cfg, out, args.work or f"{out}/work", progress)
     print(open(f"{out}/{name}.md").read())
@@ -144,25 +158,34 @@ SCALE = {"scans": "cohort.n", "size": "cohort.size", "img_size": "img_size", "st
          "batch_size": "batch_size"}  # the scale options of benchmark.py accuracy and ablate -> AccuracyConfig fields
 
 
+def _field(cfg, dotted):
+    outer, _, inner = dotted.partition(".")
+    return getattr(getattr(cfg, outer), inner) if inner else getattr(cfg, outer)
+
+
 def rescaled(cfg, args):
-    """The AccuracyConfig `cfg` with the scale options given on the command line (SCALE), and whether any was."""
+    """The AccuracyConfig `cfg` with the scale options given on the command line (SCALE), and a name for the
+    scale: the options that change it and their values ("img-size224-steps5000"), "" if none does. Values that
+    would fail only after hours of work are refused now, in one line."""
     import accuracy
     from files import ClearError
 
-    scale = {field: getattr(args, opt) for opt, field in SCALE.items() if getattr(args, opt) is not None}
-    for field, value in scale.items():
-        cfg = accuracy.changed(cfg, field, value)
-    if cfg.cohort.n < 20 or cfg.cohort.size < 32 or cfg.img_size < 32 or cfg.img_size % 16 or cfg.steps < 1 \
+    given = {opt: getattr(args, opt) for opt in SCALE if getattr(args, opt) is not None}
+    name = "-".join(f"{opt.replace('_', '-')}{v}" for opt, v in given.items() if v != _field(cfg, SCALE[opt]))
+    for opt, value in given.items():
+        cfg = accuracy.changed(cfg, SCALE[opt], value)
+    least = 10 * cfg.fit.folds  # scans: enough patients of every stratum for each patient fold
+    if cfg.cohort.n < least or cfg.cohort.size < 32 or cfg.img_size < 32 or cfg.img_size % 16 or cfg.steps < 1 \
             or cfg.batch_size < 2:
-        raise ClearError(f"expected --scans >= 20, --size >= 32, --img-size a multiple of 16 from 32, --steps >= 1 "
-                         f"and --batch-size >= 2 (got {cfg.cohort.n}, {cfg.cohort.size}, {cfg.img_size}, "
-                         f"{cfg.steps}, {cfg.batch_size})")
-    return cfg, bool(scale)
+        raise ClearError(f"expected --scans >= {least} (10 per fold), --size >= 32, --img-size a multiple of 16 from "
+                         f"32, --steps >= 1 and --batch-size >= 2 (got {cfg.cohort.n}, {cfg.cohort.size}, "
+                         f"{cfg.img_size}, {cfg.steps}, {cfg.batch_size})")
+    return cfg, name
 
 
 def accuracy_config(args):
     """The AccuracyConfig of `benchmark.py accuracy` (or its --quick one) with the options given on the command
-    line, and whether they change its scale."""
+    line, and the name of its scale (rescaled)."""
     import accuracy
 
     cfg = accuracy.QUICK if args.quick else accuracy.AccuracyConfig()
@@ -172,12 +195,12 @@ def accuracy_config(args):
 
 
 def bench_accuracy(args):
-    """The paper's table on the synthetic cohort (accuracy.py): results/accuracy.md and .json; at another scale,
-    results/custom/ unless --out says otherwise, so that the table's own rows are never replaced."""
+    """The paper's table on the synthetic cohort (accuracy.py): results/accuracy.md and .json (_run_report says
+    where another scale goes)."""
     import accuracy
 
-    cfg, changed = accuracy_config(args)
-    _run_report(accuracy.run, cfg, args, "accuracy", "results/custom" if changed else "results")
+    cfg, scale = accuracy_config(args)
+    _run_report(accuracy.run, cfg, args, "accuracy", scale)
 
 
 def ablation_config(args):
@@ -185,17 +208,17 @@ def ablation_config(args):
     import ablation
 
     cfg = ablation.QUICK if args.quick else ablation.AblationConfig()
-    base, changed = rescaled(cfg.base, args)
-    return dataclasses.replace(cfg, base=base), changed
+    base, scale = rescaled(cfg.base, args)
+    return dataclasses.replace(cfg, base=base), scale
 
 
 def bench_ablate(args):
-    """LeCL's settings one at a time on the accuracy benchmark's ViT row (ablation.py): results/ablation.md, .json;
-    at another scale results/custom/, as for accuracy."""
+    """LeCL's settings one at a time on the accuracy benchmark's ViT row (ablation.py): results/ablation.md, .json
+    (another scale as for accuracy)."""
     import ablation
 
-    cfg, changed = ablation_config(args)
-    _run_report(ablation.run, cfg, args, "ablation", "results/custom" if changed else "results")
+    cfg, scale = ablation_config(args)
+    _run_report(ablation.run, cfg, args, "ablation", scale)
 
 
 def bench_probe(args):
@@ -252,13 +275,17 @@ def bench_twin(args):
 
 def add_scale(parser, steps):
     """The scale options (SCALE) of a subcommand whose table has `steps` pre-training steps by default."""
-    scale = parser.add_argument_group("scale (default: the table's; another scale writes to results/custom unless "
-                                      "--out; pre-training and extraction run on the GPU when there is one)")
-    scale.add_argument("--scans", type=int, help="scans in the synthetic cohort (default 400)")
-    scale.add_argument("--size", type=int, help="the cohort's in-plane grid in pixels (default 128)")
-    scale.add_argument("--img-size", type=int, help="encoder input size (default 64; the paper's 224)")
+    from accuracy import AccuracyConfig
+
+    d = AccuracyConfig()
+    scale = parser.add_argument_group("scale (default: the table's, or --quick's smaller one; another scale writes "
+                                      "to results/custom-<its options> unless --out; pre-training and extraction run "
+                                      "on the GPU when there is one)")
+    scale.add_argument("--scans", type=int, help=f"scans in the synthetic cohort (default {d.cohort.n})")
+    scale.add_argument("--size", type=int, help=f"the cohort's in-plane grid in pixels (default {d.cohort.size})")
+    scale.add_argument("--img-size", type=int, help=f"encoder input size (default {d.img_size}; the paper's 224)")
     scale.add_argument("--steps", type=int, help=f"pre-training steps of every encoder (default {steps})")
-    scale.add_argument("--batch-size", type=int, help="pre-training batch (default 64)")
+    scale.add_argument("--batch-size", type=int, help=f"pre-training batch (default {d.batch_size})")
 
 
 def build_parser():
@@ -270,7 +297,7 @@ def build_parser():
     p_scan.add_argument("--repeat", type=int, default=3, help="timed runs per figure; the best is reported")
     p_scan.add_argument("--device", default="cpu", help="cpu or cuda")
     p_scan.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
-    p_scan.set_defaults(func=bench_scan)
+    p_scan.set_defaults(func=bench_scan, resumes=False)
     p_enc = sub.add_parser("encoders", help="encoders' forward slices/s and GFLOP/s vs this machine's matmul peak")
     p_enc.add_argument("--batch", type=int, default=32, help="slices per forward")
     p_enc.add_argument("--img-size", type=int, default=224, help="slice side in pixels")
@@ -279,14 +306,15 @@ def build_parser():
     p_enc.add_argument("--size", default="tiny", choices=["tiny", "small", "base"], help="encoder size")
     p_enc.add_argument("--repeat", type=int, default=5, help="timed runs per figure; the best is reported")
     p_enc.add_argument("--device", default="cpu", help="cpu or cuda")
-    p_enc.set_defaults(func=bench_encoders)
+    p_enc.set_defaults(func=bench_encoders, resumes=False)
     p_speed = sub.add_parser("speed", help="scan, encoders, extraction, MIL fit and memory in one table")
     p_speed.add_argument("--repeat", type=int, default=3, help="timed runs per figure; the best is reported")
     p_speed.add_argument("--device", default="cpu", help="cpu or cuda")
-    p_speed.set_defaults(func=bench_speed)
+    p_speed.set_defaults(func=bench_speed, resumes=False)
     p_acc = sub.add_parser("accuracy", help="encoders x pre-training x MIL vs a 3D CNN on the synthetic cohort")
     p_acc.add_argument("--quick", action="store_true", help="a tiny version (a smoke test, about a minute)")
-    p_acc.add_argument("--out", help="where accuracy.md and accuracy.json go (default results, or results/quick)")
+    p_acc.add_argument("--out", help="where accuracy.md and accuracy.json go (default results; results/quick for "
+                       "--quick; results/custom-<scale> at another scale)")
     p_acc.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); a re-run reuses them")
     p_acc.add_argument("--encoders", nargs="+", choices=("vit", "gcnn", "ssm"),
                        help="run only these encoders' rows (default all); the HU-histogram and 3D rows always run")
@@ -295,7 +323,7 @@ def build_parser():
     p_acc.set_defaults(func=bench_accuracy)
     p_abl = sub.add_parser("ablate", help="why LeCL does not beat MoCo here: its settings one at a time (ViT row)")
     p_abl.add_argument("--quick", action="store_true", help="a tiny version (a smoke test)")
-    p_abl.add_argument("--out", help="where ablation.md and ablation.json go (default results, or results/quick)")
+    p_abl.add_argument("--out", help="where ablation.md and ablation.json go (default as for accuracy)")
     p_abl.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); benchmark.py accuracy's "
                        "work folder shares its cohort, cache and random-init bags")
     add_scale(p_abl, 150)
@@ -307,7 +335,7 @@ def build_parser():
     p_probe.add_argument("--labels", type=int, nargs="+", help="mask labels that count (default: any non-zero; "
                          "the synthetic cohort's tumours are 1-8)")
     p_probe.add_argument("--seed", type=int, default=0, help="which patients are held out")
-    p_probe.set_defaults(func=bench_probe)
+    p_probe.set_defaults(func=bench_probe, resumes=False)
     p_twin = sub.add_parser("twin", help="does an encoder see a finding with anatomy and noise held fixed? "
                                          "synthetic scans against their twins without the findings")
     src = p_twin.add_mutually_exclusive_group(required=True)
@@ -318,7 +346,7 @@ def build_parser():
                         "(default: the accuracy benchmark's 64)")
     p_twin.add_argument("--n", type=int, default=60, help="patients drawn (those with each finding are used)")
     p_twin.add_argument("--seed", type=int, default=0, help="the cohort's seed (0: the accuracy benchmark's)")
-    p_twin.set_defaults(func=bench_twin)
+    p_twin.set_defaults(func=bench_twin, resumes=False)
     return parser
 
 

@@ -535,7 +535,8 @@ def build_parser():
 
 def run_command(prog, args):
     """args.func(args) as a command-line tool: a ClearError becomes one line and exit code 2, Ctrl-C one line and
-    130; either way the progress bars still open are closed first. clear.py's and benchmark.py's main."""
+    130 (saying how to continue, unless the subcommand set resumes=False: it writes nothing to continue from);
+    either way the progress bars still open are closed first. clear.py's and benchmark.py's main."""
     try:
         args.func(args)
     except ClearError as e:
@@ -545,8 +546,9 @@ def run_command(prog, args):
         return 2
     except KeyboardInterrupt:
         end_bars()
-        print(f"{prog} {args.cmd}: interrupted; finished files are kept, run the same command again "
-              "to continue", file=sys.stderr)
+        how = "; finished files are kept, run the same command again to continue" if getattr(args, "resumes", True) \
+            else ""
+        print(f"{prog} {args.cmd}: interrupted{how}", file=sys.stderr)
         return 130
     return 0
 

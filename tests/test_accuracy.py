@@ -124,6 +124,16 @@ def test_a_kept_pretrained_row_follows_the_views():
     assert hist == accuracy.fingerprint(accuracy.encoder_settings(replace(base, steps=7), "hist", "none"))
 
 
+def test_bags_extracted_on_a_gpu_are_other_rows_than_the_cpus(monkeypatch):
+    """On CUDA extraction runs under bf16 autocast: other numbers, so other bags folders and rows."""
+    base = accuracy.AccuracyConfig()
+    cpu = accuracy.encoder_making(base, "vit", "random")
+    assert "extraction" not in cpu  # the CPU's rows keep the fingerprints they were kept under
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert accuracy.extraction_device() == "cuda"
+    assert accuracy.encoder_making(base, "vit", "random") == {**cpu, "extraction": "cuda, bf16 autocast"}
+
+
 def test_hu_histogram_counts_pixels_per_bin_worked_by_hand():
     x = torch.zeros(2, 2, 4, 4)
     x[0, 0, :2] = 0.1  # half the pixels in bin 0 of 4 ([0, 0.25)), half at 0.6: bin 2
@@ -249,25 +259,37 @@ def test_accuracy_scale_options_map_onto_its_config_and_are_checked(capsys):
     def config(*argv):
         return benchmark.accuracy_config(benchmark.build_parser().parse_args(["accuracy", *argv]))
 
-    assert config() == (accuracy.AccuracyConfig(), False)  # the table's own scale
-    cfg, rescaled = config("--quick", "--scans", "30", "--size", "64", "--img-size", "48", "--steps", "5",
-                           "--batch-size", "4", "--encoders", "gcnn")
-    assert rescaled and (cfg.cohort.n, cfg.cohort.size, cfg.img_size, cfg.steps, cfg.batch_size) == (30, 64, 48, 5, 4)
+    assert config() == config("--steps", "600", "--img-size", "64") == (accuracy.AccuracyConfig(), "")  # the table's
+    cfg, scale = config("--quick", "--scans", "30", "--size", "64", "--img-size", "48", "--steps", "5",
+                        "--batch-size", "4", "--encoders", "gcnn")
+    assert scale == "scans30-size64-img-size48-steps5-batch-size4"  # QUICK's own 40 scans, 48 px, 3 steps, batch 8
+    assert (cfg.cohort.n, cfg.cohort.size, cfg.img_size, cfg.steps, cfg.batch_size) == (30, 64, 48, 5, 4)
+    outs = [benchmark.default_out(benchmark.build_parser().parse_args(["accuracy", *argv]), scale)
+            for argv, scale in (([], ""), (["--quick"], ""), ([], "steps5"), (["--quick"], "steps5"),
+                                (["--out", "x"], "steps5"))]
+    assert outs == ["results", "results/quick", "results/custom-steps5", "results/custom-quick-steps5", "x"]
     assert cfg == replace(accuracy.QUICK, cohort=replace(accuracy.QUICK.cohort, n=30, size=64), img_size=48, steps=5,
                           batch_size=4, encoders=("gcnn",))  # nothing else changes
-    abl, rescaled = benchmark.ablation_config(benchmark.build_parser().parse_args(["ablate", "--steps", "300"]))
+    abl, scale = benchmark.ablation_config(benchmark.build_parser().parse_args(["ablate", "--steps", "300"]))
     default = ablation.AblationConfig()
-    assert rescaled and abl == replace(default, base=replace(default.base, steps=300))  # the ablation's base
-    assert benchmark.main(["accuracy", "--quick", "--img-size", "40"]) == 2  # refused before any work
+    assert scale == "steps300" and abl == replace(default, base=replace(default.base, steps=300))  # its base
+    assert benchmark.main(["accuracy", "--quick", "--img-size", "72"]) == 2  # refused before any work
     err = capsys.readouterr().err
-    assert "--img-size a multiple of 16" in err and "40" in err and len(err.strip().splitlines()) == 1
+    assert "--img-size a multiple of 16" in err and "72" in err and len(err.strip().splitlines()) == 1
+    assert benchmark.main(["accuracy", "--scans", "40"]) == 2 and ">= 50 (10 per fold)" in capsys.readouterr().err
 
 
 def test_ctrl_c_in_a_benchmark_is_one_line_and_exit_code_130(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(benchmark, "bench_twin", interrupted)  # the parser binds the subcommand when it is built
-    assert benchmark.main(["twin", "--encoder", "vit"]) == 130
+    for name in ("bench_accuracy", "bench_twin"):  # the parser binds each subcommand when it is built
+        monkeypatch.setattr(benchmark, name, interrupted)
+    try:
+        codes = benchmark.main(["accuracy", "--quick"]), benchmark.main(["twin", "--encoder", "vit"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped benchmark.main")
+    assert codes == (130, 130)
     assert capsys.readouterr().err.splitlines() == [
-        "benchmark.py twin: interrupted; finished files are kept, run the same command again to continue"]
+        "benchmark.py accuracy: interrupted; finished files are kept, run the same command again to continue",
+        "benchmark.py twin: interrupted"]  # it writes nothing to continue from
