@@ -113,7 +113,7 @@ def add_synth(sub):
                    help="difficulty: scales lesion diameters (default 1: 5-30 mm)")
     p.add_argument("--workers", type=int, default=d.workers, help="parallel processes")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    p.set_defaults(func=cmd_synth)
+    p.set_defaults(func=cmd_synth, resumes=False)  # a re-run draws the whole cohort again (with --force)
 
 
 # ------------------------------------------------------------------------------------------- convert

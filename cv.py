@@ -34,7 +34,7 @@ import torch
 
 import metrics
 from cohort import read_labels
-from files import ClearError, atomic_path
+from files import ClearError, atomic_path, forked_pool
 from mil import MIL_FORMAT, AttentionMIL, Task, infer, pad_bags, torch_threads
 
 # ----------------------------------------------------------------------------------------- task, folds
@@ -253,7 +253,7 @@ def map_folds(job, n, workers, epochs, bar=None):
         return [job(k, bar.update if bar else lambda _: None) for k in range(n)]
     _FOLD_JOB, done = job, {}
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with forked_pool(workers) as pool:
             for k, result in pool.imap_unordered(_forked_fold, range(n)):
                 done[k] = result
                 if bar:

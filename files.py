@@ -4,15 +4,18 @@ and torch.load with weights_only=True.
     ClearError            a problem with the user's input or files: the CLI prints it as one line, exit code 2
     atomic_path(path)     write to a temporary file beside `path`, renamed onto it only when the write finished
     load_untrusted(path)  torch.load that reads tensors and plain data only, never a pickled object's code
+    forked_pool(workers)  the worker processes of parallel work (the cohort's scans, the folds), quiet on Ctrl-C
 
 Every module that writes an output a user keeps (checkpoints, bags, fold models, metrics, NIfTI, reports) writes it
 through `atomic_path`; every one that reads a checkpoint or a bag reads it through `load_untrusted`.
 """
 import contextlib
 import glob
+import multiprocessing
 import os
 import pickle
 import re
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -92,3 +95,11 @@ def load_untrusted(path, refusal):
                          "that could run code when loaded; refused, only tensors and plain data are read") from None
     except Exception as e:  # not a torch file, truncated, ...
         raise ClearError(f"{path}: {refusal} ({cause(e)})") from None
+
+
+def forked_pool(workers):
+    """A multiprocessing Pool of `workers` forked processes that ignore Ctrl-C. A terminal sends SIGINT to every
+    process of its group; only the parent answers it (its `with` block terminates the pool), so Ctrl-C ends in the
+    CLI's one line, not in a traceback from every worker as well."""
+    return multiprocessing.get_context("fork").Pool(workers, initializer=signal.signal,
+                                                    initargs=(signal.SIGINT, signal.SIG_IGN))

@@ -21,14 +21,13 @@ pelvis h < 0.22, abdomen 0.22-0.52, chest 0.52-0.86, neck above. Everything is a
 """
 import csv
 import json
-import multiprocessing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from data import save_nifti
-from files import atomic_path
+from files import atomic_path, forked_pool
 
 SITES = ("bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue", "pelvis")
 ORGAN_SITES = ("bone", "liver", "lung", "kidney", "soft_tissue", "pelvis")  # a second one = metastasis
@@ -320,7 +319,7 @@ def write_cohort(cfg, out, progress=lambda it, total: it):
     plan = cohort_plan(cfg)
     jobs = [(cfg, out, p, k) for p, k in plan]
     if cfg.workers > 1:
-        with multiprocessing.get_context("fork").Pool(cfg.workers) as pool:
+        with forked_pool(cfg.workers) as pool:
             rows = list(progress(pool.imap(_write_job, jobs), len(jobs)))
     else:
         rows = list(progress(map(_write_job, jobs), len(jobs)))

@@ -212,3 +212,21 @@ def test_a_write_removes_the_temporary_files_that_killed_writers_of_it_left(tmp_
     # only the orphan of this file, left by a process of this host that is gone; a live writer's is its own
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["enc.pt", live.name, other_file.name,
                                                                  other_host.name])
+
+
+def test_ctrl_c_to_the_whole_process_group_is_still_one_line(tmp_path):
+    """A terminal's Ctrl-C reaches the worker processes too (here synth's, drawing scans side by side): they stay
+    quiet and the parent alone answers, in one line."""
+    out, log = tmp_path / "cohort", tmp_path / "log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(REPO / "clear.py"), "synth", "--out", str(out), "--n", "60",
+                                 "--size", "64", "--workers", "2"], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=stderr, process_group=0,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while len(list((out / "images").glob("*.nii.gz"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: every process of the group
+    assert proc.wait(timeout=60) == 130
+    assert shown(log.read_text()) == ["clear.py synth: interrupted"]  # a re-run draws it again, with --force
+    assert len(list((out / "images").glob("*.nii.gz"))) < 60
