@@ -128,7 +128,8 @@ def _train_fold(task, volumes, y, train, val, cfg, net, seed):
 def fit_cv_3d(volumes, cohort, cfg, net=Net3DConfig(), progress=lambda it, total: it):
     """Patient-level stratified k-fold of the 3D baseline, on the folds cv.fit_cv uses for the same labels and
     seed -> metrics dict (as metrics.json: rows of AUROC etc. with patient-bootstrap CIs)."""
-    rows = [(i, s) for i, s in enumerate(cohort.scans) if all(np.isfinite(s.labels.get(t, np.nan)) for t in cfg.targets)]
+    rows = [(i, s) for i, s in enumerate(cohort.scans)
+            if all(np.isfinite(s.labels.get(t, np.nan)) for t in cfg.targets)]
     if not rows:
         raise ClearError(f"{cohort.root}: no scan has a value for {','.join(cfg.targets)}")
     index = np.array([i for i, _ in rows])

@@ -392,10 +392,11 @@ def add_fit(sub):
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--task", choices=("binary", "multilabel", "multiclass", "ordinal"),
                    help="default: inferred from the target columns")
-    for name in ("folds", "epochs", "patience", "batch_size", "max_slices", "seed"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), help=f"default {getattr(d, name)}")
-    for name in ("lr", "weight_decay", "dropout", "val_fraction", "train_fraction"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name), help=f"default {getattr(d, name)}")
+    for kind, names in ((int, ("folds", "epochs", "patience", "batch_size", "max_slices", "seed")),
+                        (float, ("lr", "weight_decay", "dropout", "val_fraction", "train_fraction"))):
+        for name in names:
+            p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(d, name),
+                           help=f"default {getattr(d, name)}")
     p.add_argument("--gated", action="store_true", help="gated attention (Ilse et al. Eq. 9)")
     p.add_argument("--workers", type=int, default=d.workers, help="folds trained side by side, one process and "
                    "thread each (default 0: one per CPU core; 1: one at a time, in this process)")

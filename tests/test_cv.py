@@ -153,7 +153,8 @@ def test_folds_in_worker_processes_give_the_same_run(tmp_path):
     for a, b in zip(one.models, two.models):
         assert a["best_epoch"] == b["best_epoch"] and a["test_scans"] == b["test_scans"]
         assert all(torch.equal(a["state_dict"][k], v) for k, v in b["state_dict"].items())
-    assert {s: z.tolist() for s, (z, _) in one.attention.items()} == {s: z.tolist() for s, (z, _) in two.attention.items()}
+    assert ({s: z.tolist() for s, (z, _) in one.attention.items()}
+            == {s: z.tolist() for s, (z, _) in two.attention.items()})
     assert all(np.array_equal(one.attention[s][1], a) for s, (_, a) in two.attention.items())
     bar, = Bar.made
     assert bar.n == bar.total == 3 * FAST["epochs"] and bar.closed
