@@ -30,7 +30,7 @@ import cv
 from baseline3d import Net3DConfig, ResNet3D, Volume3DConfig, fit_cv_3d, load_volumes
 from cohort import Cohort
 from data import SliceConfig
-from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
+from extract import EncoderSpec, extract_bags, load_encoder, pick_device, weights_sha256
 from files import ClearError, atomic_path
 from mil import AttentionMIL, load_bags
 from models import build_encoder, count_flops
@@ -181,9 +181,9 @@ def encoder_making(cfg, encoder, method):
 
 
 def extraction_device():
-    """Where the benchmark extracts bags: the GPU when there is one (extract.embed_slices: bf16 autocast), as
-    pre-training's "auto" device, else the CPU (fp32)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Where the benchmark extracts bags: extract.pick_device("auto"), the GPU when there is one (embed_slices:
+    bf16 autocast) as for pre-training's "auto" device, else the CPU (fp32)."""
+    return pick_device("auto")
 
 
 def encoder_settings(cfg, encoder, method):

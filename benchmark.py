@@ -158,11 +158,6 @@ SCALE = {"scans": "cohort.n", "size": "cohort.size", "img_size": "img_size", "st
          "batch_size": "batch_size"}  # the scale options of benchmark.py accuracy and ablate -> AccuracyConfig fields
 
 
-def _field(cfg, dotted):
-    outer, _, inner = dotted.partition(".")
-    return getattr(getattr(cfg, outer), inner) if inner else getattr(cfg, outer)
-
-
 def rescaled(cfg, args):
     """The AccuracyConfig `cfg` with the scale options given on the command line (SCALE), and a name for the
     scale: the options that change it and their values ("img-size224-steps5000"), "" if none does. Values that
@@ -170,10 +165,12 @@ def rescaled(cfg, args):
     import accuracy
     from files import ClearError
 
-    given = {opt: getattr(args, opt) for opt in SCALE if getattr(args, opt) is not None}
-    name = "-".join(f"{opt.replace('_', '-')}{v}" for opt, v in given.items() if v != _field(cfg, SCALE[opt]))
-    for opt, value in given.items():
-        cfg = accuracy.changed(cfg, SCALE[opt], value)
+    parts = []
+    for opt in SCALE:
+        value = getattr(args, opt)
+        if value is not None and (new := accuracy.changed(cfg, SCALE[opt], value)) != cfg:
+            cfg, parts = new, parts + [f"{opt.replace('_', '-')}{value}"]
+    name = "-".join(parts)
     least = 10 * cfg.fit.folds  # scans: enough patients of every stratum for each patient fold
     if cfg.cohort.n < least or cfg.cohort.size < 32 or cfg.img_size < 32 or cfg.img_size % 16 or cfg.steps < 1 \
             or cfg.batch_size < 2:

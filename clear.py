@@ -269,7 +269,7 @@ def add_pretrain(sub):
 
 def cmd_extract(args):
     from cohort import Cohort
-    from extract import EncoderSpec, extract_bags, load_encoder, shard_from_env
+    from extract import EncoderSpec, extract_bags, load_encoder, pick_device, shard_from_env
 
     spec = EncoderSpec(checkpoint=args.checkpoint, module=args.encoder_module, size=args.size,
                        img_size=args.img_size, seed=args.seed,
@@ -310,16 +310,6 @@ def parse_shard(text):
     except (ValueError, AssertionError):
         raise ClearError(f"--shard {text}: expected K/N with 0 <= K < N") from None
     return k, n
-
-
-def pick_device(name):
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ClearError(f"--device {name}: CUDA is not available on this machine")
-    return name
 
 
 def add_extract(sub):

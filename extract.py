@@ -97,6 +97,15 @@ def load_encoder(spec):
     return encoder.eval(), {**identity, "sha256": weights_sha256(encoder)}, slices
 
 
+def pick_device(name):
+    """The device extraction runs on for --device `name`: "auto" is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ClearError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
 def embed_slices(encoder, slices, batch_size=64, device="cpu"):
     """(n, C, S, S) slices -> (n, D) float32 embeddings, in batches, without gradients."""
     out = []
