@@ -28,11 +28,16 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys):
     argv = ["demo", "--out", str(out), "--n", "100", "--img-size", "32", "--steps", "2", "--batch-size", "8"]
     assert clear.main(argv) == 0
     printed = capsys.readouterr().out
+    chance = []
     for name, _, _ in clear.DEMO_TASKS:
         metrics = json.loads((out / f"fit-{name}" / "metrics.json").read_text())
         auc = [r for r in metrics["rows"] if r["metric"] in ("AUROC", "AUROC, fold mean")]
         assert len({r["metric"] for r in auc}) == 2 and all(well_formed(r) for r in auc), name
         assert f"\n{name:<14} " in printed  # the table's row
+        fold_mean = [r for r in auc if r["metric"] == "AUROC, fold mean"]
+        low = next((r for r in fold_mean if r["label"] == "macro"), fold_mean[0])["ci_low"]  # the table's cell
+        chance += [name] if low is None or low <= 0.5 else []
+    assert f"At chance: {', '.join(chance) or 'none'}." in printed
     assert (out / "vit-lecl.pt").is_file() and len(list((out / "bags").glob("*.pt"))) == 100
     # the control: HU-histogram bags (32 bins of 3 windows) and their lung-disease fit, a row of the table
     control = [r for r in json.loads((out / clear.CONTROL / "metrics.json").read_text())["rows"]
@@ -46,6 +51,18 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys):
     assert clear.main(argv) == 0
     again = capsys.readouterr().out
     assert again.count("exists, skipping") == 2 + len(clear.DEMO_TASKS) + 1 and clear.demo_table(out) in again
+    # the same folder with other options is refused in one line, naming the option, and nothing is touched
+    before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    assert clear.main(argv + ["--contrast", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out}: made by a demo with other options (--contrast 1.0 -> 3.0)" in err
+    assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def test_demo_passes_the_cohort_difficulty_to_synth(tmp_path):
+    synth = clear.demo_commands(tmp_path, 10, 32, 2, 8, contrast=3.0, lesion_scale=2.0)[0]
+    args = clear.build_parser().parse_args(synth)
+    assert (args.cmd, args.n, args.size, args.contrast, args.lesion_scale) == ("synth", 10, 64, 3.0, 2.0)
 
 
 TINY = accuracy.AccuracyConfig(
