@@ -85,6 +85,9 @@ def cmd_synth(args):
     if cfg.n < 1 or cfg.size < 32 or cfg.workers < 1 or not 0 < cfg.thickness[0] <= cfg.thickness[1]:
         raise ClearError(f"--n must be >= 1, --size >= 32, --workers >= 1 and --thickness 0 < MIN <= MAX (got "
                          f"{cfg.n}, {cfg.size}, {cfg.workers}, {cfg.thickness[0]:g} {cfg.thickness[1]:g})")
+    if not (0 <= cfg.contrast < math.inf and 0 < cfg.lesion_scale < math.inf):  # NaN fails both
+        raise ClearError(f"--contrast must be >= 0 and --lesion-scale > 0, both finite (got {cfg.contrast:g}, "
+                         f"{cfg.lesion_scale:g})")
     out = prepare_out_dir(args.out, args.force, owned=("images", "masks", "labels.csv", "synth.json"))
     t0 = time.time()
     rows = write_cohort(cfg, out, progress=bar("synth"))
@@ -430,7 +433,7 @@ CONTROL = "fit-histogram-lung_disease"  # the demo's control run: HU-histogram b
 DEMO_SETTINGS = ("n", "img_size", "steps", "batch_size", "contrast", "lesion_scale")  # demo_commands' options
 
 
-def demo_commands(out, n, img_size, steps, batch_size, contrast=1.0, lesion_scale=1.0):
+def demo_commands(out, n, img_size, steps, batch_size, contrast, lesion_scale):
     """The demo as the plain clear.py commands it runs, so a reader can copy any step."""
     out = Path(out)
     cohort, ckpt, bags = out / "cohort", out / "vit-lecl.pt", out / "bags"
@@ -450,25 +453,35 @@ def demo_commands(out, n, img_size, steps, batch_size, contrast=1.0, lesion_scal
     return [[str(a) for a in c] for c in commands]
 
 
-def cmd_demo(args):
-    out = Path(args.out)
+def open_demo_folder(out, settings):
+    """Check `out` for a demo with these settings (a dict of DEMO_SETTINGS) and record them in out/demo.json.
+    A folder whose cohort another demo drew, or that holds something else, is refused: a re-run would mix them."""
+    out, record = Path(out), Path(out) / "demo.json"
     if out.exists() and not out.is_dir():
         raise ClearError(f"{out}: exists and is not a folder")
-    settings = {k: getattr(args, k) for k in DEMO_SETTINGS}
-    record = out / "demo.json"  # the options that made this folder: a re-run with others would mix two demos
+    drawn = (out / "cohort" / "labels.csv").exists()  # until then, nothing kept depends on the options
     if record.exists():
         try:
             made = json.loads(record.read_text())
-        except ValueError as e:
+        except (OSError, ValueError) as e:
             raise ClearError(f"{record}: unreadable ({e}); use another --out") from None
-        if made != settings:
-            changed = ", ".join(f"--{k.replace('_', '-')} {made.get(k)} -> {v}" for k, v in settings.items()
-                                if made.get(k) != v)
-            raise ClearError(f"{out}: made by a demo with other options ({changed}); use another --out")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(record) as tmp:
-            tmp.write_text(json.dumps(settings))
+        if not isinstance(made, dict):
+            raise ClearError(f"{record}: not a demo record (a JSON object of its options); use another --out")
+        if made != settings and drawn:
+            changed = ", ".join(f"--{k.replace('_', '-')} {made.get(k, 'unset')} -> {settings.get(k, 'unset')}"
+                                for k in sorted(made.keys() | settings.keys()) if made.get(k) != settings.get(k))
+            raise ClearError(f"{record}: this folder's demo had other options ({changed}); use another --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ClearError(f"{out}: not empty and not a demo's folder (no demo.json); use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(settings))
+
+
+def cmd_demo(args):
+    out = Path(args.out)
+    settings = {k: getattr(args, k) for k in DEMO_SETTINGS}
+    open_demo_folder(out, settings)
     t0 = time.time()
     for command in demo_commands(out, **settings):
         name = command[0]
@@ -491,15 +504,28 @@ def cmd_demo(args):
         0, math.nan, math.nan, False)
     print(f"Pre-training took the effective rank of the slice embeddings from {first:.1f} to {last:.1f} "
           f"(RankMe of a batch){': they collapsed onto a few directions' if collapsed else ''}.")
-    lows = {name: demo_auroc(out, f"fit-{name}", "AUROC, fold mean")["ci_low"] for name, _, _ in DEMO_TASKS}
-    chance = [name for name, low in lows.items() if low is None or low <= 0.5]  # None: undefined, one class
-    found = [name for name in lows if name not in chance]
-    print(f"Above chance (the fold mean's 95 % CI above 0.5): {', '.join(found) or 'none'}. "
-          f"At chance: {', '.join(chance) or 'none'}." + (
-              f" At the demo's budget ({args.steps} LeCL steps at {args.img_size} px) the encoder has not learnt "
-              "to see those findings; the control shows that the pipeline after the encoder works (from HU "
-              "histograms alone the MIL finds the lung disease). README.md, 'Results', says why and what is open."
-              if chance else ""))
+    print(demo_verdict(out, args.steps, args.img_size))
+
+
+def above_chance(row):
+    """Whether an AUROC summary row's 95 % CI lies above 0.5 (its low end None: undefined, e.g. one class)."""
+    return row["ci_low"] is not None and row["ci_low"] > 0.5
+
+
+def demo_verdict(out, steps, img_size):
+    """The demo's reading of its own table: which tasks, and whether the control, came out above chance."""
+    found = {name: above_chance(demo_auroc(out, f"fit-{name}", "AUROC, fold mean")) for name, _, _ in DEMO_TASKS}
+    control = above_chance(demo_auroc(out, CONTROL, "AUROC, fold mean"))
+    verdict = (f"Above chance (the fold mean's 95 % CI above 0.5): {', '.join(n for n in found if found[n]) or 'none'}."
+               f" At chance: {', '.join(n for n in found if not found[n]) or 'none'}.")
+    if all(found.values()):
+        return verdict
+    if not control:
+        return (verdict + " The control, the MIL on HU histograms, is at chance too: with findings this faint or "
+                "scans this few, the table says nothing about the encoder.")
+    return (verdict + f" At the demo's budget ({steps} LeCL steps at {img_size} px) the encoder has not learnt to see "
+            "those findings; the control, above chance, shows that the pipeline after the encoder works (from HU "
+            "histograms alone the MIL finds the lung disease). README.md, 'Results', says why and what is open.")
 
 
 def demo_auroc(out, run, metric):
@@ -516,12 +542,16 @@ def demo_table(out):
         if run == CONTROL:
             lines.append("control: the same MIL on HU-histogram bags (probe.py), nothing learnt")
         cells = [demo_auroc(out, run, metric) for metric in ("AUROC, fold mean", "AUROC")]
-        cells = [f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for r in cells]
+        cells = ["n/a" if r["value"] is None else f"{r['value']:.3f}" + (
+            "" if r["ci_low"] is None else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]") for r in cells]
         lines.append(f"{name:<14} {cells[0]:<24} {cells[1]:<24}")
     return "\n".join(lines)
 
 
 def add_demo(sub):
+    from phantom import SynthConfig
+
+    d = SynthConfig()
     p = sub.add_parser("demo", help="synth -> pretrain -> extract -> fit on a small cohort (about 5 min on CPU)",
                        description="The whole method on a small synthetic cohort: generate it, pre-train a "
                                    "ViT-tiny with LeCL, extract bags and fit the MIL on the three tasks; then a "
@@ -532,10 +562,10 @@ def add_demo(sub):
     p.add_argument("--steps", type=int, default=100,
                    help="pre-training steps (default 100: the whole demo fits in 5 minutes on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=64, help="pre-training batch")
-    p.add_argument("--contrast", type=float, default=1.0,
-                   help="the cohort's lesion contrast to host tissue, x (default 1, the benchmark's cohort)")
-    p.add_argument("--lesion-scale", type=float, default=1.0,
-                   help="the cohort's lesion diameters, x (default 1: 5-30 mm)")
+    p.add_argument("--contrast", type=float, default=d.contrast,
+                   help=f"the cohort's lesion contrast to host tissue, x (default {d.contrast:g}, the benchmark's)")
+    p.add_argument("--lesion-scale", type=float, default=d.lesion_scale,
+                   help=f"the cohort's lesion diameters, x (default {d.lesion_scale:g}: 5-30 mm)")
     p.set_defaults(func=cmd_demo)
 
 

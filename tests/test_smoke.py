@@ -55,14 +55,69 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys):
     before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
     assert clear.main(argv + ["--contrast", "3"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{out}: made by a demo with other options (--contrast 1.0 -> 3.0)" in err
+    assert err.count("\n") == 1
+    assert f"{out / 'demo.json'}: this folder's demo had other options (--contrast 1.0 -> 3.0)" in err
     assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
+SETTINGS = dict(n=10, img_size=32, steps=2, batch_size=8, contrast=1.0, lesion_scale=1.0)
+
+
+def test_a_demo_folder_is_refused_to_other_options_once_its_cohort_is_drawn(tmp_path):
+    out = tmp_path / "demo"
+    clear.open_demo_folder(out, SETTINGS)  # a new folder: made, and the options recorded
+    assert json.loads((out / "demo.json").read_text()) == SETTINGS
+    clear.open_demo_folder(out, {**SETTINGS, "n": 20})  # nothing drawn yet (e.g. synth refused --n): re-recorded
+    assert json.loads((out / "demo.json").read_text())["n"] == 20
+    (out / "cohort").mkdir()
+    (out / "cohort" / "labels.csv").write_text("patient,scan\n")
+    clear.open_demo_folder(out, {**SETTINGS, "n": 20})  # the same options continue
+    with pytest.raises(ClearError, match=r"demo.json: this folder's demo had other options \(--n 20 -> 10\)"):
+        clear.open_demo_folder(out, SETTINGS)
+    (out / "demo.json").unlink()  # a demo folder of an older clear.py, or any other folder with files in it
+    with pytest.raises(ClearError, match="not empty and not a demo's folder"):
+        clear.open_demo_folder(out, SETTINGS)
+    for text in ("{", "[1]"):
+        (out / "demo.json").write_text(text)
+        with pytest.raises(ClearError, match="demo.json: (unreadable|not a demo record)"):
+            clear.open_demo_folder(out, SETTINGS)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ClearError, match="exists and is not a folder"):
+        clear.open_demo_folder(tmp_path / "file", SETTINGS)
+
+
+def fake_run(out, run, low):
+    """A run folder whose metrics.json holds the macro fold-mean AUROC with CI low end `low` (None: undefined)."""
+    row = dict(metric="AUROC, fold mean", label="macro", value=None if low is None else low + 0.1, ci_low=low,
+               ci_high=None if low is None else min(low + 0.2, 1.0))
+    (out / run).mkdir(parents=True)
+    (out / run / "metrics.json").write_text(json.dumps({"rows": [row, {**row, "metric": "AUROC"}]}))
+
+
+@pytest.mark.parametrize("lows, control, says", [
+    ((0.6, 0.7, 0.55), 0.8, "Above chance (the fold mean's 95 % CI above 0.5): location, lung_disease, stage. "
+                            "At chance: none."),
+    ((0.6, 0.5, None), 0.8, "Above chance (the fold mean's 95 % CI above 0.5): location. At chance: lung_disease, "
+                            "stage. At the demo's budget (100 LeCL steps at 64 px)"),
+    ((0.3, 0.4, 0.45), 0.45, "Above chance (the fold mean's 95 % CI above 0.5): none. At chance: location, "
+                             "lung_disease, stage. The control, the MIL on HU histograms, is at chance too"),
+])
+def test_the_demo_reads_its_table_from_the_metrics(tmp_path, lows, control, says):
+    for (name, _, _), low in zip(clear.DEMO_TASKS, lows):
+        fake_run(tmp_path, f"fit-{name}", low)
+    fake_run(tmp_path, clear.CONTROL, control)
+    assert clear.demo_verdict(tmp_path, 100, 64).startswith(says)
+    table = clear.demo_table(tmp_path)
+    assert ("n/a" in table) == (None in lows) and f"{lows[0] + 0.1:.3f} [{lows[0]:.3f}," in table
+
+
 def test_demo_passes_the_cohort_difficulty_to_synth(tmp_path):
-    synth = clear.demo_commands(tmp_path, 10, 32, 2, 8, contrast=3.0, lesion_scale=2.0)[0]
+    synth = clear.demo_commands(tmp_path, **{**SETTINGS, "contrast": 3.0, "lesion_scale": 2.0})[0]
     args = clear.build_parser().parse_args(synth)
     assert (args.cmd, args.n, args.size, args.contrast, args.lesion_scale) == ("synth", 10, 64, 3.0, 2.0)
+    for bad in (["--contrast", "nan"], ["--contrast", "-1"], ["--lesion-scale", "0"]):
+        assert clear.main(synth + bad) == 2  # refused in one line before anything is drawn
+    assert not (tmp_path / "cohort").exists()
 
 
 TINY = accuracy.AccuracyConfig(
