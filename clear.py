@@ -472,7 +472,8 @@ def open_demo_folder(out, settings):
                                 for k in sorted(made.keys() | settings.keys()) if made.get(k) != settings.get(k))
             raise ClearError(f"{record}: this folder's demo had other options ({changed}); use another --out")
     elif out.is_dir() and any(out.iterdir()):
-        raise ClearError(f"{out}: not empty and not a demo's folder (no demo.json); use another --out")
+        raise ClearError(f"{out}: not empty and holds no demo.json (another folder, or an older clear.py's demo); "
+                         "use another --out")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(record) as tmp:
         tmp.write_text(json.dumps(settings))

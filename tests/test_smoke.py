@@ -75,7 +75,7 @@ def test_a_demo_folder_is_refused_to_other_options_once_its_cohort_is_drawn(tmp_
     with pytest.raises(ClearError, match=r"demo.json: this folder's demo had other options \(--n 20 -> 10\)"):
         clear.open_demo_folder(out, SETTINGS)
     (out / "demo.json").unlink()  # a demo folder of an older clear.py, or any other folder with files in it
-    with pytest.raises(ClearError, match="not empty and not a demo's folder"):
+    with pytest.raises(ClearError, match="not empty and holds no demo.json"):
         clear.open_demo_folder(out, SETTINGS)
     for text in ("{", "[1]"):
         (out / "demo.json").write_text(text)
