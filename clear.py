@@ -14,7 +14,6 @@ as one line naming the file, with exit code 2; long work shows a progress bar an
 """
 import argparse
 import dataclasses
-import json
 import math
 import shlex
 import shutil
@@ -25,8 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from files import ClearError, atomic_path
-from phantom import SITES
+from files import ClearError
 
 
 def config_from(cls, args, **overrides):
@@ -422,69 +420,15 @@ def add_predict(sub):
 
 # ---------------------------------------------------------------------------------------------- demo
 
-DEMO_TASKS = (  # (run name, --target, extra fit options): the paper's three endpoints
-    ("location", ",".join(f"loc_{s}" for s in SITES), ()),
-    ("lung_disease", "lung_disease", ()),
-    ("stage", "stage", ("--task", "ordinal")),
-)
-
-
-CONTROL = "fit-histogram-lung_disease"  # the demo's control run: HU-histogram bags on lung disease
-DEMO_SETTINGS = ("n", "img_size", "steps", "batch_size", "contrast", "lesion_scale")  # demo_commands' options
-
-
-def demo_commands(out, n, img_size, steps, batch_size, contrast, lesion_scale):
-    """The demo as the plain clear.py commands it runs, so a reader can copy any step."""
-    out = Path(out)
-    cohort, ckpt, bags = out / "cohort", out / "vit-lecl.pt", out / "bags"
-    commands = [["synth", "--out", cohort, "--n", n, "--size", 2 * img_size, "--thickness", 4, 5,
-                 "--contrast", contrast, "--lesion-scale", lesion_scale],
-                ["pretrain", "--data", cohort, "--out", ckpt, "--encoder", "vit", "--method", "lecl",
-                 "--img-size", img_size, "--steps", steps, "--batch-size", batch_size, "--lr", 0.003,
-                 "--mlp-dim", 1024, "--checkpoint-every", 50],
-                ["extract", "--data", cohort, "--out", bags, "--checkpoint", ckpt]]
-    commands += [["fit", "--bags", bags, "--labels", cohort / "labels.csv", "--target", target,
-                  "--out", out / f"fit-{name}", *extra] for name, target, extra in DEMO_TASKS]
-    # the control: bags of HU histograms (probe.py), nothing learnt, on the task intensities alone can solve
-    commands += [["extract", "--data", cohort, "--out", out / "bags-histogram", "--img-size", img_size,
-                  "--encoder-module", f"{Path(__file__).resolve().parent / 'probe.py'}:HUHistogram"],
-                 ["fit", "--bags", out / "bags-histogram", "--labels", cohort / "labels.csv", "--target",
-                  "lung_disease", "--out", out / CONTROL]]
-    return [[str(a) for a in c] for c in commands]
-
-
-def open_demo_folder(out, settings):
-    """Check `out` for a demo with these settings (a dict of DEMO_SETTINGS) and record them in out/demo.json.
-    A folder whose cohort another demo drew, or that holds something else, is refused: a re-run would mix them."""
-    out, record = Path(out), Path(out) / "demo.json"
-    if out.exists() and not out.is_dir():
-        raise ClearError(f"{out}: exists and is not a folder")
-    drawn = (out / "cohort" / "labels.csv").exists()  # until then, nothing kept depends on the options
-    if record.exists():
-        try:
-            made = json.loads(record.read_text())
-        except (OSError, ValueError) as e:
-            raise ClearError(f"{record}: unreadable ({e}); use another --out") from None
-        if not isinstance(made, dict):
-            raise ClearError(f"{record}: not a demo record (a JSON object of its options); use another --out")
-        if made != settings and drawn:
-            changed = ", ".join(f"--{k.replace('_', '-')} {made.get(k, 'unset')} -> {settings.get(k, 'unset')}"
-                                for k in sorted(made.keys() | settings.keys()) if made.get(k) != settings.get(k))
-            raise ClearError(f"{record}: this folder's demo had other options ({changed}); use another --out")
-    elif out.is_dir() and any(out.iterdir()):
-        raise ClearError(f"{out}: not empty and holds no demo.json (another folder, or an older clear.py's demo); "
-                         "use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(record) as tmp:
-        tmp.write_text(json.dumps(settings))
-
 
 def cmd_demo(args):
+    import demo
+
     out = Path(args.out)
-    settings = {k: getattr(args, k) for k in DEMO_SETTINGS}
-    open_demo_folder(out, settings)
+    settings = {k: getattr(args, k) for k in demo.SETTINGS}
+    demo.open_folder(out, settings)
     t0 = time.time()
-    for command in demo_commands(out, **settings):
+    for command in demo.command_lines(out, **settings):
         name = command[0]
         done = {"synth": out / "cohort" / "labels.csv", "pretrain": out / "vit-lecl.pt"}.get(name)
         if name == "fit":
@@ -497,56 +441,15 @@ def cmd_demo(args):
             raise ClearError(f"demo step '{name}' failed (see above); fix it and run the demo again to continue")
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Outputs in {out}: cohort/ (CT + masks + labels.csv), "
           "vit-lecl.pt (LeCL checkpoint), bags/ (slice embeddings), fit-*/ (metrics, predictions, attention), "
-          f"bags-histogram/ and {CONTROL}/ (the control)")
-    print(demo_table(out))
+          f"bags-histogram/ and {demo.CONTROL}/ (the control)")
+    print(demo.table(out))
     from pretrain import load_checkpoint, rank_trend
 
     _, first, last, collapsed = rank_trend(load_checkpoint(out / "vit-lecl.pt").get("ranks", [])) or (
         0, math.nan, math.nan, False)
     print(f"Pre-training took the effective rank of the slice embeddings from {first:.1f} to {last:.1f} "
           f"(RankMe of a batch){': they collapsed onto a few directions' if collapsed else ''}.")
-    print(demo_verdict(out, args.steps, args.img_size))
-
-
-def above_chance(row):
-    """Whether an AUROC summary row's 95 % CI lies above 0.5 (its low end None: undefined, e.g. one class)."""
-    return row["ci_low"] is not None and row["ci_low"] > 0.5
-
-
-def demo_verdict(out, steps, img_size):
-    """The demo's reading of its own table: which tasks, and whether the control, came out above chance."""
-    found = {name: above_chance(demo_auroc(out, f"fit-{name}", "AUROC, fold mean")) for name, _, _ in DEMO_TASKS}
-    control = above_chance(demo_auroc(out, CONTROL, "AUROC, fold mean"))
-    verdict = (f"Above chance (the fold mean's 95 % CI above 0.5): {', '.join(n for n in found if found[n]) or 'none'}."
-               f" At chance: {', '.join(n for n in found if not found[n]) or 'none'}.")
-    if all(found.values()):
-        return verdict
-    if not control:
-        return (verdict + " The control, the MIL on HU histograms, is at chance too: with findings this faint or "
-                "scans this few, the table says nothing about the encoder.")
-    return (verdict + f" At the demo's budget ({steps} LeCL steps at {img_size} px) the encoder has not learnt to see "
-            "those findings; the control, above chance, shows that the pipeline after the encoder works (from HU "
-            "histograms alone the MIL finds the lung disease). README.md, 'Results', says why and what is open.")
-
-
-def demo_auroc(out, run, metric):
-    """The macro summary row of `metric` ("AUROC, fold mean" or "AUROC", pooled) in a demo run's metrics.json."""
-    found = [r for r in json.loads((Path(out) / run / "metrics.json").read_text())["rows"] if r["metric"] == metric]
-    return next((r for r in found if r["label"] == "macro"), found[0])
-
-
-def demo_table(out):
-    """task -> AUROC (mean over the held-out folds, and pooled over them) with 95 % CIs, from each run's
-    metrics.json. Both are macro means over the task's labels or classes (metrics.summarize explains why two)."""
-    lines = [f"{'task':<14} {'AUROC, fold mean':<24} {'AUROC, pooled folds':<24}"]
-    for name, run in [(n, f"fit-{n}") for n, _, _ in DEMO_TASKS] + [("lung_disease", CONTROL)]:
-        if run == CONTROL:
-            lines.append("control: the same MIL on HU-histogram bags (probe.py), nothing learnt")
-        cells = [demo_auroc(out, run, metric) for metric in ("AUROC, fold mean", "AUROC")]
-        cells = ["n/a" if r["value"] is None else f"{r['value']:.3f}" + (
-            "" if r["ci_low"] is None else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]") for r in cells]
-        lines.append(f"{name:<14} {cells[0]:<24} {cells[1]:<24}")
-    return "\n".join(lines)
+    print(demo.verdict(out, args.steps, args.img_size))
 
 
 def add_demo(sub):

@@ -12,6 +12,7 @@ import ablation
 import accuracy
 import clear
 import cv
+import demo
 from baseline3d import Net3DConfig, Volume3DConfig
 from files import ClearError
 from phantom import SynthConfig
@@ -29,7 +30,7 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys):
     assert clear.main(argv) == 0
     printed = capsys.readouterr().out
     chance = []
-    for name, _, _ in clear.DEMO_TASKS:
+    for name, _, _ in demo.TASKS:
         metrics = json.loads((out / f"fit-{name}" / "metrics.json").read_text())
         auc = [r for r in metrics["rows"] if r["metric"] in ("AUROC", "AUROC, fold mean")]
         assert len({r["metric"] for r in auc}) == 2 and all(well_formed(r) for r in auc), name
@@ -40,7 +41,7 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys):
     assert f"At chance: {', '.join(chance) or 'none'}." in printed
     assert (out / "vit-lecl.pt").is_file() and len(list((out / "bags").glob("*.pt"))) == 100
     # the control: HU-histogram bags (32 bins of 3 windows) and their lung-disease fit, a row of the table
-    control = [r for r in json.loads((out / clear.CONTROL / "metrics.json").read_text())["rows"]
+    control = [r for r in json.loads((out / demo.CONTROL / "metrics.json").read_text())["rows"]
                if r["metric"] in ("AUROC", "AUROC, fold mean")]
     assert len(control) == 2 and all(well_formed(r) for r in control)
     assert torch.load(next((out / "bags-histogram").glob("*.pt")), weights_only=True)["features"].shape[1] == 96
@@ -50,7 +51,7 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys):
     # a second run finds every step done and only prints the table again
     assert clear.main(argv) == 0
     again = capsys.readouterr().out
-    assert again.count("exists, skipping") == 2 + len(clear.DEMO_TASKS) + 1 and clear.demo_table(out) in again
+    assert again.count("exists, skipping") == 2 + len(demo.TASKS) + 1 and demo.table(out) in again
     # the same folder with other options is refused in one line, naming the option, and nothing is touched
     before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
     assert clear.main(argv + ["--contrast", "3"]) == 2
@@ -65,25 +66,25 @@ SETTINGS = dict(n=10, img_size=32, steps=2, batch_size=8, contrast=1.0, lesion_s
 
 def test_a_demo_folder_is_refused_to_other_options_once_its_cohort_is_drawn(tmp_path):
     out = tmp_path / "demo"
-    clear.open_demo_folder(out, SETTINGS)  # a new folder: made, and the options recorded
+    demo.open_folder(out, SETTINGS)  # a new folder: made, and the options recorded
     assert json.loads((out / "demo.json").read_text()) == SETTINGS
-    clear.open_demo_folder(out, {**SETTINGS, "n": 20})  # nothing drawn yet (e.g. synth refused --n): re-recorded
+    demo.open_folder(out, {**SETTINGS, "n": 20})  # nothing drawn yet (e.g. synth refused --n): re-recorded
     assert json.loads((out / "demo.json").read_text())["n"] == 20
     (out / "cohort").mkdir()
     (out / "cohort" / "labels.csv").write_text("patient,scan\n")
-    clear.open_demo_folder(out, {**SETTINGS, "n": 20})  # the same options continue
+    demo.open_folder(out, {**SETTINGS, "n": 20})  # the same options continue
     with pytest.raises(ClearError, match=r"demo.json: this folder's demo had other options \(--n 20 -> 10\)"):
-        clear.open_demo_folder(out, SETTINGS)
+        demo.open_folder(out, SETTINGS)
     (out / "demo.json").unlink()  # a demo folder of an older clear.py, or any other folder with files in it
     with pytest.raises(ClearError, match="not empty and holds no demo.json"):
-        clear.open_demo_folder(out, SETTINGS)
+        demo.open_folder(out, SETTINGS)
     for text in ("{", "[1]"):
         (out / "demo.json").write_text(text)
         with pytest.raises(ClearError, match="demo.json: (unreadable|not a demo record)"):
-            clear.open_demo_folder(out, SETTINGS)
+            demo.open_folder(out, SETTINGS)
     (tmp_path / "file").write_text("")
     with pytest.raises(ClearError, match="exists and is not a folder"):
-        clear.open_demo_folder(tmp_path / "file", SETTINGS)
+        demo.open_folder(tmp_path / "file", SETTINGS)
 
 
 def fake_run(out, run, low):
@@ -103,16 +104,16 @@ def fake_run(out, run, low):
                              "lung_disease, stage. The control, the MIL on HU histograms, is at chance too"),
 ])
 def test_the_demo_reads_its_table_from_the_metrics(tmp_path, lows, control, says):
-    for (name, _, _), low in zip(clear.DEMO_TASKS, lows):
+    for (name, _, _), low in zip(demo.TASKS, lows):
         fake_run(tmp_path, f"fit-{name}", low)
-    fake_run(tmp_path, clear.CONTROL, control)
-    assert clear.demo_verdict(tmp_path, 100, 64).startswith(says)
-    table = clear.demo_table(tmp_path)
+    fake_run(tmp_path, demo.CONTROL, control)
+    assert demo.verdict(tmp_path, 100, 64).startswith(says)
+    table = demo.table(tmp_path)
     assert ("n/a" in table) == (None in lows) and f"{lows[0] + 0.1:.3f} [{lows[0]:.3f}," in table
 
 
 def test_demo_passes_the_cohort_difficulty_to_synth(tmp_path):
-    synth = clear.demo_commands(tmp_path, **{**SETTINGS, "contrast": 3.0, "lesion_scale": 2.0})[0]
+    synth = demo.command_lines(tmp_path, **{**SETTINGS, "contrast": 3.0, "lesion_scale": 2.0})[0]
     args = clear.build_parser().parse_args(synth)
     assert (args.cmd, args.n, args.size, args.contrast, args.lesion_scale) == ("synth", 10, 64, 3.0, 2.0)
     for bad in (["--contrast", "nan"], ["--contrast", "-1"], ["--lesion-scale", "0"]):
