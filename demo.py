@@ -2,7 +2,7 @@
 
 It is nothing but the plain clear.py commands, in order (command_lines lists them, so a reader can copy any
 step): synth -> pretrain (a ViT-tiny with LeCL, lecl.py) -> extract -> fit on each of the paper's three tasks
-(arXiv 2411.16803, Sec. 4: tumour location, lung disease, stage); then a control, the same MIL on HU-histogram
+(arXiv 2411.16803: tumour location, lung disease, staging); then a control, the same MIL on HU-histogram
 bags (probe.py), nothing learnt, which tells a failing encoder from a failing pipeline. This module builds
 those commands, guards the output folder, and reads the runs' metrics.json back into the demo's table and
 verdict; clear.py runs the commands and prints.
