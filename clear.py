@@ -429,10 +429,7 @@ def cmd_demo(args):
     demo.open_folder(out, settings)
     t0 = time.time()
     for command in demo.command_lines(out, **settings):
-        name = command[0]
-        done = {"synth": out / "cohort" / "labels.csv", "pretrain": out / "vit-lecl.pt"}.get(name)
-        if name == "fit":
-            done = Path(command[command.index("--out") + 1]) / "metrics.json"
+        name, done = command[0], demo.finished(command)
         if done is not None and done.exists():  # a re-run continues where the last one stopped
             print(f"\n[demo] {done} exists, skipping: python clear.py {shlex.join(command)}")
             continue

@@ -22,6 +22,8 @@ TASKS = (  # (run name, --target, extra fit options): the paper's three endpoint
 
 CONTROL = "fit-histogram-lung_disease"  # the demo's control run: HU-histogram bags on lung disease
 SETTINGS = ("n", "img_size", "steps", "batch_size", "contrast", "lesion_scale")  # command_lines' options
+DONE = {"synth": "labels.csv", "pretrain": "", "fit": "metrics.json"}  # step -> what under its --out marks it
+#       finished ("": the --out file itself); extract has none, it continues by itself where it stopped
 
 
 def command_lines(out, n, img_size, steps, batch_size, contrast, lesion_scale):
@@ -44,13 +46,20 @@ def command_lines(out, n, img_size, steps, batch_size, contrast, lesion_scale):
     return [[str(a) for a in c] for c in commands]
 
 
+def finished(command):
+    """The file whose existence means that `command`, one of command_lines, ran to the end (DONE); None for extract."""
+    if command[0] not in DONE:
+        return None
+    return Path(command[command.index("--out") + 1]) / DONE[command[0]]
+
+
 def open_folder(out, settings):
     """Check `out` for a demo with these settings (a dict of SETTINGS) and record them in out/demo.json.
     A folder whose cohort another demo drew, or that holds something else, is refused: a re-run would mix them."""
     out, record = Path(out), Path(out) / "demo.json"
     if out.exists() and not out.is_dir():
         raise ClearError(f"{out}: exists and is not a folder")
-    drawn = (out / "cohort" / "labels.csv").exists()  # until then, nothing kept depends on the options
+    drawn = finished(command_lines(out, **settings)[0]).exists()  # synth's; until then nothing kept depends on them
     if record.exists():
         try:
             made = json.loads(record.read_text())
