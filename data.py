@@ -136,7 +136,14 @@ def save_nifti(path, volume, affine, dtype=np.float32, slope=1.0, inter=0.0, axc
     and directions `axcodes` (e.g. "LPS", as DICOM exports do; the affine follows, so readers see the same
     anatomy). With an integer `dtype` values are stored as round((v - inter) / slope)."""
     data = np.asarray(volume).transpose(2, 1, 0)  # (X, Y, Z): NIfTI's axis order
-    img = nib.Nifti1Image(data.astype(np.float32), affine)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        # Scale here: handed floats, nibabel chooses its own scaling and clips what the dtype cannot hold
+        # (uint16 would lose every negative value), so it gets the stored integers themselves.
+        info = np.iinfo(dtype)
+        data = np.clip(np.round((data.astype(np.float64) - inter) / slope), info.min, info.max).astype(dtype)
+    else:
+        data = data.astype(dtype)
+    img = nib.Nifti1Image(data, affine)
     if axcodes != "RAS":
         img = img.as_reoriented(nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
                                                                 nib.orientations.axcodes2ornt(axcodes)))

@@ -294,19 +294,25 @@ def cohort_plan(cfg):
 
 
 STORAGE = (("RAS", np.int16), ("LPS", np.int16), ("LAS", np.int16), ("PRS", np.int16), ("RAS", np.uint16))
+STORAGE_P = (0.4, 0.3, 0.1, 0.1, 0.1)  # how often each (orientation, dtype) is drawn
+
+
+def save_scan(ph, out, name, storage):
+    """Write phantom `ph` as images/<name>.nii.gz (HU) and masks/<name>.nii.gz, stored as `storage`, one of
+    STORAGE: DICOM-like LPS, a permuted axis order, or uint16 with intercept -1024, as in real exports."""
+    axcodes, dtype = storage
+    inter = -1024.0 if dtype == np.uint16 else 0.0  # uint16 holds HU + 1024, as many scanners store it
+    save_nifti(Path(out) / "images" / f"{name}.nii.gz", ph.hu, ph.affine, dtype, inter=inter, axcodes=axcodes)
+    save_nifti(Path(out) / "masks" / f"{name}.nii.gz", ph.mask, ph.affine, np.uint8, axcodes=axcodes)
 
 
 def write_scan(cfg, out, patient, scan):
-    """Draw one scan and write images/<name>.nii.gz (HU) and masks/<name>.nii.gz; returns its labels row.
-    Stored orientation and dtype vary (DICOM-like LPS, a permuted axis order, uint16 with intercept -1024),
-    as in real exports: the loader must undo every one of them."""
+    """Draw one scan, store it in a drawn STORAGE variant (the loader must undo every one); returns its
+    labels row."""
     ph = make_phantom(cfg, patient, scan)
     name = f"P{patient:04d}_S{scan + 1}"
     rng = np.random.default_rng([cfg.seed, patient, 8, scan])
-    axcodes, dtype = STORAGE[rng.choice(len(STORAGE), p=[0.4, 0.3, 0.1, 0.1, 0.1])]
-    inter = -1024.0 if dtype == np.uint16 else 0.0
-    save_nifti(Path(out) / "images" / f"{name}.nii.gz", ph.hu, ph.affine, dtype, inter=inter, axcodes=axcodes)
-    save_nifti(Path(out) / "masks" / f"{name}.nii.gz", ph.mask, ph.affine, np.uint8, axcodes=axcodes)
+    save_scan(ph, out, name, STORAGE[rng.choice(len(STORAGE), p=STORAGE_P)])
     return {"patient": f"P{patient:04d}", "scan": name, **ph.labels}
 
 

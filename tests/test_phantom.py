@@ -95,6 +95,18 @@ def test_cohort_is_reproducible_and_loads_back(tmp_path):
         assert scan.labels == {k: float(v) for k, v in ph.labels.items()}
 
 
+@pytest.mark.parametrize("storage", P.STORAGE, ids=lambda s: f"{s[0]}-{np.dtype(s[1]).name}")
+def test_every_storage_variant_reads_back_as_the_phantom(tmp_path, storage):
+    ph = P.make_phantom(SMALL, 3)  # patient 3 has lung disease: HU from air to bone, well below 0
+    assert ph.hu.min() <= -1000 and ph.hu.max() > 300
+    (tmp_path / "images").mkdir(), (tmp_path / "masks").mkdir()
+    P.save_scan(ph, tmp_path, "scan", storage)
+    hu, spacing = load_ct(tmp_path / "images/scan.nii.gz")
+    np.testing.assert_array_equal(hu, ph.hu)
+    np.testing.assert_allclose(spacing, ph.spacing, rtol=1e-5)
+    np.testing.assert_array_equal(load_mask(tmp_path / "masks/scan.nii.gz", hu.shape), ph.mask)
+
+
 def test_cli_refuses_a_non_empty_out_unless_forced(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     args = ["synth", "--out", str(tmp_path), "--n", "2", "--size", "48", "--thickness", "4", "5", "--workers", "1"]
