@@ -5,7 +5,6 @@ requirements-test.txt).
 Refusals (mixed series, not CT, duplicates, ...) are rows of the catalogue in test_hostile.py."""
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -174,11 +173,8 @@ def test_real_chest_ct_end_to_end(tmp_path, capsys):
     assert 10 <= heart <= 60 and 10 <= soft <= 60, (heart, soft)
     assert (volume[0] > -950).mean() > (volume[32] > -950).mean()  # below the lungs (liver) vs mid-chest
     # extract with a random-init encoder at its default input size
-    t0 = time.time()
     assert clear.main(["extract", "--data", str(tmp_path / "cohort"), "--out", str(tmp_path / "bags"),
                        "--encoder", "vit", "--random-init", "--device", "cpu"]) == 0
-    seconds = time.time() - t0
     bag = torch.load(tmp_path / "bags" / "chest.pt", weights_only=True)
     assert bag["features"].shape == (64, 192) and torch.isfinite(bag["features"]).all()
     torch.testing.assert_close(bag["z_mm"], torch.arange(64, dtype=torch.float64) * 5.0)
-    assert seconds < 120
