@@ -1,4 +1,4 @@
-"""CLEAR benchmarks: every speed and accuracy claim of the README is produced here, never in timed tests.
+"""CLEAR benchmarks: every speed and accuracy figure of docs/results.md is made here, never in timed tests.
 
     python benchmark.py scan        # selective scan: sequential reference vs default path (vs mambapy)
     python benchmark.py encoders    # slices/s and achieved GFLOP/s of the three encoders vs matmul peak
@@ -8,272 +8,19 @@
     python benchmark.py probe --data COHORT --bags BAGS   # does an encoder see the lesions of the masks?
     python benchmark.py twin --checkpoint E.pt  # ... and with anatomy and noise held fixed (synthetic twins)?
 
-These machines are shared and noisy: every figure is the best of several repeats and is printed beside a
-reference measured in the same run, so ratios are what to read.
+The experiments are bench/ (bench/README.md: what each command measures and where its results go); this file
+only reads the options and hands them to bench/commands.py.
 """
 import argparse
-import dataclasses
-import math
-import os
 import sys
-import time
 
-import torch
-
-from speed import best_time, encoder_figures, extraction_seconds, mil_fold_seconds, scan_candidates, scan_figures
-
-
-def _device(name):
-    from files import ClearError
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ClearError(f"--device {name}: expected cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ClearError(f"--device {name}: no CUDA device here")
-    return device
-
-
-# ---------------------------------------------------------------- scan: selective scan forward + backward
-
-
-def bench_scan(args):
-    """Selective scan forward+backward (batch 8, dim 384, N 16): the loop reference, the default path, the
-    parallel form and, when installed, mambapy's pscan, on the same inputs. Prints a markdown table."""
-    device = _device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    candidates = scan_candidates(device)
-    print(f"selective scan fwd+bwd on {device} ({torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.1f} at start), batch 8, dim 384, N 16; best of {args.repeat}; "
-          "peak = extra memory during one call"
-          + ("" if "mambapy pscan" in candidates else "; mambapy not installed (pip install mambapy) so no pscan row"))
-    print("\n| L | method | fwd+bwd ms | speed-up vs mambapy | speed-up vs reference | peak MiB |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for L in [196] if args.quick else args.lengths:
-        figures = scan_figures(candidates, L, device, args.repeat)
-        t_ref, t_mpy = figures["reference (loop)"][0], figures.get("mambapy pscan", (None,))[0]
-        for name, (t, peak) in figures.items():
-            vs_mpy = f"{t_mpy / t:.2f}x" if t_mpy else "n/a"
-            mib = f"{peak / 2**20:.0f}" if peak is not None else "n/a"
-            print(f"| {L} | {name} | {t * 1e3:.0f} | {vs_mpy} | {t_ref / t:.2f}x | {mib} |")
-
-
-# ---------------------------------------------------------------- encoders: slices/s and GFLOP/s vs matmul peak
-
-
-def bench_encoders(args):
-    """Forward throughput (inference_mode) of every encoder at `--size`, on one batch of `--batch` slices at
-    `--img-size`², beside this machine's fp32 matmul peak measured in the same run. Prints a markdown table."""
-    device = _device(args.device)
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)  # (B, C, H, W)
-    rows = []
-    for name in args.names:
-        f = encoder_figures(name, args.size, x, args.repeat)
-        rows.append(f"| {name}-{args.size} | {f['params'] / 1e6:.2f} | {f['flops'] / args.batch / 1e9:.2f} | "
-                    f"{args.batch / f['seconds']:.1f} | {f['gflops']:.0f} | {f['peak']:.0f} | "
-                    f"{f['gflops'] / f['peak']:.0%} |")
-    print(f"encoders forward, inference_mode, on {device} ({torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.1f} at the end), batch {args.batch} at {args.img_size}²; best of {args.repeat}; "
-          "matmul peak = fp32 2048² torch.mm, best of runs interleaved with the encoder's; FLOPs = "
-          "2 x MACs of matmuls, convs and attention by FlopCounterMode, plus 7 per SSM state update")
-    print("\n| encoder | params M | GFLOP / slice | slices/s | GFLOP/s | matmul peak GFLOP/s | % of peak |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print("\n".join(rows))
-
-
-# ---------------------------------------------------------------- speed: every speed figure in one table
-
-
-def bench_speed(args):
-    """One table of the speed figures, each beside its reference measured in the same run."""
-    import resource
-
-    from extract import embed_slices
-    from models import build_encoder
-
-    device, rows = _device(args.device), []
-    candidates = {k: v for k, v in scan_candidates(device).items() if k.startswith(("ref", "default", "mamba"))}
-    scan = scan_figures(candidates, 1024, device, args.repeat)
-    ref, default = scan.pop("reference (loop)")[0], next(t for k, (t, _) in scan.items() if k.startswith("default"))
-    rows.append(("selective scan fwd+bwd, L 1024, batch 8, dim 384, N 16", f"{default * 1e3:.0f} ms",
-                 f"sequential loop {ref * 1e3:.0f} ms", f"{ref / default:.1f}x faster"))
-    if "mambapy pscan" in scan:
-        mpy = scan["mambapy pscan"][0]
-        rows.append(("", "", f"mambapy pscan {mpy * 1e3:.0f} ms", f"{mpy / default:.1f}x faster"))
-    x = torch.randn(32, 3, 224, 224, device=device)  # (B, C, H, W)
-    for name in ("vit", "gcnn", "ssm"):
-        f = encoder_figures(name, "tiny", x, args.repeat)
-        rows.append((f"{name}-tiny forward, batch 32 at 224²", f"{32 / f['seconds']:.1f} slices/s, "
-                     f"{f['gflops']:.0f} GFLOP/s", f"fp32 matmul peak {f['peak']:.0f} GFLOP/s",
-                     f"{f['gflops'] / f['peak']:.0%} of peak"))
-    vit = build_encoder("vit", "tiny", img_size=224).to(device).eval()
-    n = 48
-    t_extract = extraction_seconds(vit, 224, device, n)
-    with torch.inference_mode():
-        t_encode = best_time(lambda: embed_slices(vit, torch.rand(n, 3, 224, 224), device=device), repeat=2)
-    rows.append((f"extract: {n} slices of 512² int16 NIfTI -> vit-tiny at 224²", f"{n / t_extract:.1f} slices/s",
-                 f"encoder alone {n / t_encode:.1f} slices/s", f"{t_encode / t_extract:.0%} of the time encoding"))
-    rows.append(("fit: attention-MIL, 200 bags of 100 x 192, 40 epochs", f"{mil_fold_seconds():.1f} s per fold",
-                 "", ""))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    rows.append(("peak resident memory of this whole run", f"{rss:.0f} MiB", "", ""))
-    print(f"speed on {device} ({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the "
-          f"end); best of {args.repeat}; timm does not import beside this torch, so its row is absent\n")
-    print("| what | figure | reference (same run) | ratio |\n|---|---:|---:|---:|")
-    print("\n".join(f"| {' | '.join(r)} |" for r in rows))
-
-
-# ---------------------------------------------------------------- accuracy, ablation and the encoder's probes
-
-
-def default_out(args, scale=""):
-    """--out, or by default results; results/quick for --quick, so that its tiny cohort never lands in the work
-    folder of the full run; and results/custom-<scale> at another scale (rescaled's name for it), so that the
-    table's kept rows are never replaced and two scales never share a folder."""
-    if args.out:
-        return args.out
-    return f"results/custom-{'quick-' * args.quick}{scale}" if scale else "results/quick" if args.quick else "results"
-
-
-def _run_report(run, cfg, args, name, scale=""):
-    """run(cfg, out, work, progress) with tqdm bars into default_out, then print `out`/name.md and how long it
-    took."""
-    from clear import progress_bar
-
-    def progress(desc, unit):
-        return lambda it, total: progress_bar(it, total=total, desc=desc, unit=unit, leave=False)
-
-    out = default_out(args, scale)
-    t0 = time.time()
-    report = run(cfg, out, args.work or f"{out}/work", progress)
-    print(open(f"{out}/{name}.md").read())
-    print(f"{len(report['rows'])} rows in {time.time() - t0:.0f} s on {report['machine']}; "
-          f"results in {out}/{name}.md and .json")
-
-
-SCALE = {"scans": "cohort.n", "size": "cohort.size", "img_size": "img_size", "steps": "steps",
-         "batch_size": "batch_size"}  # the scale options of benchmark.py accuracy and ablate -> AccuracyConfig fields
-
-
-def rescaled(cfg, args):
-    """The AccuracyConfig `cfg` with the scale options given on the command line (SCALE), and a name for the
-    scale: the options that change it and their values ("img-size224-steps5000"), "" if none does. Values that
-    would fail only after hours of work are refused now, in one line."""
-    import accuracy
-    from files import ClearError
-
-    parts = []
-    for opt in SCALE:
-        value = getattr(args, opt)
-        if value is not None and (new := accuracy.changed(cfg, SCALE[opt], value)) != cfg:
-            cfg, parts = new, parts + [f"{opt.replace('_', '-')}{value}"]
-    name = "-".join(parts)
-    least = 10 * cfg.fit.folds  # scans: enough patients of every stratum for each patient fold
-    if cfg.cohort.n < least or cfg.cohort.size < 32 or cfg.img_size < 32 or cfg.img_size % 16 or cfg.steps < 1 \
-            or cfg.batch_size < 2:
-        raise ClearError(f"expected --scans >= {least} (10 per fold), --size >= 32, --img-size a multiple of 16 from "
-                         f"32, --steps >= 1 and --batch-size >= 2 (got {cfg.cohort.n}, {cfg.cohort.size}, "
-                         f"{cfg.img_size}, {cfg.steps}, {cfg.batch_size})")
-    return cfg, name
-
-
-def accuracy_config(args):
-    """The AccuracyConfig of `benchmark.py accuracy` (or its --quick one) with the options given on the command
-    line, and the name of its scale (rescaled)."""
-    import accuracy
-
-    cfg = accuracy.QUICK if args.quick else accuracy.AccuracyConfig()
-    cfg = dataclasses.replace(cfg, **{k: tuple(getattr(args, k)) for k in ("encoders", "methods")
-                                      if getattr(args, k)})
-    return rescaled(cfg, args)
-
-
-def bench_accuracy(args):
-    """The paper's table on the synthetic cohort (accuracy.py): results/accuracy.md and .json (_run_report says
-    where another scale goes)."""
-    import accuracy
-
-    cfg, scale = accuracy_config(args)
-    _run_report(accuracy.run, cfg, args, "accuracy", scale)
-
-
-def ablation_config(args):
-    """The AblationConfig of `benchmark.py ablate` (or its --quick one), its base rescaled as the options say."""
-    import ablation
-
-    cfg = ablation.QUICK if args.quick else ablation.AblationConfig()
-    base, scale = rescaled(cfg.base, args)
-    return dataclasses.replace(cfg, base=base), scale
-
-
-def bench_ablate(args):
-    """LeCL's settings one at a time on the accuracy benchmark's ViT row (ablation.py): results/ablation.md, .json
-    (another scale as for accuracy)."""
-    import ablation
-
-    cfg, scale = ablation_config(args)
-    _run_report(ablation.run, cfg, args, "ablation", scale)
-
-
-def bench_probe(args):
-    """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (probe.slice_probe)."""
-    from probe import bags_rank, first_axis, probe_bags
-    from cohort import Cohort
-    from files import ClearError
-    from mil import load_bags
-
-    cohort, bags = Cohort(args.data), load_bags(args.bags)
-    missing = [s.scan for s in cohort.scans if s.scan in bags.scans and s.mask is None]
-    if not cohort.has_masks or missing:
-        raise ClearError(f"{args.data}: the probe needs a lesion mask for every bag's scan (none for "
-                         f"{', '.join(missing[:3]) or 'any scan'})")
-    unknown = sorted(set(bags.scans) - {s.scan for s in cohort.scans})
-    if unknown:
-        raise ClearError(f"{args.bags}: bags of scans not in {args.data}: {', '.join(unknown[:3])}")
-    auc, flags = probe_bags(cohort, bags, tuple(args.labels) if args.labels else None, args.seed)
-    n = sum(len(f) for f in flags)
-    score = "undefined (too few lesion slices)" if math.isnan(auc) else f"{auc:.3f}"
-    print(f"{args.bags}: {sum(int(f.sum()) for f in flags)} of {n} slices hold a lesion (mask labels "
-          f"{args.labels or 'any'}); linear probe AUROC on held-out patients' slices, mean over the 4 patient "
-          f"folds that hold both classes: {score}")
-    share, corr = first_axis(bags)
-    rank = bags_rank(bags)
-    print(f"{args.bags}: effective rank (RankMe) of the slice embeddings {rank:.1f} of {bags.dim}; the first "
-          f"principal axis holds {share:.0%} of their variance and correlates with the slice's height in the scan "
-          f"at |r| = {corr:.2f}")
-
-
-def bench_twin(args):
-    """The twin test (probe.twin_probe) of one encoder on the accuracy benchmark's cohort, one row per finding."""
-    from accuracy import TUMOUR_LABELS, AccuracyConfig
-    from extract import EncoderSpec, load_encoder
-    from phantom import LUNG_EMPHYSEMA, LUNG_GGO
-    from probe import twin_probe, twin_slices
-
-    spec = EncoderSpec(checkpoint=args.checkpoint, name=args.encoder, module=args.encoder_module,
-                       img_size=args.img_size)
-    encoder, identity, slices = load_encoder(spec)
-    slices = dataclasses.replace(slices, thickness_mm=None)
-    cohort = dataclasses.replace(AccuracyConfig().cohort, seed=args.seed)
-    findings = {f"ground glass (mask {LUNG_GGO})": (LUNG_GGO,), f"emphysema ({LUNG_EMPHYSEMA})": (LUNG_EMPHYSEMA,),
-                f"tumours ({TUMOUR_LABELS[0]}-{TUMOUR_LABELS[-1]})": TUMOUR_LABELS}
-    twins = twin_slices(cohort, range(args.n), findings, slices)
-    print(f"twin test of {identity['name']}, {identity['source']}, at {slices.img_size} px, on patients "
-          f"0-{args.n - 1} of the synthetic cohort (seed {args.seed}, {cohort.size} px): each slice with a finding "
-          f"against the same slice of its twin without it\n")
-    print("| finding | patients | slice pairs | twin probe AUROC | consistency |\n|---|---:|---:|---:|---:|")
-    for name, pairs in twins.items():
-        auc, cons = twin_probe(encoder, pairs, args.seed)
-        print(f"| {name} | {len(pairs)} | {sum(len(w) for _, w, _ in pairs)} | {auc:.3f} | {cons:.2f} |")
+from bench import commands
+from bench.config import AccuracyConfig
+from cli import run_command
 
 
 def add_scale(parser, steps):
     """The scale options (SCALE) of a subcommand whose table has `steps` pre-training steps by default."""
-    from accuracy import AccuracyConfig
-
     d = AccuracyConfig()
     scale = parser.add_argument_group("scale (default: the table's, or --quick's smaller one; another scale writes "
                                       "to results/custom-<its options> unless --out; pre-training and extraction run "
@@ -294,7 +41,7 @@ def build_parser():
     p_scan.add_argument("--repeat", type=int, default=3, help="timed runs per figure; the best is reported")
     p_scan.add_argument("--device", default="cpu", help="cpu or cuda")
     p_scan.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
-    p_scan.set_defaults(func=bench_scan, resumes=False)
+    p_scan.set_defaults(func=commands.bench_scan, resumes=False)
     p_enc = sub.add_parser("encoders", help="encoders' forward slices/s and GFLOP/s vs this machine's matmul peak")
     p_enc.add_argument("--batch", type=int, default=32, help="slices per forward")
     p_enc.add_argument("--img-size", type=int, default=224, help="slice side in pixels")
@@ -303,11 +50,11 @@ def build_parser():
     p_enc.add_argument("--size", default="tiny", choices=["tiny", "small", "base"], help="encoder size")
     p_enc.add_argument("--repeat", type=int, default=5, help="timed runs per figure; the best is reported")
     p_enc.add_argument("--device", default="cpu", help="cpu or cuda")
-    p_enc.set_defaults(func=bench_encoders, resumes=False)
+    p_enc.set_defaults(func=commands.bench_encoders, resumes=False)
     p_speed = sub.add_parser("speed", help="scan, encoders, extraction, MIL fit and memory in one table")
     p_speed.add_argument("--repeat", type=int, default=3, help="timed runs per figure; the best is reported")
     p_speed.add_argument("--device", default="cpu", help="cpu or cuda")
-    p_speed.set_defaults(func=bench_speed, resumes=False)
+    p_speed.set_defaults(func=commands.bench_speed, resumes=False)
     p_acc = sub.add_parser("accuracy", help="encoders x pre-training x MIL vs a 3D CNN on the synthetic cohort")
     p_acc.add_argument("--quick", action="store_true", help="a tiny version (a smoke test, about a minute)")
     p_acc.add_argument("--out", help="where accuracy.md and accuracy.json go (default results; results/quick for "
@@ -317,14 +64,14 @@ def build_parser():
                        help="run only these encoders' rows (default all); the HU-histogram and 3D rows always run")
     p_acc.add_argument("--methods", nargs="+", choices=("lecl", "moco", "random"), help="likewise for pre-training")
     add_scale(p_acc, 600)
-    p_acc.set_defaults(func=bench_accuracy)
+    p_acc.set_defaults(func=commands.bench_accuracy)
     p_abl = sub.add_parser("ablate", help="why LeCL does not beat MoCo here: its settings one at a time (ViT row)")
     p_abl.add_argument("--quick", action="store_true", help="a tiny version (a smoke test)")
     p_abl.add_argument("--out", help="where ablation.md and ablation.json go (default as for accuracy)")
     p_abl.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); benchmark.py accuracy's "
                        "work folder shares its cohort, cache and random-init bags")
     add_scale(p_abl, 150)
-    p_abl.set_defaults(func=bench_ablate)
+    p_abl.set_defaults(func=commands.bench_ablate)
     p_probe = sub.add_parser("probe", help="does an encoder see lesions? slice-level linear probe on its bags, "
                                            "and the embeddings' effective rank")
     p_probe.add_argument("--data", required=True, help="cohort folder with masks/ (the bags' scans)")
@@ -332,24 +79,22 @@ def build_parser():
     p_probe.add_argument("--labels", type=int, nargs="+", help="mask labels that count (default: any non-zero; "
                          "the synthetic cohort's tumours are 1-8)")
     p_probe.add_argument("--seed", type=int, default=0, help="which patients are held out")
-    p_probe.set_defaults(func=bench_probe, resumes=False)
+    p_probe.set_defaults(func=commands.bench_probe, resumes=False)
     p_twin = sub.add_parser("twin", help="does an encoder see a finding with anatomy and noise held fixed? "
                                          "synthetic scans against their twins without the findings")
     src = p_twin.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a clear.py pretrain checkpoint")
     src.add_argument("--encoder", choices=("vit", "gcnn", "ssm"), help="this encoder at random init")
-    src.add_argument("--encoder-module", metavar="FILE.py:FACTORY", help="e.g. probe.py:HUHistogram")
+    src.add_argument("--encoder-module", metavar="FILE.py:FACTORY", help="e.g. models/reference.py:HUHistogram")
     p_twin.add_argument("--img-size", type=int, default=64, help="input size for --encoder/--encoder-module "
                         "(default: the accuracy benchmark's 64)")
     p_twin.add_argument("--n", type=int, default=60, help="patients drawn (those with each finding are used)")
     p_twin.add_argument("--seed", type=int, default=0, help="the cohort's seed (0: the accuracy benchmark's)")
-    p_twin.set_defaults(func=bench_twin, resumes=False)
+    p_twin.set_defaults(func=commands.bench_twin, resumes=False)
     return parser
 
 
 def main(argv=None):
-    from clear import run_command
-
     return run_command("benchmark.py", build_parser().parse_args(argv))
 
 

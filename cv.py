@@ -2,16 +2,12 @@
 stratified by class, each fold gets a fresh model early-stopped on an inner split of its training patients, and
 the held-out scores of all folds are pooled and scored with patient-bootstrap CIs (metrics.py).
 
-How the CLI uses this (clear.py parses arguments and prints; this module returns values or raises ClearError):
-
-    bags = mil.load_bags(args.bags)                                 # every BAGS/<scan>.pt, one encoder
+    bags = mil.load_bags("runs/bags")                               # every BAGS/<scan>.pt, one encoder
     cfg = cv.FitConfig(targets=("stage",), task="ordinal")          # fields = the fit options
-    result = cv.fit_cv(bags, args.labels, cfg, progress=tqdm.tqdm)  # one bar tick per epoch of each fold
-    cv.save_run(args.out, result)       # metrics.json, predictions.csv, fold{k}.pt, attention/<scan>.csv
-    print(metrics.format_table(result.metrics))
-    for t in result.top:                # highest-scoring true members of each label: NIfTI overlays
-        data.save_overlay(t["image"], *result.attention[t["scan"]], overlay_path)
-    cv.write_csv(args.out, mil.predict(args.model, mil.load_bags(args.bags)))       # fold ensemble
+    result = cv.fit_cv(bags, "labels.csv", cfg, progress=tqdm.tqdm) # one bar tick per epoch of each fold
+    cv.save_run("runs/stage", result)   # metrics.json, predictions.csv, fold{k}.pt, attention/<scan>.csv
+
+commands.cmd_fit adds the table (metrics.format_table) and the NIfTI attention overlays of result.top.
 
 Departures from the CLEAR code, on purpose: a fresh model and optimizer per fold (the code carries one model
 across folds); the best epoch's weights are copied (the code kept a live reference to the state dict, so it saved
@@ -21,11 +17,8 @@ n_pos / n_neg as `weight`); AUROC on scores, not on thresholded labels.
 Shapes: N labelled scans, T target columns, S strata columns (one per target), P patients, L slices of a scan,
 K score columns, C classes.
 """
-import csv
 import json
 import math
-import multiprocessing
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +27,7 @@ import torch
 
 import metrics
 from cohort import read_labels
-from files import ClearError, atomic_path, forked_pool
+from files import ClearError, atomic_path, map_folds, write_csv
 from mil import MIL_FORMAT, AttentionMIL, Task, infer, pad_bags, torch_threads
 
 # ----------------------------------------------------------------------------------------- task, folds
@@ -119,7 +112,7 @@ class FitConfig:
     seed: int = 1337  # the CLEAR code's seed; same seed, same results
     n_bootstrap: int = 1000  # patient-bootstrap resamples for the 95 % CIs
     n_top: int = 3  # scans per label returned for attention overlays
-    threads: int | None = 1  # torch threads during the fit, restored after: 2 made it 1.5-18x slower here
+    threads: int | None = 1  # torch threads during the fit, restored after: more are slower for a head this small
     workers: int = 0  # folds trained side by side in forked processes, one thread each; 0: one per CPU core
 
     def __post_init__(self):
@@ -154,7 +147,7 @@ class FitResult:
 def _train_fold(task, bags, y, train, val, cfg, seed, tick):
     """A fresh model and AdamW on bag indices `train`, early-stopped on the macro AUROC of `val` -> (model, best
     epoch). Not on the validation loss: with ~20 validation scans it is lowest after an epoch or two, while the
-    ranking keeps improving (measured: held-out AUROC 0.67 selecting by loss, 0.88 by AUROC)."""
+    ranking keeps improving."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = AttentionMIL(bags.dim, task.n_out, cfg.hidden, cfg.gated, cfg.dropout, cfg.att_dim, task.kind == "ordinal")
@@ -232,37 +225,6 @@ def _check_folds(where, task, patients, strata, k):
                                  f"has {n} patients, too few to stratify into {k} folds")
 
 
-_FOLD_JOB = None  # what a forked worker runs: set just before the fork, which copies it (nothing is pickled)
-
-
-def _forked_fold(k):
-    torch.set_num_threads(1)
-    return k, _FOLD_JOB(k, lambda n: None)
-
-
-def map_folds(job, n, workers, epochs, bar=None):
-    """[job(k, tick) for k in range(n)], in this process or in up to `workers` forked ones (0: one per CPU core
-    this process may use). A worker runs one torch thread, whatever FitConfig.threads says; each fold seeds its
-    own training, so the results are the same either way (tested), the timings are not. The bar ticks per epoch
-    here, per finished fold from the workers; an error in a worker is raised here."""
-    global _FOLD_JOB
-    # the cores this process may run on (taskset, cpusets) where the OS tells, else all of the machine's
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(n, workers or cores)
-    if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [job(k, bar.update if bar else lambda _: None) for k in range(n)]
-    _FOLD_JOB, done = job, {}
-    try:
-        with forked_pool(workers) as pool:
-            for k, result in pool.imap_unordered(_forked_fold, range(n)):
-                done[k] = result
-                if bar:
-                    bar.update(epochs)
-    finally:
-        _FOLD_JOB = None
-    return [done[k] for k in range(n)]
-
-
 def fit_cv(bags, labels, cfg, progress=None):
     """Patient-level stratified k-fold cross-validation of attention-MIL on `bags`, targets from the labels.csv
     at path `labels` -> FitResult. progress: optional tqdm-like factory (total=, desc=), ticked per epoch."""
@@ -321,16 +283,6 @@ def _fit_cv(bags, labels, cfg, progress):
         top += [dict(label=label, scan=scans[i], score=float(scores[i, j]), image=bags.images[index[i]])
                 for i in idx[np.argsort(-scores[idx, j], kind="stable")][:cfg.n_top]]
     return FitResult(cfg, task, summary, preds, attention, top, models)
-
-# ------------------------------------------------------------------------------------------- files
-
-
-def write_csv(path, rows):
-    """Rows (dicts with the same keys) -> CSV, written atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def save_run(out_dir, result):

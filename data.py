@@ -32,7 +32,7 @@ from files import ClearError, atomic_path, cause
 # ----------------------------------------------------------------------------------------------- NIfTI
 
 
-def _to_ras(affine, shape):
+def to_ras(affine, shape):
     """The axis flips/permutation taking a stored array to canonical RAS+, and the affine after it."""
     ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
                                            nib.orientations.axcodes2ornt("RAS"))
@@ -81,7 +81,7 @@ def _read_nifti(path):
     except Exception as e:  # truncated gzip, header claiming more voxels than the file holds, ...
         raise ClearError(f"{path}: cannot read the voxel data, file truncated or corrupt ({cause(e)})") from None
     arr = arr.reshape(shape)
-    ornt, affine = _to_ras(img.affine, shape)
+    ornt, affine = to_ras(img.affine, shape)
     return np.ascontiguousarray(nib.orientations.apply_orientation(arr, ornt)), affine, img
 
 
@@ -124,7 +124,7 @@ def canonical_grid(path):
         img = nib.load(str(path))
     except Exception as e:
         raise ClearError(f"{path}: not a NIfTI image ({cause(e)})") from None
-    ornt, affine = _to_ras(img.affine, img.shape[:3])
+    ornt, affine = to_ras(img.affine, img.shape[:3])
     xyz = [0, 0, 0]
     for n, (axis, _) in zip(img.shape[:3], ornt):  # stored axis i becomes canonical axis ornt[i, 0]
         xyz[int(axis)] = n

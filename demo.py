@@ -3,15 +3,18 @@
 It is nothing but the plain clear.py commands, in order (command_lines lists them, so a reader can copy any
 step): synth -> pretrain (a ViT-tiny with LeCL, lecl.py) -> extract -> fit on each of the paper's three tasks
 (arXiv 2411.16803: tumour location, lung disease, staging); then a control, the same MIL on HU-histogram
-bags (probe.py), nothing learnt, which tells a failing encoder from a failing pipeline. This module builds
-those commands, guards the output folder, and reads the runs' metrics.json back into the demo's table and
-verdict; clear.py runs the commands and prints.
+bags (models/reference.py), nothing learnt, which tells a failing encoder from a failing pipeline. This module
+builds those commands, guards the output folder, and reads the runs' metrics.json back into the demo's table
+and verdict; commands.cmd_demo runs the commands and prints.
 """
 import json
+import math
 from pathlib import Path
 
+from checkpoint import load_checkpoint
 from files import ClearError, atomic_path
 from phantom import SITES
+from pretrain import rank_trend
 
 TASKS = (  # (run name, --target, extra fit options): the paper's three endpoints
     ("location", ",".join(f"loc_{s}" for s in SITES), ()),
@@ -38,9 +41,9 @@ def command_lines(out, n, img_size, steps, batch_size, contrast, lesion_scale):
                 ["extract", "--data", cohort, "--out", bags, "--checkpoint", ckpt]]
     commands += [["fit", "--bags", bags, "--labels", cohort / "labels.csv", "--target", target,
                   "--out", out / f"fit-{name}", *extra] for name, target, extra in TASKS]
-    # the control: bags of HU histograms (probe.py), nothing learnt, on the task intensities alone can solve
+    # the control: bags of HU histograms (models/reference.py), nothing learnt, on the task intensities alone solve
     commands += [["extract", "--data", cohort, "--out", out / "bags-histogram", "--img-size", img_size,
-                  "--encoder-module", f"{Path(__file__).resolve().parent / 'probe.py'}:HUHistogram"],
+                  "--encoder-module", f"{Path(__file__).resolve().parent / 'models' / 'reference.py'}:HUHistogram"],
                  ["fit", "--bags", out / "bags-histogram", "--labels", cohort / "labels.csv", "--target",
                   "lung_disease", "--out", out / CONTROL]]
     return [[str(a) for a in c] for c in commands]
@@ -51,6 +54,22 @@ def finished(command):
     if command[0] not in DONE:
         return None
     return Path(command[command.index("--out") + 1]) / DONE[command[0]]
+
+
+def steps(out, settings):
+    """open_folder, then each command of command_lines with the file that marks it finished if that exists (a re-run
+    skips it), else None."""
+    open_folder(out, settings)
+    for command in command_lines(out, **settings):
+        done = finished(command)
+        yield command, done if done is not None and done.exists() else None
+
+
+def rank_change(out):
+    """(first, last, collapsed): the effective rank of the demo's pre-training at its start and end (rank_trend)."""
+    _, first, last, collapsed = rank_trend(load_checkpoint(Path(out) / "vit-lecl.pt")["ranks"]) or (
+        0, math.nan, math.nan, False)
+    return first, last, collapsed
 
 
 def open_folder(out, settings):
@@ -72,7 +91,7 @@ def open_folder(out, settings):
                                 for k in sorted(made.keys() | settings.keys()) if made.get(k) != settings.get(k))
             raise ClearError(f"{record}: this folder's demo had other options ({changed}); use another --out")
     elif out.is_dir() and any(out.iterdir()):
-        raise ClearError(f"{out}: not empty and holds no demo.json (another folder, or an older clear.py's demo); "
+        raise ClearError(f"{out}: not empty and holds no demo.json (another folder, or a demo of another version); "
                          "use another --out")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(record) as tmp:
@@ -97,7 +116,7 @@ def verdict(out, steps, img_size):
                 "scans this few, the table says nothing about the encoder.")
     return (text + f" At the demo's budget ({steps} LeCL steps at {img_size} px) the encoder has not learnt to see "
             "those findings; the control, above chance, shows that the pipeline after the encoder works (from HU "
-            "histograms alone the MIL finds the lung disease). README.md, 'Results', says why and what is open.")
+            "histograms alone the MIL finds the lung disease). docs/results.md says why and what is open.")
 
 
 def auroc(out, run, metric):
@@ -112,7 +131,7 @@ def table(out):
     lines = [f"{'task':<14} {'AUROC, fold mean':<24} {'AUROC, pooled folds':<24}"]
     for name, run in [(n, f"fit-{n}") for n, _, _ in TASKS] + [("lung_disease", CONTROL)]:
         if run == CONTROL:
-            lines.append("control: the same MIL on HU-histogram bags (probe.py), nothing learnt")
+            lines.append("control: the same MIL on HU-histogram bags (models/reference.py), nothing learnt")
         cells = [auroc(out, run, metric) for metric in ("AUROC, fold mean", "AUROC")]
         cells = ["n/a" if r["value"] is None else f"{r['value']:.3f}" + (
             "" if r["ci_low"] is None else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]") for r in cells]

@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from data import _to_ras, resample_z, save_nifti, voxel_spacing
+from data import to_ras, resample_z, save_nifti, voxel_spacing
 from files import ClearError, cause
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -216,7 +216,7 @@ def read_series(folder, series=None, gap_tolerance=0.01, resample=False):
     affine[:3, 3] = P[0]
     affine = LPS_TO_RAS @ affine  # voxel (i, j, k) -> RAS+ mm
     xyz = volume.transpose(2, 1, 0)  # (X, Y, Z): i, j, k
-    ornt, affine = _to_ras(affine, xyz.shape)
+    ornt, affine = to_ras(affine, xyz.shape)
     volume = np.ascontiguousarray(nib.orientations.apply_orientation(xyz, ornt).transpose(2, 1, 0))  # (Z, Y, X)
     sx, sy, sz = voxel_spacing(affine)
     return Series(volume, affine, (sz, sy, sx), str(first.get("SeriesInstanceUID", "")),

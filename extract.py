@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import load_checkpoint
 from data import SliceConfig, load_ct, prepare_slices
 from files import ClearError, atomic_path
 from models import build_encoder
-from pretrain import load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -97,15 +97,6 @@ def load_encoder(spec):
     return encoder.eval(), {**identity, "sha256": weights_sha256(encoder)}, slices
 
 
-def pick_device(name):
-    """The device extraction runs on for --device `name`: "auto" is the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ClearError(f"--device {name}: CUDA is not available on this machine")
-    return name
-
-
 def embed_slices(encoder, slices, batch_size=64, device="cpu"):
     """(n, C, S, S) slices -> (n, D) float32 embeddings, in batches, without gradients."""
     out = []
@@ -168,3 +159,13 @@ def extract_bags(cohort, encoder, identity, slices, out, batch_size=64, device="
 def shard_from_env():
     """Under torchrun every rank takes its own shard: (RANK, WORLD_SIZE), else (0, 1)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def parse_shard(text):
+    """--shard K/N as (K, N)."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        raise ClearError(f"--shard {text}: expected K/N with 0 <= K < N") from None
+    return k, n

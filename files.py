@@ -5,11 +5,15 @@ and torch.load with weights_only=True.
     atomic_path(path)     write to a temporary file beside `path`, renamed onto it only when the write finished
     load_untrusted(path)  torch.load that reads tensors and plain data only, never a pickled object's code
     forked_pool(workers)  the worker processes of parallel work (the cohort's scans, the folds), quiet on Ctrl-C
+    map_folds(job, n, ...)  the folds of a fit, in this process or side by side in forked ones
+    write_csv(path, rows) a list of dicts as CSV, atomically
+    pick_device(name)     the torch.device for a --device option: "auto" is the GPU when there is one
 
 Every module that writes an output a user keeps (checkpoints, bags, fold models, metrics, NIfTI, reports) writes it
 through `atomic_path`; every one that reads a checkpoint or a bag reads it through `load_untrusted`.
 """
 import contextlib
+import csv
 import glob
 import multiprocessing
 import os
@@ -103,3 +107,56 @@ def forked_pool(workers):
     CLI's one line, not in a traceback from every worker as well."""
     return multiprocessing.get_context("fork").Pool(workers, initializer=signal.signal,
                                                     initargs=(signal.SIGINT, signal.SIG_IGN))
+
+
+def pick_device(name="auto"):
+    """The torch.device for `--device name`: "auto" is the GPU when there is one, else the CPU. A GPU asked for
+    where torch sees none, or a name torch does not know, is one ClearError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ClearError(f"--device {name}: expected auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ClearError(f"--device {name}: no CUDA device is visible to torch here")
+    return device
+
+
+_FOLD_JOB = None  # what a forked worker runs: set just before the fork, which copies it (nothing is pickled)
+
+
+def _forked_fold(k):
+    torch.set_num_threads(1)
+    return k, _FOLD_JOB(k, lambda n: None)
+
+
+def map_folds(job, n, workers, epochs, bar=None):
+    """[job(k, tick) for k in range(n)], in this process or in up to `workers` forked ones (0: one per CPU core
+    this process may use). A worker runs one torch thread, whatever FitConfig.threads says; each fold seeds its
+    own training, so the results are the same either way (tested), the timings are not. The bar ticks per epoch
+    here, per finished fold from the workers; an error in a worker is raised here."""
+    global _FOLD_JOB
+    # the cores this process may run on (taskset, cpusets) where the OS tells, else all of the machine's
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(n, workers or cores)
+    if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [job(k, bar.update if bar else lambda _: None) for k in range(n)]
+    _FOLD_JOB, done = job, {}
+    try:
+        with forked_pool(workers) as pool:
+            for k, result in pool.imap_unordered(_forked_fold, range(n)):
+                done[k] = result
+                if bar:
+                    bar.update(epochs)
+    finally:
+        _FOLD_JOB = None
+    return [done[k] for k in range(n)]
+
+
+def write_csv(path, rows):
+    """Rows (dicts with the same keys) -> CSV, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)

@@ -2,11 +2,11 @@
 (CLEAR, arXiv 2411.16803: a frozen 2D encoder embeds every axial slice, an attention-MIL head reads the bag).
 Fitting it with patient-level cross-validation is cv.py's; this module holds what a fitted run needs again.
 
-How the CLI uses this (clear.py parses arguments and prints; this module returns values or raises ClearError):
+How the CLI uses this (commands.py reports; this module returns values or raises ClearError):
 
     bags = mil.load_bags(args.bags)              # every BAGS/<scan>.pt, one encoder; cv.fit_cv trains on these
     rows = mil.predict(args.model, bags)         # fold ensemble of a run that cv.save_run wrote
-    cv.write_csv(args.out, rows)                 # scan, score_<label>..., predicted_<target>...
+    files.write_csv(args.out, rows)              # scan, score_<label>..., predicted_<target>...
 
 The model, Ilse et al. 2018 ("Attention-based Deep Multiple Instance Learning", Eq. 8, gated Eq. 9), with
 the classification head of the CLEAR code:
@@ -84,8 +84,8 @@ class AttentionMIL(nn.Module):
         """Set the input standardisation from training bags [(L_i, D)]: each feature dimension to zero mean and
         unit variance over their slices. Frozen encoders give features of very different scales; without this
         a few large dimensions drown the rest, and on ~100 training scans the head memorises them instead of
-        finding the informative ones (measured: AUROC 0.51 -> 0.93 with one planted informative dimension
-        among 192 ViT features). Stored as buffers, so a saved fold applies its own statistics."""
+        finding the informative ones (docs/results.md, 'Implementation choices', has the figure). Stored as
+        buffers, so a saved fold applies its own statistics."""
         x = torch.cat(list(features)).double()  # (sum L_i, D)
         self.shift.copy_(x.mean(0))
         self.scale.copy_(x.std(0).clamp(min=1e-6) if len(x) > 1 else torch.ones_like(self.scale))

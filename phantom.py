@@ -1,4 +1,4 @@
-"""The synthetic CT cohort: neck-to-pelvis phantoms with known findings, written as a real cohort folder.
+"""The synthetic CT cohort: neck-to-pelvis phantoms with known findings (synth.py writes them as a cohort folder).
 
 CLEAR cannot download CT here, and a user should be able to try the tool before pointing it at their own
 scans, so `python clear.py synth` draws a cohort that looks like CT to the code: int16 NIfTI in Hounsfield
@@ -19,15 +19,10 @@ anterior, x patient-left -> patient-right; body regions by height fraction h of 
 pelvis h < 0.22, abdomen 0.22-0.52, chest 0.52-0.86, neck above. Everything is a function of
 (seed, patient, scan), so a cohort is reproducible file for file.
 """
-import csv
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
-from data import save_nifti
-from files import atomic_path, forked_pool
 
 SITES = ("bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue", "pelvis")
 ORGAN_SITES = ("bone", "liver", "lung", "kidney", "soft_tissue", "pelvis")  # a second one = metastasis
@@ -281,63 +276,3 @@ def make_phantom(cfg, patient, scan=0, findings=True):
     affine = np.diag([pixel, pixel, dz, 1.0])
     affine[:3, 3] = origin[::-1]  # (x, y, z) of voxel 0
     return Phantom(hu, cv.mask, cv.tissue, (dz, pixel, pixel), affine, labels, placed)
-
-
-def cohort_plan(cfg):
-    """(patient, scan) pairs of the cohort: patients in order, a share of them scanned twice."""
-    plan, patient = [], 0
-    while len(plan) < cfg.n:
-        repeat = np.random.default_rng([cfg.seed, patient, 9]).random() < cfg.follow_up
-        plan += [(patient, k) for k in range(1 + repeat)][: cfg.n - len(plan)]
-        patient += 1
-    return plan
-
-
-STORAGE = (("RAS", np.int16), ("LPS", np.int16), ("LAS", np.int16), ("PRS", np.int16), ("RAS", np.uint16))
-STORAGE_P = (0.4, 0.3, 0.1, 0.1, 0.1)  # how often each (orientation, dtype) is drawn
-
-
-def save_scan(ph, out, name, storage):
-    """Write phantom `ph` as images/<name>.nii.gz (HU) and masks/<name>.nii.gz, stored as `storage`, one of
-    STORAGE: DICOM-like LPS, a permuted axis order, or uint16 with intercept -1024, as in real exports."""
-    axcodes, dtype = storage
-    inter = -1024.0 if dtype == np.uint16 else 0.0  # uint16 holds HU + 1024, as many scanners store it
-    save_nifti(Path(out) / "images" / f"{name}.nii.gz", ph.hu, ph.affine, dtype, inter=inter, axcodes=axcodes)
-    save_nifti(Path(out) / "masks" / f"{name}.nii.gz", ph.mask, ph.affine, np.uint8, axcodes=axcodes)
-
-
-def write_scan(cfg, out, patient, scan):
-    """Draw one scan, store it in a drawn STORAGE variant (the loader must undo every one); returns its
-    labels row."""
-    ph = make_phantom(cfg, patient, scan)
-    name = f"P{patient:04d}_S{scan + 1}"
-    rng = np.random.default_rng([cfg.seed, patient, 8, scan])
-    save_scan(ph, out, name, STORAGE[rng.choice(len(STORAGE), p=STORAGE_P)])
-    return {"patient": f"P{patient:04d}", "scan": name, **ph.labels}
-
-
-def write_cohort(cfg, out, progress=lambda it, total: it):
-    """Write the whole cohort into `out` (images/, masks/, labels.csv, synth.json); returns the label rows.
-    `progress` wraps the iterator of finished scans (the CLI passes a tqdm bar)."""
-    out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(exist_ok=True)
-    plan = cohort_plan(cfg)
-    jobs = [(cfg, out, p, k) for p, k in plan]
-    if cfg.workers > 1:
-        with forked_pool(cfg.workers) as pool:
-            rows = list(progress(pool.imap(_write_job, jobs), len(jobs)))
-    else:
-        rows = list(progress(map(_write_job, jobs), len(jobs)))
-    with atomic_path(out / "labels.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, ["patient", "scan", *ENDPOINTS])
-            writer.writeheader()
-            writer.writerows(rows)
-    with atomic_path(out / "synth.json") as tmp:
-        tmp.write_text(json.dumps(asdict(cfg), indent=1))
-    return rows
-
-
-def _write_job(job):
-    return write_scan(*job)

@@ -10,13 +10,9 @@ loop, checkpoints and resume, and torchrun. The slice cache, the sampler and the
 
 `method="moco"` is the ablation: the same slices without lesion crops and with w = 0, i.e. MoCo v3's InfoNCE.
 
-Checkpoints (rank 0 writes `out` atomically every `checkpoint_every` steps, at the end, and when asked to stop)
-hold only tensors, dicts, lists, numbers and strings, so torch.load(weights_only=True) reads them:
-`encoder_config`, `encoder` and `slice_config` are what extract.py needs; `losses` and `ranks` (the effective
-rank of each step's embeddings: a collapse shows there), `seconds` (training time), and `config`, `step`, `steps`,
-`data` and `state` (heads, momentum copies, AdamW, GradScaler, RNG) let --resume continue the same run, which
-then ends with the weights of an uninterrupted one (exactly, on CPU); a checkpoint of other settings
-(`device` and `checkpoint_every` aside) or of other data is refused.
+Rank 0 writes a checkpoint (checkpoint.py: its format, and what --resume checks) to `out` atomically every
+`checkpoint_every` steps, at the end, and when asked to stop; a run continued with --resume ends with the weights
+of an uninterrupted one (exactly, on CPU).
 
 Distributed (torchrun): DDP on the trainable branch; each process takes its share of every global batch, and
 lecl.py gathers the keys and BatchNorm statistics of all; rank 0 builds the slice cache while the others wait.
@@ -30,7 +26,7 @@ with a set share of lesion slices per batch; the lr warm-up starts at lr/warm-up
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,15 +36,11 @@ import torch.nn as nn
 
 from cohort import Cohort
 from data import SliceConfig
-from files import ClearError, atomic_path, load_untrusted
+from checkpoint import check_resume, load_checkpoint, make_checkpoint, restore
+from files import ClearError, atomic_path, pick_device
 from lecl import MoCo, gather, momentum_at
 from models import build_encoder, effective_rank, stem
-from views import ViewConfig, batch_ids, make_views, mix, open_cache
-
-FORMAT = "clear-pretrain/1"
-RUNTIME_FIELDS = ("device", "checkpoint_every")  # may change on --resume; every other field defines the run
-LATER_FIELDS = {"freeze_stem": False}  # fields added after runs were made: at these defaults they are left out of a
-#                                       run's settings, so the runs made before them keep their identity
+from views import ViewConfig, Views, batch_ids, make_views, mix, open_cache
 
 
 @dataclass(frozen=True)
@@ -105,65 +97,6 @@ def lr_at(step, total, cfg):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def plain(x):
-    """Tuples -> lists, recursively: a checkpoint holds only tensors, dicts, lists, numbers and strings."""
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in x.items()}
-    return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
-
-
-def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, ranks, data_info, seconds=0.0):
-    """What `extract` needs at top level (encoder_config, encoder, slice_config); the rest is for --resume.
-    `seconds`: training time of the run so far, over every process that resumed it."""
-    sd = model.state_dict()
-    rng = {"torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    return {"format": FORMAT, "encoder_config": dict(model.encoder.encoder_config),
-            "encoder": {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
-            "slice_config": {"windows": plain(cfg.windows), "img_size": cfg.img_size,
-                             "thickness_mm": cfg.thickness},
-            "config": plain(asdict(cfg)), "step": step, "steps": total, "losses": list(losses), "ranks": list(ranks),
-            "seconds": seconds,
-            "data": data_info, "state": {"model": {k: v for k, v in sd.items() if not k.startswith("encoder.")},
-                                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                         "rng": rng}}
-
-
-def load_checkpoint(path):
-    """Read a pre-training checkpoint as the untrusted input it is (weights_only=True), or raise ClearError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClearError(f"{path}: no such checkpoint")
-    ck = load_untrusted(path, "not a readable checkpoint")
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise ClearError(f"{path}: not a CLEAR pre-training checkpoint (format {FORMAT})")
-    return ck
-
-
-def run_settings(cfg):
-    """The settings that define a run (a PretrainConfig, or the config as a checkpoint stores it): without
-    RUNTIME_FIELDS, and without LATER_FIELDS at their defaults."""
-    d = cfg if isinstance(cfg, dict) else plain(asdict(cfg))
-    return {k: v for k, v in d.items()
-            if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
-
-
-def check_resume(ck, path, encoder_config, cfg):
-    """Raise ClearError unless checkpoint `ck` is of this very run: same encoder, same settings."""
-    have, want = ck["encoder_config"], encoder_config
-    if have != want:
-        raise ClearError(f"{path}: a checkpoint of encoder {have['name']}/{have['size']} at {have['img_size']} "
-                         f"px; this command asks for {want['name']}/{want['size']} at {want['img_size']} px")
-    have, want = ({**LATER_FIELDS, **run_settings(c)} for c in (ck["config"], cfg))  # a missing later field: default
-    for k, w in want.items():
-        if have.get(k) != w:
-            raise ClearError(f"{path}: trained with {k}={have.get(k)!r}, this command has {k}={w!r}; resume with "
-                             "the same settings")
-
-
 # --------------------------------------------------------------------------------------------- training
 
 
@@ -185,7 +118,7 @@ class PretrainResult:
 
 def rank_trend(ranks):
     """(step of the first known rank, 1-based; that rank; the last one; collapsed: the last under a quarter of the
-    first) from a run's per-step ranks, or None if none is known (a checkpoint of an older CLEAR has NaN)."""
+    first) from a run's per-step ranks (NaN where unknown), or None if none is known."""
     known = [(i + 1, v) for i, v in enumerate(ranks) if math.isfinite(v)]
     if not known:
         return None
@@ -193,12 +126,10 @@ def rank_trend(ranks):
     return step, first, last, last < first / 4
 
 
-def _join(pref):
-    """(device, rank, world, own_group): CUDA where asked for or auto and present; joins torchrun's processes
-    (WORLD_SIZE > 1) unless a process group is up already: nccl on CUDA, gloo on CPU."""
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise ClearError("--device cuda: no CUDA device is visible to torch here")
-    cuda = pref != "cpu" and torch.cuda.is_available()
+def _join(name):
+    """(device, rank, world, own_group): files.pick_device's device, CUDA as this process's LOCAL_RANK GPU; joins
+    torchrun's processes (WORLD_SIZE > 1) unless a process group is up already: nccl on CUDA, gloo on CPU."""
+    cuda = pick_device(name).type == "cuda"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     own = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if own:
@@ -273,17 +204,8 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             if ck["data"] != info or ck["steps"] != total:
                 raise ClearError(f"{resume}: a run of {ck['steps']} steps on {ck['data']}; this cohort gives "
                                  f"{info} and {total} steps")
-            encoder_state = {f"encoder.{k}": v for k, v in ck["encoder"].items()}
-            model.load_state_dict({**encoder_state, **ck["state"]["model"]})
-            start, losses, before = ck["step"], list(ck["losses"]), float(ck.get("seconds", 0.0))
-            ranks = list(ck.get("ranks", [math.nan] * start))  # NaN: steps of a checkpoint made before ranks
-            torch.set_rng_state(ck["state"]["rng"]["torch"])
+            start, losses, ranks, before = ck["step"], list(ck["losses"]), list(ck["ranks"]), ck["seconds"]
         net = model.to(device)
-        if world > 1:
-            if device.type == "cuda":
-                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # the fused kernels replace GlobalBatchNorm1d
-            net = nn.parallel.DistributedDataParallel(  # BN statistics are global already: no buffer sync
-                net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
         amp = None  # CPU: float32
         if device.type == "cuda":
             amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -291,13 +213,15 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
                                       weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         if ck is not None:
-            optimizer.load_state_dict(ck["state"]["optimizer"])
-            if ck["state"]["scaler"]:  # empty when saved without fp16 (CPU or bf16): a fresh scaler then
-                scaler.load_state_dict(ck["state"]["scaler"])
-            if device.type == "cuda" and len(ck["state"]["rng"]["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(ck["state"]["rng"]["cuda"])
+            restore(ck, model, optimizer, scaler, device)
+        if world > 1:
+            if device.type == "cuda":
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # the fused kernels replace GlobalBatchNorm1d
+            net = nn.parallel.DistributedDataParallel(  # BN statistics are global already: no buffer sync
+                net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
 
         n, steps = cfg.batch_size // world, range(start, total)
+        views = Views(cfg.img_size, cfg.method == "lecl", cfg.views)
         steps = progress("pretrain", "step")(steps, len(steps)) if progress else steps
         postfix, t0, step, interrupted = getattr(steps, "set_postfix_str", None), time.perf_counter(), start, False
         for step in steps:
@@ -306,7 +230,7 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
                 group["lr"] = lr
             ids = batch_ids(sc, step, cfg.batch_size, cfg.seed, cfg.lesion_fraction)[rank * n:(rank + 1) * n]
             seeds = [mix(cfg.seed, step, i) for i in range(rank * n, (rank + 1) * n)]  # by place in global batch
-            x1, x2, lesion = make_views(sc, ids, seeds, cfg.img_size, cfg.method == "lecl", cfg.views, device)
+            x1, x2, lesion = make_views(sc, ids, seeds, views, device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss = net(x1, x2, lesion, m)
             optimizer.zero_grad(set_to_none=True)

@@ -52,6 +52,14 @@ class ViewConfig:
     noise_std: float = 0.03  # largest noise σ, in window units (~45 HU in the lung window)
 
 
+@dataclass(frozen=True)
+class Views:
+    """What make_views draws: views of `size` px, LeCL's lesion crops or not, and the augmentations."""
+    size: int  # S, the encoder's input
+    lesion_crops: bool  # view 1 of a lesion slice centred on a lesion (LeCL); False: random crops (MoCo v3)
+    augment: ViewConfig = ViewConfig()
+
+
 def mix(*keys):
     """A seed from integers, splitmix64-style, so that (seed, step, sample) give unrelated random streams."""
     h = 0x9E3779B97F4A7C15
@@ -258,15 +266,17 @@ def augment(x, u, blur_p, seeds, cfg: ViewConfig):
     return x
 
 
-def make_views(cache, ids, seeds, out_size, lesion_crops, cfg: ViewConfig, device):
+def make_views(cache, ids, seeds, views: Views, device):
     """The two views of slices `ids` (B,): (x1, x2) each (B, C, S, S) on `device`, and lesion (B,) bool, the
-    slices given lesion crops (all False unless `lesion_crops`). `seeds` (B,) ints fix each sample's randomness."""
+    slices given lesion crops (all False unless `views.lesion_crops`). `seeds` (B,) ints fix each sample's
+    randomness."""
+    cfg = views.augment
     src = cache.read(ids, device)  # (B, C, Sc, Sc)
     B, C, Sc = src.shape[0], src.shape[1], cache.size
     n = 10 + 2 * C  # per view: crop 4, flip 1, jitter 1 + 2C, blur 2, noise 2; then the lesion box pick
     u = _uniforms(seeds, 2 * n + 1)  # (B, 2n + 1)
     u1, u2, pick = u[:, :n], u[:, n:2 * n], u[:, -1]
-    lesion = cache.flags[ids] & lesion_crops  # (B,)
+    lesion = cache.flags[ids] & views.lesion_crops  # (B,)
     box1 = random_resized_boxes(u1[:, :4], Sc, cfg.crop_min, cfg.ratio)  # (B, 4)
     box2 = random_resized_boxes(u2[:, :4], Sc, cfg.crop_min, cfg.ratio)
     if lesion.any():
@@ -276,7 +286,7 @@ def make_views(cache, ids, seeds, out_size, lesion_crops, cfg: ViewConfig, devic
         box1 = torch.where(lesion[:, None], lesion_crop_boxes(les_box, u1[:, 0], Sc, cfg.crop_min), box1)
         box2 = torch.where(lesion[:, None], torch.tensor([0.0, 0.0, Sc, Sc]), box2)  # the whole slice
     flip = torch.cat([u1[:, 4], u2[:, 4]]) < cfg.hflip  # (2B,)
-    x = crop_resize(torch.cat([src, src]), torch.cat([box1, box2]), flip, out_size)  # (2B, C, S, S)
+    x = crop_resize(torch.cat([src, src]), torch.cat([box1, box2]), flip, views.size)  # (2B, C, S, S)
     blur_p = torch.tensor([cfg.blur[0]] * B + [cfg.blur[1]] * B)  # (2B,)
     x = augment(x, torch.cat([u1[:, 5:], u2[:, 5:]]), blur_p, [mix(s, v) for v in (1, 2) for s in seeds], cfg)
     return x[:B], x[B:], lesion.to(device)

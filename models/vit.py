@@ -17,7 +17,7 @@ Departures from timm's VisionTransformer:
 - the position grid is stored for `img_size` and resampled bicubically when an input of another size (any
   multiple of the patch size, square or not) arrives, as timm does with `dynamic_img_size=True`;
 - `pool="mean"` averages the patch tokens after the final norm (timm averages first, then applies `fc_norm`);
-- none in the arithmetic: GELU is the exact (erf) form, as in timm (the tanh form measured 2.4x slower here).
+- none in the arithmetic: GELU is the exact (erf) form, as in timm (the tanh form is slower on CPU).
 """
 from dataclasses import dataclass
 
@@ -49,8 +49,8 @@ class ViTConfig:
 
 class Attention(nn.Module):
     """Multi-head self-attention: one fused qkv Linear, then PyTorch's fused SDPA kernel on strided views of
-    its output. On 2 CPU cores (B 32, L 197) that measured 72 GFLOP/s, against 61 with q, k, v made contiguous
-    first and 44 with the softmax written out; `python benchmark.py encoders` times the whole encoder."""
+    its output, faster on CPU than q, k, v made contiguous first or the softmax written out (docs/results.md,
+    'Implementation choices'); `python benchmark.py encoders` times the whole encoder."""
 
     def __init__(self, dim, num_heads):
         super().__init__()

@@ -9,17 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-import ablation
-import accuracy
+from bench import ablation, config
 import benchmark
-import probe
+from bench import commands
+from bench import probe
+from models.reference import HUHistogram, PixelGrid
 from cohort import Cohort
 from data import SliceConfig
 from models import build_encoder, count_flops
 from extract import weights_sha256
 from mil import Bags
-from phantom import SynthConfig, make_phantom, write_cohort
-from pretrain import plain
+from phantom import SynthConfig, make_phantom
+from synth import write_cohort
+from checkpoint import plain
 from views import ViewConfig
 
 
@@ -64,7 +66,7 @@ def test_slice_flags_follow_the_mask_at_the_bag_slices_z(tmp_path, capsys):
     names = tuple(s.scan for s in cohort.scans)
     assert names == ("P0000_S1", "P0001_S1", "P0002_S1")
     bags = Bags(Path(tmp_path), {}, 4, names, tuple(torch.zeros(len(z), 4) for z in z_mm), tuple(z_mm), ())
-    flags = probe.lesion_slice_flags(cohort, bags, accuracy.TUMOUR_LABELS)
+    flags = probe.lesion_slice_flags(cohort, bags, config.TUMOUR_LABELS)
     for got, want in zip(flags, truth):
         assert got.numpy().tolist() == want.tolist()
     assert any(t.any() for t in truth) and not all(t.all() for t in truth)  # both kinds of slice to tell apart
@@ -101,37 +103,37 @@ def test_probe_command_refuses_a_missing_bag_folder_in_one_line(tmp_path, capsys
 def test_a_kept_row_belongs_to_its_own_settings(change, slices, net):
     """A row is reused only by a run whose settings for that row match: the 3D baseline's tasks do not depend on
     the encoders' pre-training, nor those on the 3D network; worker counts change neither."""
-    base = accuracy.AccuracyConfig()
+    base = config.AccuracyConfig()
     (key, value), = change.items()
-    changed = accuracy.changed(base, key, value)
+    changed = config.changed(base, key, value)
     for encoder, method in [("vit", "lecl"), ("gcnn", "random")]:
-        same = accuracy.fingerprint(accuracy.encoder_settings(changed, encoder, method)) == \
-            accuracy.fingerprint(accuracy.encoder_settings(base, encoder, method))
+        same = config.fingerprint(config.encoder_settings(changed, encoder, method)) == \
+            config.fingerprint(config.encoder_settings(base, encoder, method))
         assert same is (slices or key in ("steps", "pretrain_changes") and method == "random")  # no pre-training
-    assert (accuracy.fingerprint(accuracy.settings_3d(changed)) == accuracy.fingerprint(accuracy.settings_3d(base))) \
+    assert (config.fingerprint(config.settings_3d(changed)) == config.fingerprint(config.settings_3d(base))) \
         is net
 
 
 def test_a_kept_pretrained_row_follows_the_views():
     """The crops and augmentations are part of a row's pre-training (they used to be missed by the fingerprint):
     PretrainConfig's whole settings, views included, enter it."""
-    base = accuracy.AccuracyConfig()
-    settings = accuracy.encoder_settings(base, "vit", "lecl")
+    base = config.AccuracyConfig()
+    settings = config.encoder_settings(base, "vit", "lecl")
     assert settings["encoder"]["views"] == plain(asdict(ViewConfig()))
     assert "checkpoint_every" not in settings["encoder"]  # a runtime field
-    hist = accuracy.fingerprint(accuracy.encoder_settings(base, "hist", "none"))
-    assert hist != accuracy.fingerprint(accuracy.encoder_settings(replace(base, histogram_bins=8), "hist", "none"))
-    assert hist == accuracy.fingerprint(accuracy.encoder_settings(replace(base, steps=7), "hist", "none"))
+    hist = config.fingerprint(config.encoder_settings(base, "hist", "none"))
+    assert hist != config.fingerprint(config.encoder_settings(replace(base, histogram_bins=8), "hist", "none"))
+    assert hist == config.fingerprint(config.encoder_settings(replace(base, steps=7), "hist", "none"))
 
 
 def test_bags_extracted_on_a_gpu_are_other_rows_than_the_cpus(monkeypatch):
     """On CUDA extraction runs under bf16 autocast: other numbers, so other bags folders and rows."""
-    base = accuracy.AccuracyConfig()
-    cpu = accuracy.encoder_making(base, "vit", "random")
+    base = config.AccuracyConfig()
+    cpu = config.encoder_making(base, "vit", "random")
     assert "extraction" not in cpu  # the CPU's rows keep the fingerprints they were kept under
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert accuracy.extraction_device() == "cuda"
-    assert accuracy.encoder_making(base, "vit", "random") == {**cpu, "extraction": "cuda, bf16 autocast"}
+    assert config.extraction_device() == "cuda"
+    assert config.encoder_making(base, "vit", "random") == {**cpu, "extraction": "cuda, bf16 autocast"}
 
 
 def test_hu_histogram_counts_pixels_per_bin_worked_by_hand():
@@ -142,25 +144,25 @@ def test_hu_histogram_counts_pixels_per_bin_worked_by_hand():
     x[1, 0] = -0.5  # values outside [0, 1] clip into the end bins
     x[1, 1, :, :1] = 0.3  # a quarter in bin 1, the rest at 2.0: bin 3
     x[1, 1, :, 1:] = 2.0
-    h = probe.HUHistogram(in_chans=2, bins=4)(x)
+    h = HUHistogram(in_chans=2, bins=4)(x)
     want = torch.tensor([[0.5, 0, 0.5, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0.25, 0, 0.75]])
     assert h.shape == (2, 8) and torch.equal(h, want)
     # other bins are another encoder to the bags (their identity holds the weights' sha256), and wrong input says so
-    assert weights_sha256(probe.HUHistogram(3, 16)) != weights_sha256(probe.HUHistogram(3, 32))
+    assert weights_sha256(HUHistogram(3, 16)) != weights_sha256(HUHistogram(3, 32))
     with pytest.raises(ValueError, match="in_chans=2"):
-        probe.HUHistogram(in_chans=2, bins=4)(torch.zeros(1, 3, 4, 4))
+        HUHistogram(in_chans=2, bins=4)(torch.zeros(1, 3, 4, 4))
 
 
 def test_pixel_grid_averages_each_cell_worked_by_hand():
     x = torch.arange(2 * 4 * 6, dtype=torch.float32).view(1, 2, 4, 6)  # two channels of 4 x 6 pixels, 0..47
-    g = probe.PixelGrid(in_chans=2, grid=2)(x)  # cells of 2 x 3 pixels
+    g = PixelGrid(in_chans=2, grid=2)(x)  # cells of 2 x 3 pixels
     # channel 0's top-left cell holds 0, 1, 2, 6, 7, 8 (mean 4); a step right adds 3, a step down 12; channel 1 is +24
     want = torch.tensor([[4.0, 7.0, 16.0, 19.0, 28.0, 31.0, 40.0, 43.0]])
     assert g.shape == (1, 8) and torch.allclose(g, want)
-    assert probe.PixelGrid(2, grid=1)(x).flatten().tolist() == [11.5, 35.5]  # one cell: the channel means
-    assert weights_sha256(probe.PixelGrid(3, 4)) != weights_sha256(probe.PixelGrid(3, 8))
+    assert PixelGrid(2, grid=1)(x).flatten().tolist() == [11.5, 35.5]  # one cell: the channel means
+    assert weights_sha256(PixelGrid(3, 4)) != weights_sha256(PixelGrid(3, 8))
     with pytest.raises(ValueError, match="in_chans=2"):
-        probe.PixelGrid(in_chans=2)(torch.zeros(1, 3, 8, 8))
+        PixelGrid(in_chans=2)(torch.zeros(1, 3, 8, 8))
 
 
 class Windows(torch.nn.Module):
@@ -168,7 +170,7 @@ class Windows(torch.nn.Module):
 
     def __init__(self, keep):
         super().__init__()
-        self.keep, self.hist = list(keep), probe.HUHistogram(in_chans=len(keep))
+        self.keep, self.hist = list(keep), HUHistogram(in_chans=len(keep))
 
     def forward(self, x):  # (B, C, H, W)
         return self.hist(x[:, self.keep])
@@ -181,18 +183,18 @@ def test_twin_probe_finds_what_an_encoder_reads_and_not_what_it_is_blind_to():
     assert all(w.shape == wo.shape and w.shape[1:] == (3, 48, 48) and not torch.equal(w, wo)
                for pairs in twins.values() for _, w, wo in pairs)
     for kind in ("ggo", "emph"):  # the lung window's histogram sees both, and moves the same bins every time
-        auc, consistency = probe.twin_probe(probe.HUHistogram(), twins[kind])
+        auc, consistency = probe.twin_probe(HUHistogram(), twins[kind])
         assert auc > 0.75 and consistency > 0.3, kind  # measured 0.85 and 0.87; consistency 0.58 and 0.55
     # the soft-tissue and bone windows clip normal lung (-850 HU) and emphysema (-980) alike to their floor
     auc, consistency = probe.twin_probe(Windows([1, 2]), twins["emph"])
     assert abs(auc - 0.5) < 0.1 and consistency < 0.1  # measured 0.52 and 0.02
     # fewer patients than the probe's folds: no figure, rather than one from a fold with no test patient
-    assert all(math.isnan(v) for v in probe.twin_probe(probe.HUHistogram(), twins["ggo"][:3]))
-    assert not any(math.isnan(v) for v in probe.twin_probe(probe.HUHistogram(), twins["ggo"][:3], folds=3))
+    assert all(math.isnan(v) for v in probe.twin_probe(HUHistogram(), twins["ggo"][:3]))
+    assert not any(math.isnan(v) for v in probe.twin_probe(HUHistogram(), twins["ggo"][:3], folds=3))
 
 
 def test_twin_command_prints_one_row_per_finding_and_refuses_a_bad_checkpoint(tmp_path, capsys):
-    hist = f"{Path(probe.__file__).parent / 'probe.py'}:HUHistogram"
+    hist = f"{Path(benchmark.__file__).parent / 'models' / 'reference.py'}:HUHistogram"
     assert benchmark.main(["twin", "--encoder-module", hist, "--n", "2", "--img-size", "32"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| ground glass (mask 9)", "| emphysema (10)", "| tumours (1-8)"]
@@ -228,49 +230,49 @@ def test_ablation_variants_change_only_what_they_say():
     """Each of ablation.py's variants pre-trains the table's ViT row with exactly its own changes (moco: its method),
     so no two share a fingerprint; random init shares the table's, so its bags are the table's."""
     base = ablation.AblationConfig().base
-    table = _flat(accuracy.pretrain_config(base, "vit", "lecl"))
+    table = _flat(config.pretrain_config(base, "vit", "lecl"))
     prints = set()
     for key, _, method, changes in ablation.VARIANTS:
         cfg = replace(base, pretrain_changes=changes)
         if method != "random":
-            got = _flat(accuracy.pretrain_config(cfg, "vit", method))
+            got = _flat(config.pretrain_config(cfg, "vit", method))
             assert {k for k in got if got[k] != table[k]} == {k for k, _ in changes} | ({"method"} if method == "moco"
                                                                                        else set()), key
             assert all(got[k] == v for k, v in changes), key
-        prints.add(accuracy.fingerprint(accuracy.encoder_settings(cfg, "vit", method)))
+        prints.add(config.fingerprint(config.encoder_settings(cfg, "vit", method)))
     assert len(prints) == len(ablation.VARIANTS)
-    assert accuracy.fingerprint(accuracy.encoder_settings(base, "vit", "random")) == \
-        accuracy.fingerprint(accuracy.encoder_settings(accuracy.AccuracyConfig(), "vit", "random"))
+    assert config.fingerprint(config.encoder_settings(base, "vit", "random")) == \
+        config.fingerprint(config.encoder_settings(config.AccuracyConfig(), "vit", "random"))
 
 
 def test_training_flops_follow_the_rows_settings_worked_by_formula():
-    cfg, n = accuracy.QUICK, 100  # ViT at 32 px, 3 steps of batch 8; 100 bag slices
+    cfg, n = config.QUICK, 100  # ViT at 32 px, 3 steps of batch 8; 100 bag slices
     per_slice = count_flops(build_encoder("vit", img_size=32), torch.zeros(1, 3, 32, 32))
-    random = accuracy.training_flops(cfg, "vit", "random", n)  # extraction and MIL fits only
+    random = config.training_flops(cfg, "vit", "random", n)  # extraction and MIL fits only
     assert random > n * per_slice
     # pre-training adds steps x batch x 2 views x (3 + 1) forwards, and follows the row's own pre-training changes
-    assert accuracy.training_flops(cfg, "vit", "lecl", n) - random == pytest.approx(3 * 8 * 2 * 4 * per_slice)
+    assert config.training_flops(cfg, "vit", "lecl", n) - random == pytest.approx(3 * 8 * 2 * 4 * per_slice)
     longer = replace(cfg, pretrain_changes=(("steps", 6), ("batch_size", 4)))
-    assert accuracy.training_flops(longer, "vit", "moco", n) - random == pytest.approx(6 * 4 * 2 * 4 * per_slice)
-    assert accuracy.training_flops(cfg, "vit", "random", 2 * n) == pytest.approx(2 * random)  # all per bag slice
+    assert config.training_flops(longer, "vit", "moco", n) - random == pytest.approx(6 * 4 * 2 * 4 * per_slice)
+    assert config.training_flops(cfg, "vit", "random", 2 * n) == pytest.approx(2 * random)  # all per bag slice
 
 
 def test_accuracy_scale_options_map_onto_its_config_and_are_checked(capsys):
-    def config(*argv):
-        return benchmark.accuracy_config(benchmark.build_parser().parse_args(["accuracy", *argv]))
+    def configured(*argv):
+        return commands.accuracy_config(benchmark.build_parser().parse_args(["accuracy", *argv]))
 
-    assert config() == config("--steps", "600", "--img-size", "64") == (accuracy.AccuracyConfig(), "")  # the table's
-    cfg, scale = config("--quick", "--scans", "30", "--size", "64", "--img-size", "48", "--steps", "5",
+    assert configured() == configured("--steps", "600", "--img-size", "64") == (config.AccuracyConfig(), "")  # table's
+    cfg, scale = configured("--quick", "--scans", "30", "--size", "64", "--img-size", "48", "--steps", "5",
                         "--batch-size", "4", "--encoders", "gcnn")
     assert scale == "scans30-size64-img-size48-steps5-batch-size4"  # QUICK's own 40 scans, 48 px, 3 steps, batch 8
     assert (cfg.cohort.n, cfg.cohort.size, cfg.img_size, cfg.steps, cfg.batch_size) == (30, 64, 48, 5, 4)
-    outs = [benchmark.default_out(benchmark.build_parser().parse_args(["accuracy", *argv]), scale)
+    outs = [commands.default_out(benchmark.build_parser().parse_args(["accuracy", *argv]), scale)
             for argv, scale in (([], ""), (["--quick"], ""), ([], "steps5"), (["--quick"], "steps5"),
                                 (["--out", "x"], "steps5"))]
     assert outs == ["results", "results/quick", "results/custom-steps5", "results/custom-quick-steps5", "x"]
-    assert cfg == replace(accuracy.QUICK, cohort=replace(accuracy.QUICK.cohort, n=30, size=64), img_size=48, steps=5,
+    assert cfg == replace(config.QUICK, cohort=replace(config.QUICK.cohort, n=30, size=64), img_size=48, steps=5,
                           batch_size=4, encoders=("gcnn",))  # nothing else changes
-    abl, scale = benchmark.ablation_config(benchmark.build_parser().parse_args(["ablate", "--steps", "300"]))
+    abl, scale = commands.ablation_config(benchmark.build_parser().parse_args(["ablate", "--steps", "300"]))
     default = ablation.AblationConfig()
     assert scale == "steps300" and abl == replace(default, base=replace(default.base, steps=300))  # its base
     assert benchmark.main(["accuracy", "--quick", "--img-size", "72"]) == 2  # refused before any work
@@ -284,7 +286,7 @@ def test_ctrl_c_in_a_benchmark_is_one_line_and_exit_code_130(monkeypatch, capsys
         raise KeyboardInterrupt
 
     for name in ("bench_accuracy", "bench_twin"):  # the parser binds each subcommand when it is built
-        monkeypatch.setattr(benchmark, name, interrupted)
+        monkeypatch.setattr(commands, name, interrupted)
     try:
         codes = benchmark.main(["accuracy", "--quick"]), benchmark.main(["twin", "--encoder", "vit"])
     except KeyboardInterrupt:

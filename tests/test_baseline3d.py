@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 
 import cv
-from baseline3d import Net3DConfig, ResNet3D, fit_cv_3d
+from bench.baseline3d import Net3DConfig, ResNet3D, fit_cv_3d
 from cohort import Scan
 
 

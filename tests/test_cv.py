@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv  # noqa: E402
 import metrics  # noqa: E402
 import mil  # noqa: E402
+from files import write_csv  # noqa: E402
 from files import ClearError  # noqa: E402
 from test_mil import ENCODER, error, one_thread, write_bags  # noqa: E402, F401  (one_thread: autouse fixture)
 
@@ -112,7 +113,7 @@ def test_run_files_and_predict_round_trip(planted):
     assert [r["scan"] for r in rows] == list(bags.scans)
     ensemble = per_fold.mean(0)
     assert [float(r["score_tumor"]) for r in rows] == pytest.approx(ensemble.tolist(), rel=1e-4, abs=1e-6)
-    cv.write_csv(tmp / "preds.csv", rows)
+    write_csv(tmp / "preds.csv", rows)
     assert (tmp / "preds.csv").read_text().startswith("scan,score_tumor,predicted_tumor")
 
 

@@ -7,18 +7,19 @@ import torch
 
 import clear
 import phantom as P
+import synth
 from cohort import Cohort
 from data import SliceConfig, load_ct, prepare_slices
 from files import ClearError
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from models import build_encoder
-from pretrain import FORMAT
+from checkpoint import FORMAT
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
-    P.write_cohort(P.SynthConfig(n=4, size=32, thickness=(8.0, 10.0), workers=1), root)
+    synth.write_cohort(P.SynthConfig(n=4, size=32, thickness=(8.0, 10.0), workers=1), root)
     return Cohort(root)
 
 
@@ -122,7 +123,7 @@ def test_a_pickled_payload_checkpoint_is_refused_and_never_runs(tmp_path):
 
 def test_cli_skips_a_bad_scan_and_reports_it(tmp_path, capsys):
     root = tmp_path / "cohort"
-    P.write_cohort(P.SynthConfig(n=3, size=32, thickness=(8.0, 10.0), workers=1), root)
+    synth.write_cohort(P.SynthConfig(n=3, size=32, thickness=(8.0, 10.0), workers=1), root)
     bad = sorted((root / "images").iterdir())[1]
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated
     code = clear.main(["extract", "--data", str(root), "--out", str(tmp_path / "bags"), "--encoder", "vit",

@@ -30,12 +30,12 @@ import clear
 from cohort import read_labels
 from mil import MIL_FORMAT, AttentionMIL, Task
 from models import build_encoder
-from pretrain import FORMAT
+from checkpoint import FORMAT
 from test_dicom import copy_series, ct5n
 
 # ------------------------------------------------------------------------------------------- helpers
 
-BAR = re.compile(r"^[^:]{1,40}: +\d+%\|")  # a tqdm bar as `clear.bar` draws it: "extract vit:  50%|█..."
+BAR = re.compile(r"^[^:]{1,40}: +\d+%\|")  # a tqdm bar as `cli.bar` draws it: "extract vit:  50%|█..."
 CURSOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal controls: tqdm.write moves up over the bar with one
 
 

@@ -4,6 +4,7 @@ import pytest
 
 import clear
 import phantom as P
+import synth as S
 from cohort import Cohort
 from data import load_ct, load_mask
 
@@ -77,15 +78,15 @@ def test_anatomy_sits_at_plausible_hounsfield_units():
 
 
 def test_cohort_is_reproducible_and_loads_back(tmp_path):
-    a, b = P.write_cohort(SMALL, tmp_path / "a"), P.write_cohort(SMALL, tmp_path / "b")
+    a, b = S.write_cohort(SMALL, tmp_path / "a"), S.write_cohort(SMALL, tmp_path / "b")
     assert a == b and len(a) == SMALL.n
     for name in ("labels.csv", *(f"images/{r['scan']}.nii.gz" for r in a), *(f"masks/{r['scan']}.nii.gz" for r in a)):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    other = P.write_cohort(P.SynthConfig(n=2, size=48, thickness=(4.0, 5.0), workers=1, seed=1), tmp_path / "c")
+    other = S.write_cohort(P.SynthConfig(n=2, size=48, thickness=(4.0, 5.0), workers=1, seed=1), tmp_path / "c")
     assert (tmp_path / "c/images/P0000_S1.nii.gz").read_bytes() != (tmp_path / "a/images/P0000_S1.nii.gz").read_bytes()
     cohort = Cohort(tmp_path / "a")
     assert cohort.has_masks and len(cohort) == SMALL.n and other
-    plan = P.cohort_plan(SMALL)
+    plan = S.cohort_plan(SMALL)
     for scan, (patient, k) in zip(cohort, plan):  # whatever orientation/dtype was stored, the same voxels
         ph = P.make_phantom(SMALL, patient, k)
         hu, spacing = load_ct(scan.image)
@@ -95,12 +96,12 @@ def test_cohort_is_reproducible_and_loads_back(tmp_path):
         assert scan.labels == {k: float(v) for k, v in ph.labels.items()}
 
 
-@pytest.mark.parametrize("storage", P.STORAGE, ids=lambda s: f"{s[0]}-{np.dtype(s[1]).name}")
+@pytest.mark.parametrize("storage", S.STORAGE, ids=lambda s: f"{s[0]}-{np.dtype(s[1]).name}")
 def test_every_storage_variant_reads_back_as_the_phantom(tmp_path, storage):
     ph = P.make_phantom(SMALL, 3)  # patient 3 has lung disease: HU from air to bone, well below 0
     assert ph.hu.min() <= -1000 and ph.hu.max() > 300
     (tmp_path / "images").mkdir(), (tmp_path / "masks").mkdir()
-    P.save_scan(ph, tmp_path, "scan", storage)
+    S.save_scan(ph, tmp_path, "scan", storage)
     hu, spacing = load_ct(tmp_path / "images/scan.nii.gz")
     np.testing.assert_array_equal(hu, ph.hu)
     np.testing.assert_allclose(spacing, ph.spacing, rtol=1e-5)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import clear
+import commands
 import lecl
 import views
 from cohort import Cohort
@@ -99,10 +100,10 @@ def test_views_do_not_depend_on_how_the_batch_is_split(cohort, tmp_path):
     ids = views.batch_ids(sc, step=3, batch=12, seed=7, lesion_fraction=0.5)
     assert sc.flags[ids].sum() == 6 and len(set(ids.tolist())) == 12
     seeds = [views.mix(7, 3, i) for i in range(12)]
-    cpu, cfg = torch.device("cpu"), views.ViewConfig()
-    x1, x2, les = views.make_views(sc, ids, seeds, 32, True, cfg, cpu)
-    a1, a2, _ = views.make_views(sc, ids[:5], seeds[:5], 32, True, cfg, cpu)
-    b1, b2, _ = views.make_views(sc, ids[5:], seeds[5:], 32, True, cfg, cpu)
+    cpu, cfg = torch.device("cpu"), views.Views(32, True)
+    x1, x2, les = views.make_views(sc, ids, seeds, cfg, cpu)
+    a1, a2, _ = views.make_views(sc, ids[:5], seeds[:5], cfg, cpu)
+    b1, b2, _ = views.make_views(sc, ids[5:], seeds[5:], cfg, cpu)
     assert torch.equal(x1, torch.cat([a1, b1])) and torch.equal(x2, torch.cat([a2, b2]))
     assert x1.shape == (12, 3, 32, 32) and 0 <= x1.min() and x1.max() <= 1 and les.sum() == 6
 
@@ -164,17 +165,18 @@ def test_a_frozen_stem_stays_at_its_random_init_and_the_rest_trains(frozen, run6
     assert not torch.equal(load(run60)["encoder"]["patch_embed.proj.weight"], init["patch_embed.proj.weight"])
 
 
-def test_a_setting_added_later_keeps_the_runs_before_it(cohort, run60, frozen, capsys):
-    """freeze_stem came after runs were made (pretrain.LATER_FIELDS): a checkpoint without it is a run at its
-    default, which a command at the default continues and one with --freeze-stem refuses; so is a frozen run
-    refused to a command without the flag."""
+def test_a_checkpoint_of_another_format_or_other_settings_is_refused(cohort, run60, frozen, capsys):
+    """A checkpoint of another FORMAT is refused in one line that says to pre-train again; freeze_stem is part of
+    the run's settings both ways: a frozen run refuses a command without the flag, and a plain one a command with
+    it."""
     ck = load(run60)
-    del ck["config"]["freeze_stem"]
+    ck["format"] = "clear-pretrain/1"
     old = cohort / "old.pt"
     torch.save(ck, old)
-    same = ["--steps", "60", "--checkpoint-every", "25", "--resume", str(old)]
-    assert cli_pretrain(cohort, old, *same) == 0 and "nothing to do, already at step 60" in capsys.readouterr().out
-    assert cli_pretrain(cohort, old, *same, "--freeze-stem") == 2
+    same = ["--steps", "60", "--checkpoint-every", "25"]
+    assert cli_pretrain(cohort, old, *same, "--resume", str(old)) == 2
+    assert "it is clear-pretrain/1: pre-train again" in capsys.readouterr().err
+    assert cli_pretrain(cohort, run60, *same, "--resume", str(run60), "--freeze-stem") == 2
     assert "trained with freeze_stem=False, this command has freeze_stem=True" in capsys.readouterr().err
     assert cli_pretrain(cohort, frozen, "--steps", "3", "--resume", str(frozen)) == 2
     assert "trained with freeze_stem=True, this command has freeze_stem=False" in capsys.readouterr().err
@@ -192,7 +194,7 @@ def test_resume_after_ctrl_c_ends_with_the_uninterrupted_weights(cohort, monkeyp
                 yield x
         return wrap
 
-    monkeypatch.setattr(clear, "bar", ctrl_c_at_step_5)
+    monkeypatch.setattr(commands, "bar", ctrl_c_at_step_5)
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         cli_pretrain(cohort, cohort / "cut.pt", *args)

@@ -8,12 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-import ablation
-import accuracy
+from bench import ablation, accuracy, config
 import clear
 import cv
 import demo
-from baseline3d import Net3DConfig, Volume3DConfig
+from bench.baseline3d import Net3DConfig, Volume3DConfig
 from files import ClearError
 from phantom import SynthConfig
 
@@ -121,7 +120,7 @@ def test_demo_passes_the_cohort_difficulty_to_synth(tmp_path):
     assert not (tmp_path / "cohort").exists()
 
 
-TINY = accuracy.AccuracyConfig(
+TINY = config.AccuracyConfig(
     cohort=SynthConfig(n=30, size=32, thickness=(8.0, 10.0), workers=1), img_size=32, encoders=("vit",),
     methods=("lecl", "random"), steps=2, batch_size=8, mlp_dim=32, epochs_3d=1, fractions=(0.5, 1.0),
     fit=cv.FitConfig(targets=("x",), folds=3, epochs=2, n_bootstrap=20),
@@ -139,7 +138,7 @@ def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
     assert [(r["encoder"], r["method"]) for r in rows] == [("vit", "lecl"), ("vit", "random"),
                                                            ("HU histogram", "none"), ("3D ResNet", "supervised")]
     for r in rows:
-        assert set(r["tasks"]) == set(accuracy.TASKS) and all(well_formed(t) for t in r["tasks"].values())
+        assert set(r["tasks"]) == set(config.TASKS) and all(well_formed(t) for t in r["tasks"].values())
         assert r["train_flops"] > 0 and r["peak_bytes"] > 0 and sum(r["seconds"].values()) > 0
     assert rows[0]["train_flops"] > rows[1]["train_flops"]  # pre-training costs FLOPs; random init does not
     assert all(r["probe"] is None or 0 <= r["probe"] <= 1 for r in rows[:3]) and "probe" not in rows[3]
@@ -202,7 +201,7 @@ def test_ablation_writes_a_complete_report_and_trains_each_variant_as_asked(tmp_
                           log=logged.append)
     assert [r["variant"] for r in report["rows"]] == list(picked)
     for r in report["rows"]:
-        assert set(r["tasks"]) == set(accuracy.TASKS) and all(well_formed(t) for t in r["tasks"].values())
+        assert set(r["tasks"]) == set(config.TASKS) and all(well_formed(t) for t in r["tasks"].values())
         assert (r["probe"] is None or 0 <= r["probe"] <= 1) and 1 <= r["effective_rank"] <= 192
     rows = sorted(p.stem for p in (tmp_path / "results" / "rows").glob("*.json"))
     assert rows == ["ablation-vit-crop03", "ablation-vit-tau1", "vit-random"]  # random init: the table's own row

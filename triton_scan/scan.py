@@ -27,7 +27,7 @@ METHODS = {"chunked": scan_chunked, "parallel": scan_parallel}
 
 
 def default_method(device):
-    """`chunked` on CPU, where it measured 16x faster than the parallel forms (triton_scan/README.md);
+    """`chunked` on CPU, where it is the fastest form (triton_scan/README.md has the figures);
     `parallel` on GPUs, where L sequential steps would be L tiny kernel launches (reasoned, not measured)."""
     return "chunked" if torch.device(device).type == "cpu" else "parallel"
 

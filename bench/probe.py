@@ -1,5 +1,5 @@
-"""Diagnostics of a slice encoder (`python benchmark.py probe` on its bags, `benchmark.py twin` on synthetic twins,
-and columns of `benchmark.py accuracy`), and the reference encoders that learn nothing.
+"""Diagnostics of a slice encoder: `python benchmark.py probe` on its bags, `benchmark.py twin` on synthetic twins,
+and columns of `benchmark.py accuracy`.
 
 - slice_probe: does the encoder see lesions? A linear probe of per-slice lesion flags (from the masks) on the
   slice embeddings, in held-out patients. The MIL never sees slice labels; the probe is a diagnosis of the
@@ -10,25 +10,20 @@ and columns of `benchmark.py accuracy`), and the reference encoders that learn n
   same scan without the finding (phantom.make_phantom(findings=False): same anatomy, acquisition and noise): a
   linear probe of "with or without" on the twin slices' embeddings, in held-out patients. Unlike slice_probe,
   no other property of the slice (its height in the body, above all) can stand in for the finding.
-- HUHistogram: the histogram of each HU window's pixel values, (B, C, H, W) -> (B, C · bins), with nothing
-  learnt. As bags it shows what attention-MIL can read from intensities alone: diffuse disease shifts the lung
-  histogram, a small lesion's site or size barely moves any bin. A learnt encoder has to beat it.
-- PixelGrid: the other reference, raw pixels: each window's pixels averaged in a grid x grid of cells,
-  (B, C, H, W) -> (B, C · grid²). Linear in the pixels, as a random-init encoder nearly is: the floor that
-  an encoder's features have to clear.
+
+The reference encoders that learn nothing, HU histograms and pixel grids, are models/reference.py.
 """
 import math
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import cv
 from data import canonical_grid, load_mask, nearest_slices, prepare_slices, voxel_spacing
 from extract import embed_slices
 from metrics import auroc
-from models.common import check_images, effective_rank, evenly_spaced
+from models.common import effective_rank, evenly_spaced
 from phantom import make_phantom
 
 
@@ -144,50 +139,3 @@ def probe_bags(cohort, bags, labels=None, seed=0, cache=None):
         cache[key] = lesion_slice_flags(cohort, bags, labels)
     patient = {s.scan: s.patient for s in cohort.scans}
     return slice_probe(bags.features, cache[key], [patient[s] for s in bags.scans], seed), cache[key]
-
-
-class HUHistogram(nn.Module):
-    """(B, C, H, W) window channels in [0, 1] -> (B, C · bins): per channel, the share of the slice's pixels in each
-    of `bins` equal bins of [0, 1] (pixels clipped to a window's ends fall in its first or last bin). Each row
-    sums to C. Nothing is learnt; `bins` sets the resolution, 1/bins of a window's width: at 32, 47 HU of the
-    1500-HU lung window, a third of the step from normal lung to ground glass. On the demo's cohort the MIL on
-    these bags found lung disease at AUROC 0.95 with 32 bins, 0.93 with 64, and only 0.75 with 16."""
-
-    def __init__(self, in_chans=3, bins=32):
-        super().__init__()
-        if bins < 1 or in_chans < 1:
-            raise ValueError(f"HUHistogram: needs bins >= 1 and in_chans >= 1, got {bins} and {in_chans}")
-        self.in_chans, self.bins, self.embed_dim = in_chans, bins, in_chans * bins
-        # the bin edges, unused in forward (bins are found by scaling): a buffer, so that the weights' sha256 in a
-        # bag's identity (extract.weights_sha256) tells histograms of other bins apart
-        self.register_buffer("edges", torch.linspace(0, 1, bins + 1))
-
-    def forward(self, x):  # x: (B, C, H, W)
-        check_images(x, self.in_chans, 1, "HUHistogram")
-        B, C, H, W = x.shape
-        idx = (x.clamp(0, 1) * self.bins).long().clamp(max=self.bins - 1)  # (B, C, H, W) bin of each pixel
-        idx = idx + self.bins * torch.arange(B * C, device=x.device).view(B, C, 1, 1)  # one bin range per image
-        counts = torch.bincount(idx.flatten(), minlength=B * C * self.bins)  # (B · C · bins,)
-        return counts.view(B, C * self.bins).float() / (H * W)  # (B, C · bins)
-
-
-class PixelGrid(nn.Module):
-    """(B, C, H, W) -> (B, C · grid²): per channel, the mean pixel of each of grid x grid cells of the slice
-    (adaptive average pooling: where grid does not divide H or W, neighbouring cells share a row or column of
-    pixels). Nothing is learnt and nothing but averaging is done: a linear encoder. In the twin test (benchmark.py
-    twin, 64 px) it registers ground glass at AUROC 0.73 with grid 4, the default because it was the best of the
-    four sizes tried (1, the channel means: 0.60; 2: 0.52; 8: 0.68; with 15 patients that probe is noisy), where
-    every encoder here, random or pre-trained, stays at 0.52-0.59; the HU histogram, which bins each intensity,
-    reaches 0.91."""
-
-    def __init__(self, in_chans=3, grid=4):
-        super().__init__()
-        if grid < 1 or in_chans < 1:
-            raise ValueError(f"PixelGrid: needs grid >= 1 and in_chans >= 1, got {grid} and {in_chans}")
-        self.in_chans, self.grid, self.embed_dim = in_chans, grid, in_chans * grid * grid
-        # a buffer, so that the weights' sha256 in a bag's identity tells grids apart (as HUHistogram's edges)
-        self.register_buffer("cells", torch.tensor(grid))
-
-    def forward(self, x):  # x: (B, C, H, W)
-        check_images(x, self.in_chans, 1, "PixelGrid")
-        return F.adaptive_avg_pool2d(x, self.grid).flatten(1)  # (B, C · grid²)

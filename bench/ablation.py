@@ -1,31 +1,30 @@
 """Why LeCL does not beat MoCo on the synthetic cohort: its settings, one at a time. `python benchmark.py ablate`.
 
-accuracy.py's table finds LeCL, MoCo v3 and random init all at chance on the three tasks, and the pre-trained ViTs
-collapsed onto a few directions (effective rank 5.4 with LeCL and 8.4 with MoCo, of 192; 45 at random init).
-Issue 7 asks to look at the lesion fraction, the lesion weight, the crop size and the temperature before doubting
-the cohort. This runs the table's ViT row (the same cohort, slices, MIL fits, folds and seeds:
-accuracy.run_encoder) once per variant below, each changing LeCL's settings (PretrainConfig: lecl.py's loss
+When the accuracy table finds LeCL no better than MoCo v3 or random init, the settings that make LeCL what it
+is come first under suspicion: the lesion fraction, the lesion weight, the crop size and the temperature. This
+runs the table's ViT row (the same cohort, slices, MIL fits, folds and seeds: accuracy.run_encoder) once per
+variant below, each changing LeCL's settings (PretrainConfig: lecl.py's loss
 
     ℓ_i = -[ l_{i,p(i)} - log( Σ_j exp(l_ij) + Σ_{j ∈ lesion, j ≠ p(i)} exp(w · l_ij) ) ],   l_ij = q_i · k_j / τ
 
-and views.py's crops), at a quarter of the table's budget: 150 steps. The collapse happens within the first 30
-steps, but the lr warm-up is a share of the steps (15 here, 60 in the table), so these rows are compared with
-their own controls of the same budget (`lecl`, `moco`, `random`), not with the table. Two things stand out in
+and views.py's crops), at a quarter of the table's budget: 150 steps. The lr warm-up
+is a share of the steps (15 here, 60 in the table), so these rows are compared with their own controls of the
+same budget (`lecl`, `moco`, `random`), not with the table. Two things stand out in
 that loss at the table's settings: the lesion keys' extra terms are exp(w cos / τ) = exp(50 cos), which for an
 encoder whose embeddings are alike (cosines near 1) outweigh everything else in the denominator; and the
 official code (KatherLab/CLEAR, main_moco.py's --moco-t and --sample-weight) defaults to τ = 1 and w = 1.
-Rows are kept in `out`/rows/ as accuracy.py keeps its own (random init's is the table's own row), so a killed run
+Rows are kept in `out`/rows/ as bench/accuracy.py keeps its own (random init's is the table's own row), so a killed run
 continues; the report is `out`/ablation.md and .json.
 """
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import accuracy
+from bench import accuracy, config, report
+from checkpoint import plain
 from files import atomic_path
-from pretrain import plain
 
-VARIANTS = (  # (key, what changes, method, PretrainConfig changes as accuracy.changed takes them)
+VARIANTS = (  # (key, what changes, method, PretrainConfig changes as config.changed takes them)
     ("lecl", "nothing: LeCL at the table's settings (τ 0.2, w 10, lesion fraction 0.5, crop-min 0.08)", "lecl", ()),
     ("moco", "MoCo v3: no lesion crops, w 0 (lesion slices still half the batch)", "moco", ()),
     ("tau1", "temperature τ 1.0 (the official code's default)", "lecl", (("temperature", 1.0),)),
@@ -50,12 +49,12 @@ VARIANTS = (  # (key, what changes, method, PretrainConfig changes as accuracy.c
 
 @dataclass(frozen=True)
 class AblationConfig:
-    base: accuracy.AccuracyConfig = replace(accuracy.AccuracyConfig(), steps=150)  # the table's, at 150 steps
+    base: config.AccuracyConfig = replace(config.AccuracyConfig(), steps=150)  # the table's, at 150 steps
     encoder: str = "vit"
     variants: tuple = VARIANTS
 
 
-QUICK = AblationConfig(base=accuracy.QUICK)  # a smoke test: every variant, at accuracy.QUICK's tiny size
+QUICK = AblationConfig(base=config.QUICK)  # a smoke test: every variant, at config.QUICK's tiny size
 
 
 def run(cfg, out, work, progress, log=print):
@@ -63,34 +62,34 @@ def run(cfg, out, work, progress, log=print):
     out, work = Path(out), Path(work)
     out.mkdir(parents=True, exist_ok=True)
     cohort = accuracy.open_cohort(cfg.base, work, progress)
-    report = {"config": plain(asdict(cfg)), "machine": accuracy.machine(cfg.base), "rows": []}
+    made = {"config": plain(asdict(cfg)), "machine": report.machine(cfg.base), "rows": []}
     flags = {}  # the probe's slice flags, shared by the rows
     for key, what, method, changes in cfg.variants:
         log(f"[ablation] {key}: {what}")
         vcfg = replace(cfg.base, pretrain_changes=cfg.base.pretrain_changes + changes)
-        settings = accuracy.encoder_settings(vcfg, cfg.encoder, method)
+        settings = config.encoder_settings(vcfg, cfg.encoder, method)
         name = f"{cfg.encoder}-random" if method == "random" else f"ablation-{cfg.encoder}-{key}"  # the table's row
-        row = accuracy.kept(out / "rows" / f"{name}.json", accuracy.fingerprint(settings),
-                            lambda: accuracy.run_encoder(vcfg, work, cohort, cfg.encoder, method, progress, flags),
-                            log, "ablation")
-        report["rows"].append({"variant": key, "changes": what, "pretrain": plain(changes), **row,
-                               "train_flops": accuracy.training_flops(vcfg, cfg.encoder, method, row["slices"])})
-        write_report(report, out)
-    return report
+        row = report.kept(out / "rows" / f"{name}.json", config.fingerprint(settings),
+                          lambda: accuracy.run_encoder(vcfg, work, cohort, cfg.encoder, method, progress, flags),
+                          log, "ablation")
+        made["rows"].append({"variant": key, "changes": what, "pretrain": plain(changes), **row,
+                             "train_flops": config.training_flops(vcfg, cfg.encoder, method, row["slices"])})
+        write_report(made, out)
+    return made
 
 
-def write_report(report, out):
+def write_report(made, out):
     """`out`/ablation.json (everything) and ablation.md (the table), atomically."""
     with atomic_path(Path(out) / "ablation.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
-    steps = report["config"]["base"]["steps"]
-    lines = [f"The {report['config']['encoder']} row of accuracy.md at {steps} pre-training steps, with LeCL's "
+        tmp.write_text(json.dumps(made, indent=1))
+    steps = made["config"]["base"]["steps"]
+    lines = [f"The {made['config']['encoder']} row of accuracy.md at {steps} pre-training steps, with LeCL's "
              "settings changed as each row says; compare with the lecl, moco and random rows of this table (the same "
              "budget), not with accuracy.md. Columns as in accuracy.md.", "",
              "| variant | what changes | location | lung disease | stage | tumour-slice probe | rank | wall time (s) |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        lines.append(accuracy.md_row([r["variant"], r["changes"], *accuracy.row_cells(r),
-                                      f"{sum(r['seconds'].values()):.0f}"]))
+    for r in made["rows"]:
+        lines.append(report.md_row([r["variant"], r["changes"], *report.row_cells(r),
+                                    f"{sum(r['seconds'].values()):.0f}"]))
     with atomic_path(Path(out) / "ablation.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")

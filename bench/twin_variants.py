@@ -1,8 +1,8 @@
-"""The ad hoc encoders of the README's twin-test paragraph ('Not the cause either ...'), kept so that its figures
-can be made again: variants of the random-init ViT-tiny (seed 0, the draw of `benchmark.py twin --encoder vit`)
-and pixel grids of other sizes than probe.PixelGrid's default. Each name is a factory for
+"""The ad hoc encoders of the twin test's variants (docs/results.md, 'With anatomy and noise held fixed'), kept so
+that its figures can be made again: variants of the random-init ViT-tiny (seed 0, the draw of `benchmark.py twin
+--encoder vit`) and pixel grids of other sizes than models.reference.PixelGrid's default. Each name is a factory for
 
-    python benchmark.py twin --encoder-module results/twin_variants.py:NAME --img-size 64
+    python benchmark.py twin --encoder-module bench/twin_variants.py:NAME --img-size 64
 
 Measurements, not part of the method: nothing else imports this file.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from models import build_encoder
-from probe import PixelGrid
+from models.reference import PixelGrid
 
 
 def vit():

@@ -3,6 +3,7 @@
 scan's candidates (triton_scan's sequential loop, its default path and its other one, mambapy's pscan when
 installed), the encoders' forward throughput, the extraction of a real-sized scan and one MIL fold.
 """
+import resource
 import time
 
 import torch
@@ -38,6 +39,26 @@ def reset_peak_rss():
     where that cannot be written (another OS, or a locked-down container)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+class Meter:
+    """Wall time and peak resident memory of the stages of one row: this process's (Linux VmHWM, reset per stage)
+    or, if larger, that of the largest child process so far (the fit's fold workers; getrusage has no reset)."""
+
+    def __init__(self):
+        self.seconds, self.peak = {}, 0
+
+    def __call__(self, stage, fn):
+        try:
+            reset_peak_rss()
+        except OSError:  # then the peak is the process's whole life's
+            pass
+        t0 = time.perf_counter()
+        out = fn()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+        self.peak = max(self.peak, rss_kib("VmHWM:") * 1024,
+                        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+        return out
 
 
 def peak_memory(fn):

@@ -1,0 +1,159 @@
+"""The settings of the accuracy benchmark (bench/accuracy.py) and what each row of its table depends on.
+
+AccuracyConfig holds the table's settings; pretrain_config makes one row's PretrainConfig from them. A finished
+row is kept with the fingerprint of the settings it depends on (encoder_settings for a row of the slice pipeline,
+settings_3d for the 3D network), so that a re-run reuses exactly the rows whose settings did not change.
+training_flops estimates a row's training compute from its settings alone.
+"""
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+import cv
+from bench.baseline3d import Net3DConfig, Volume3DConfig
+from checkpoint import plain, run_settings
+from data import SliceConfig
+from extract import EncoderSpec
+from files import pick_device
+from mil import AttentionMIL
+from models import build_encoder, count_flops
+from models.reference import HUHistogram
+from phantom import SITES, SynthConfig
+from pretrain import PretrainConfig
+
+TUMOUR_LABELS = tuple(range(1, len(SITES) + 1))  # phantom.py's mask labels of tumours (9, 10: lung disease)
+TASKS = {"location": (tuple(f"loc_{s}" for s in SITES), None), "lung_disease": (("lung_disease",), None),
+         "stage": (("stage",), "ordinal")}
+
+
+@dataclass(frozen=True)
+class AccuracyConfig:
+    cohort: SynthConfig = SynthConfig(n=400)  # 400 scans, default difficulty, seed 0
+    thickness: float = 10.0  # mm between the slices that pre-training and extraction see (a 2D pipeline's
+    #                          usual 5-10 mm; 1-5 mm stored slices would cost 3x the extraction)
+    img_size: int = 64  # encoder input: 2x below the 128-px cohort, so that 2 CPU cores pre-train 9 encoders
+    encoders: tuple = ("vit", "gcnn", "ssm")
+    methods: tuple = ("lecl", "moco", "random")
+    steps: int = 600  # pre-training steps per encoder (batch 64): equal for every encoder and method
+    batch_size: int = 64
+    lr: float = 3e-3  # AdamW at batch 256 (so 7.5e-4 here): stable for all three encoders at this batch
+    mlp_dim: int = 1024  # heads' hidden width (MoCo v3: 4096; 1024 for CPU)
+    fit: cv.FitConfig = cv.FitConfig(targets=("x",), n_bootstrap=1000)  # targets are set per task
+    volume: Volume3DConfig = Volume3DConfig()
+    net: Net3DConfig = Net3DConfig()
+    epochs_3d: int = 30  # the 3D network's epochs (early-stopped on validation AUROC like the MIL)
+    fractions: tuple = (0.1, 0.25, 0.5, 1.0)
+    histogram: bool = True  # the reference row: HU-histogram bags (models.reference.HUHistogram), nothing learnt
+    histogram_bins: int = 32  # per window channel (models.reference.HUHistogram says why 32)
+    pretrain_changes: tuple = ()  # to every pre-trained row's PretrainConfig: ("field", value) or ("views.field",
+    #                               value) pairs (`changed`); bench/ablation.py's variants; none in the table
+
+
+QUICK = AccuracyConfig(cohort=SynthConfig(n=40, size=48, thickness=(8.0, 10.0), workers=1), img_size=32,
+                       encoders=("vit",), steps=3, batch_size=8, mlp_dim=64, epochs_3d=2, fractions=(0.5, 1.0),
+                       fit=cv.FitConfig(targets=("x",), folds=3, epochs=3, n_bootstrap=50),
+                       volume=Volume3DConfig(depth=8, size=16), net=Net3DConfig(widths=(4, 8, 8, 8)))
+
+
+def task_targets(cohort, name, folds):
+    """A task's label columns, without those too rare to stratify into `folds` (dropped, and reported)."""
+    targets, kind = TASKS[name]
+    keep = [t for t in targets if min(sum(s.labels[t] == v for s in cohort) for v in (0, 1)) >= folds] \
+        if kind is None and len(targets) > 1 else list(targets)
+    return tuple(keep), kind, [t for t in targets if t not in keep]
+
+
+def changed(cfg, key, value):
+    """The dataclass `cfg` with field `key` set to `value`; "outer.inner" sets a field of the nested `cfg.outer`."""
+    outer, _, inner = key.partition(".")
+    return replace(cfg, **{outer: replace(getattr(cfg, outer), **{inner: value}) if inner else value})
+
+
+def pretrain_config(cfg, encoder, method):
+    """The pre-training of one row: the same budget for every encoder and method, then cfg.pretrain_changes."""
+    pcfg = PretrainConfig(encoder=encoder, method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                          mlp_dim=cfg.mlp_dim, img_size=cfg.img_size, thickness=cfg.thickness,
+                          checkpoint_every=max(1, cfg.steps // 4), seed=cfg.cohort.seed)
+    for key, value in cfg.pretrain_changes:
+        pcfg = changed(pcfg, key, value)
+    return pcfg
+
+
+def histogram(cfg):
+    """The reference row's encoder: the HU histogram of each default window, nothing learnt."""
+    return HUHistogram(len(SliceConfig.windows), cfg.histogram_bins)
+
+
+def training_flops(cfg, encoder, method, n_slices):
+    """A row's estimated training FLOPs, from its settings (pretrain_config's, cfg.pretrain_changes included) and
+    its bags' slices alone, so that a kept row is counted by the same counter as a new one (models.count_flops):
+    pre-training steps x batch x 2 views x (3 for the encoder's forward and backward + 1 for the momentum encoder's
+    forward) x one slice's forward, plus the extraction of every bag slice, plus the MIL fits (3 x forward per bag
+    slice x the training folds' share x epochs x folds x tasks, as run_3d counts the 3D network's). The heads
+    (projector, predictor: about 2 % at mlp-dim 1024) are left out."""
+    steps, batch, img_size = 0, 0, cfg.img_size
+    if method == "none":
+        enc = histogram(cfg)
+    elif method == "random":
+        enc = build_encoder(encoder, img_size=img_size)
+    else:
+        p = pretrain_config(cfg, encoder, method)
+        steps, batch, img_size = p.steps, p.batch_size, p.img_size
+        enc = build_encoder(encoder, p.size, img_size=img_size)
+    per_slice = count_flops(enc, torch.zeros(1, len(SliceConfig.windows), img_size, img_size))  # (1, C, S, S)
+    mil = AttentionMIL(enc.embed_dim, 8, cfg.fit.hidden, att_dim=cfg.fit.att_dim)
+    per_bag_slice = count_flops(mil, torch.zeros(1, 100, enc.embed_dim)) / 100  # a bag of (1, 100, D)
+    k = cfg.fit.folds
+    mil_flops = 3 * per_bag_slice * n_slices * (1 - 1 / k) * cfg.fit.epochs * k * len(TASKS)
+    return steps * batch * 2 * 4 * per_slice + n_slices * per_slice + mil_flops
+
+
+FIT_3D = ("folds", "lr", "weight_decay", "batch_size", "patience", "val_fraction", "seed", "n_bootstrap")  # of
+#          cv.FitConfig, what the 3D baseline reads (epochs are its own, epochs_3d; the rest is the MIL's)
+
+
+def encoder_making(cfg, encoder, method):
+    """What a row's checkpoint and bags depend on: the cohort, the slices, and how its encoder is made (the whole
+    pre-training config, crops and augmentations included; a random init; or the histogram's bins)."""
+    if method == "random":
+        made = {"random": encoder, "seed": EncoderSpec.seed, "img_size": cfg.img_size}
+    elif method == "none":
+        made = {"histogram": cfg.histogram_bins, "img_size": cfg.img_size}
+    else:
+        made = {k: v for k, v in run_settings(pretrain_config(cfg, encoder, method)).items() if v is not False}
+        #      a switch that is off (freeze_stem) is left out: turning one on makes other rows, adding one does not
+    making = {"cohort": cohort_settings(cfg), "thickness": cfg.thickness, "encoder": made}
+    if extraction_device() == "cuda":  # other numbers than the CPU's, so other rows
+        making["extraction"] = "cuda, bf16 autocast"
+    return making
+
+
+def extraction_device():
+    """Where the benchmark extracts bags: files.pick_device("auto"), the GPU when there is one (embed_slices:
+    bf16 autocast) as for pre-training's "auto" device, else the CPU (fp32)."""
+    return pick_device("auto").type
+
+
+def encoder_settings(cfg, encoder, method):
+    """What a row of the slice pipeline depends on: its encoder's making and the MIL fits (worker processes aside:
+    the same fits come out for any number; torch threads stay in, as they may change the order of float sums)."""
+    return {**encoder_making(cfg, encoder, method), "fit": asdict(replace(cfg.fit, workers=0))}
+
+
+def settings_3d(cfg):
+    """What a task of the 3D baseline depends on: the cohort, the fit settings it reads (FIT_3D) and its own."""
+    fit = {k: getattr(cfg.fit, k) for k in FIT_3D}
+    return {"cohort": cohort_settings(cfg), "fit": fit, "volume": asdict(cfg.volume), "net": asdict(cfg.net),
+            "epochs": cfg.epochs_3d}
+
+
+def cohort_settings(cfg):
+    """The cohort's settings without its worker processes (the same cohort comes out for any number)."""
+    return asdict(replace(cfg.cohort, workers=0))
+
+
+def fingerprint(settings):
+    """A finished row is reused only by a run whose settings for it hash the same."""
+    return hashlib.sha256(json.dumps(plain(settings), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,95 @@
+"""The pre-training checkpoint: what `clear.py pretrain` writes, `extract` reads, and `--resume` continues.
+
+A checkpoint is a torch.save dict of tensors, dicts, lists, numbers and strings only, so torch.load(weights_only=True)
+reads it (load_checkpoint, through files.load_untrusted):
+
+    format         FORMAT: a checkpoint of another format is refused in one line
+    encoder_config build_encoder's arguments         \\
+    encoder        the encoder's state_dict           > what extract.py needs
+    slice_config   windows, img_size, thickness_mm   /
+    losses, ranks  per step of the whole run: the loss, and the effective rank of the batch's embeddings
+    seconds        training time of the run so far, over every process that resumed it
+    config, step, steps, data, state   the run's settings, where it stands, its cohort's counts, and the heads,
+                   momentum copies, AdamW, GradScaler and RNG states: what --resume needs to continue exactly
+
+A run is defined by its settings without RUNTIME_FIELDS (run_settings); --resume continues only a checkpoint of
+the same run on the same data (check_resume). A change to what a checkpoint holds bumps FORMAT.
+"""
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from files import ClearError, load_untrusted
+
+FORMAT = "clear-pretrain/2"
+RUNTIME_FIELDS = ("device", "checkpoint_every")  # may change on --resume; every other field defines the run
+
+
+def plain(x):
+    """Tuples -> lists, recursively: a checkpoint holds only tensors, dicts, lists, numbers and strings."""
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def run_settings(cfg):
+    """The settings that define a run (a PretrainConfig, or the config as a checkpoint stores it): all but
+    RUNTIME_FIELDS."""
+    d = cfg if isinstance(cfg, dict) else plain(asdict(cfg))
+    return {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}
+
+
+def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, ranks, data_info, seconds=0.0):
+    """The checkpoint of a lecl.MoCo `model` trained with PretrainConfig `cfg` to `step` of `total` steps.
+    `seconds`: training time of the run so far, over every process that resumed it."""
+    sd = model.state_dict()
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {"format": FORMAT, "encoder_config": dict(model.encoder.encoder_config),
+            "encoder": {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
+            "slice_config": {"windows": plain(cfg.windows), "img_size": cfg.img_size,
+                             "thickness_mm": cfg.thickness},
+            "config": plain(asdict(cfg)), "step": step, "steps": total, "losses": list(losses), "ranks": list(ranks),
+            "seconds": seconds,
+            "data": data_info, "state": {"model": {k: v for k, v in sd.items() if not k.startswith("encoder.")},
+                                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                         "rng": rng}}
+
+
+def load_checkpoint(path):
+    """Read a pre-training checkpoint as the untrusted input it is (weights_only=True), or raise ClearError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClearError(f"{path}: no such checkpoint")
+    ck = load_untrusted(path, "not a readable checkpoint")
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        found = ck.get("format") if isinstance(ck, dict) else None
+        raise ClearError(f"{path}: not a CLEAR pre-training checkpoint of format {FORMAT}"
+                         + (f" (it is {found}: pre-train again)" if isinstance(found, str) else ""))
+    return ck
+
+
+def check_resume(ck, path, encoder_config, cfg):
+    """Raise ClearError unless checkpoint `ck` is of this very run: same encoder, same settings."""
+    have, want = ck["encoder_config"], encoder_config
+    if have != want:
+        raise ClearError(f"{path}: a checkpoint of encoder {have['name']}/{have['size']} at {have['img_size']} "
+                         f"px; this command asks for {want['name']}/{want['size']} at {want['img_size']} px")
+    have, want = run_settings(ck["config"]), run_settings(cfg)
+    for k, w in want.items():
+        if have.get(k) != w:
+            raise ClearError(f"{path}: trained with {k}={have.get(k)!r}, this command has {k}={w!r}; resume with "
+                             "the same settings")
+
+
+def restore(ck, model, optimizer, scaler, device):
+    """Put checkpoint `ck`'s weights into `model` and its optimizer, scaler and RNG states back, for --resume."""
+    encoder_state = {f"encoder.{k}": v for k, v in ck["encoder"].items()}
+    model.load_state_dict({**encoder_state, **ck["state"]["model"]})
+    torch.set_rng_state(ck["state"]["rng"]["torch"])
+    optimizer.load_state_dict(ck["state"]["optimizer"])
+    if ck["state"]["scaler"]:  # empty when saved without fp16 (CPU or bf16): a fresh scaler then
+        scaler.load_state_dict(ck["state"]["scaler"])
+    if device.type == "cuda" and len(ck["state"]["rng"]["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(ck["state"]["rng"]["cuda"])
