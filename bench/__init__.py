@@ -10,4 +10,5 @@ nothing outside bench/ imports them.
     probe.py        diagnostics of an encoder: the tumour-slice probe, collapse, the twin test
     speed.py        timings and memory: the selective scan, the encoders, extraction, the MIL fit
     twin_variants.py  ad hoc encoders of the twin test (loaded with --encoder-module)
+    commands.py     the commands of benchmark.py: each runs one of these and prints its table
 """
