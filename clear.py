@@ -369,6 +369,8 @@ def cmd_fit(args):
     print(metrics.format_table(result.metrics))
     print(f"run saved in {out}: metrics.json, predictions.csv, fold models, attention/ per test scan"
           + (f", NIfTI attention overlays for {len(overlays)} top scans" if overlays else ""))
+    import report
+    print(f"report: {report.write_fit_report(out, bags)} (opens offline in any browser)")
 
 
 def add_fit(sub):
@@ -440,6 +442,8 @@ def cmd_demo(args):
           "vit-lecl.pt (LeCL checkpoint), bags/ (slice embeddings), fit-*/ (metrics, predictions, attention), "
           f"bags-histogram/ and {demo.CONTROL}/ (the control)")
     print(demo.table(out))
+    import report
+    print(f"report: {report.write_demo_report(out)}, the tasks side by side with links to each fit's report")
     from pretrain import load_checkpoint, rank_trend
 
     _, first, last, collapsed = rank_trend(load_checkpoint(out / "vit-lecl.pt").get("ranks", [])) or (
