@@ -64,22 +64,23 @@ def _points(x, y):
 
 
 STROKE = 'fill="none" vector-effect="non-scaling-stroke"'
+COLOURS = ("#c0392b", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")  # labels' curves
 
 
 def roc_svg(pooled, folds=(), title="", size=220, labels=None):
     """An ROC plot: `pooled` (fpr, tpr) as a thick line (class "pooled"; None: no curve), each of `folds` as a
     thin one (class "fold"), and the chance diagonal. With `labels`, `pooled` is a list of curves, one per label,
-    drawn alike and named in their tooltips (the demo's many-label tasks)."""
+    in turn in COLOURS and named in their tooltips (the demo's many-label tasks)."""
     left, top, side = 34, 22, size - 44  # px: room for the tick labels on the left and the title on top
     lines = [f'<line x1="0" y1="0" x2="1" y2="1" stroke="#999" stroke-dasharray="4 3" {STROKE}/>']
     lines += [f'<polyline class="fold" points="{_points(*c)}" stroke="#6a9fd4" stroke-width="1" {STROKE}/>'
               for c in folds if c is not None]
     curves = list(zip(labels, pooled)) if labels is not None else [(None, pooled)]
-    for name, c in curves:
+    for n, (name, c) in enumerate(curves):
         if c is not None:
             tip = f"<title>{html.escape(name)}</title>" if name else ""
-            lines.append(f'<polyline class="pooled" points="{_points(*c)}" stroke="#c0392b" stroke-width="2.2" '
-                         f'{STROKE}>{tip}</polyline>')
+            lines.append(f'<polyline class="pooled" points="{_points(*c)}" stroke="{COLOURS[n % len(COLOURS)]}" '
+                         f'stroke-width="2.2" {STROKE}>{tip}</polyline>')
     ticks = "".join(f'<text x="{left - 4}" y="{top + (1 - v) * side + 4:.1f}" text-anchor="end">{v:g}</text>'
                     f'<text x="{left + v * side:.1f}" y="{top + side + 14}" text-anchor="middle">{v:g}</text>'
                     for v in (0, 0.5, 1))
