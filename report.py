@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 import figures
-from data import load_ct, load_mask, nearest_slices, save_overlay, window
+from cohort import NIFTI_SUFFIXES
+from data import SliceConfig, load_ct, load_mask, nearest_slices, save_overlay, window
 from files import ClearError, atomic_path
 
-WINDOWS = (("lung", (-600.0, 1500.0)), ("soft tissue", (40.0, 400.0)))  # (level, width) HU, data.SliceConfig's
+WINDOWS = tuple(zip(("lung", "soft tissue"), SliceConfig().windows[:2]))  # (name, (level, width) in HU)
 THUMB = 128  # px, a thumbnail's longer side: four of them in two windows fit beside each other on a laptop screen
 N_THUMBS = 4  # most-attended slices shown per case (3-5 say where the model looked without filling the page)
 PER_KIND = 2  # cases of each kind (true/false positive/negative): up to 8 scans, a page that loads at once
@@ -98,14 +99,16 @@ def read_attention(run_dir, scan):
 
 
 def mask_of(image):
-    """The lesion mask that cohort.py pairs with an image: <cohort>/masks/<name> beside <cohort>/images/<name>."""
-    path = Path(image).parent.parent / "masks" / Path(image).name
-    return path if path.is_file() else None
+    """The lesion mask that cohort.py pairs with an image: <cohort>/masks/<scan>.nii[.gz] beside
+    <cohort>/images/<scan>.nii[.gz]; None if there is none."""
+    image = Path(image)
+    scan = next((image.name[:-len(s)] for s in NIFTI_SUFFIXES if image.name.endswith(s)), image.name)
+    return next((p for s in NIFTI_SUFFIXES if (p := image.parent.parent / "masks" / f"{scan}{s}").is_file()), None)
 
 
 def thumbnail(hu, spacing_yx):
-    """An axial slice (Y, X) in HU -> {window name: PNG data URI}, THUMB px on its longer side in mm, shown in
-    the radiological convention: anterior at the top, the patient's right on the viewer's left."""
+    """An axial slice (Y, X) in HU -> {window name: PNG data URI}, THUMB px along its longer side (in mm), in the
+    radiological convention: anterior at the top, the patient's right on the viewer's left."""
     hu = torch.as_tensor(np.ascontiguousarray(hu[::-1, ::-1]), dtype=torch.float32)  # (Y, X), flipped both ways
     extent = (hu.shape[0] * spacing_yx[0], hu.shape[1] * spacing_yx[1])  # mm
     size = tuple(max(1, round(THUMB * e / max(extent))) for e in extent)  # (H, W)
