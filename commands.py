@@ -147,6 +147,7 @@ def cmd_extract(args):
 def cmd_fit(args):
     import cv
     import metrics
+    import report
     from data import save_overlay
     from mil import load_bags
 
@@ -167,6 +168,7 @@ def cmd_fit(args):
     print(metrics.format_table(result.metrics))
     print(f"run saved in {out}: metrics.json, predictions.csv, fold models, attention/ per test scan"
           + (f", NIfTI attention overlays for {len(overlays)} top scans" if overlays else ""))
+    print(f"report: {report.write_fit_report(out, bags)} (opens offline in any browser)")
 
 
 def cmd_predict(args):
@@ -183,6 +185,7 @@ def cmd_predict(args):
 
 def cmd_demo(args):
     import demo
+    import report
 
     t0 = time.time()
     from clear import main
@@ -198,6 +201,7 @@ def cmd_demo(args):
           "vit-lecl.pt (LeCL checkpoint), bags/ (slice embeddings), fit-*/ (metrics, predictions, attention), "
           f"bags-histogram/ and {demo.CONTROL}/ (the control)")
     print(demo.table(args.out))
+    print(f"report: {report.write_demo_report(args.out)}, the tasks side by side with links to each fit's report")
     first, last, collapsed = demo.rank_change(args.out)
     print(f"Pre-training took the effective rank of the slice embeddings from {first:.1f} to {last:.1f} "
           f"(RankMe of a batch){': they collapsed onto a few directions' if collapsed else ''}.")
