@@ -247,6 +247,18 @@ def connected_components(fg):
         ids = grown
 
 
+def slice_labels(mask, spacing_z, cfg=SliceConfig()):
+    """The set of non-zero mask labels on each slice `prepare_slices` makes from the same volume (the nearest
+    stored mask slice, as lesion_boxes): a list of Z' sets of ints. mask: (Z, Y, X) integer labels."""
+    mask = torch.as_tensor(mask)
+    mask = mask[nearest_slices(slice_positions(mask.shape[0], spacing_z, cfg.thickness_mm), spacing_z, mask.shape[0])]
+    held = [set() for _ in range(mask.shape[0])]
+    for v in mask.unique().tolist():
+        for i in (mask == v).flatten(1).any(1).nonzero()[:, 0].tolist() if v != 0 else ():
+            held[i].add(v)
+    return held
+
+
 def lesion_boxes(mask, spacing_z, cfg=SliceConfig(), labels=None):
     """Lesion flags and boxes for the slices `prepare_slices` makes from the same volume.
 

@@ -9,6 +9,8 @@ loop, checkpoints and resume, and torchrun. The slice cache, the sampler and the
                   AdamW at lr_t = base_lr · batch / 256, linear warm-up over warmup · T steps, then cosine
 
 `method="moco"` is the ablation: the same slices without lesion crops and with w = 0, i.e. MoCo v3's InfoNCE.
+`method="supervised"` is the ceiling, not self-supervised: the encoder trained on the mask labels each slice holds
+(lecl.SliceClassifier), which shows what the slices allow at this size and data.
 
 Rank 0 writes a checkpoint (checkpoint.py: its format, and what --resume checks) to `out` atomically every
 `checkpoint_every` steps, at the end, and when asked to stop; a run continued with --resume ends with the weights
@@ -38,16 +40,20 @@ from cohort import Cohort
 from data import SliceConfig
 from checkpoint import check_resume, load_checkpoint, make_checkpoint, restore
 from files import ClearError, atomic_path, pick_device
-from lecl import MoCo, gather, momentum_at
+from lecl import MoCo, SliceClassifier, gather, momentum_at
 from models import build_encoder, effective_rank, stem
-from views import ViewConfig, Views, batch_ids, make_views, mix, open_cache
+from cache import open_cache
+from views import ViewConfig, Views, batch_ids, make_views, mix
+
+
+METHODS = ("lecl", "moco", "supervised")
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     encoder: str = "vit"  # vit | gcnn | ssm: the paper's three encoder families (models/)
     size: str = "tiny"  # tiny | small | base: the smallest trains on a laptop CPU
-    method: str = "lecl"  # lecl, or moco: the same pipeline without lesion crops and lesion term (ablation)
+    method: str = "lecl"  # lecl; moco: without lesion crops and lesion term (ablation); supervised: the ceiling
     steps: int = 1000  # optimizer steps: enough to see the loss fall on a small cohort
     epochs: float | None = None  # if set, replaces steps: ceil(epochs · cached slices / batch_size)
     batch_size: int = 256  # global over all processes; MoCo v3 states its lr rule per 256
@@ -73,7 +79,7 @@ class PretrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints; one is also written at the end
 
     def __post_init__(self):
-        rules = {"--method lecl or moco": self.method in ("lecl", "moco"), "--steps >= 1": self.steps >= 1,
+        rules = {"--method lecl, moco or supervised": self.method in METHODS, "--steps >= 1": self.steps >= 1,
                  "--batch-size >= 2": self.batch_size >= 2, "--epochs > 0": self.epochs is None or self.epochs > 0,
                  "--lr > 0": self.lr > 0, "warmup in [0, 1)": 0 <= self.warmup < 1,
                  "momentum in [0, 1)": 0 <= self.momentum < 1, "--temperature > 0": self.temperature > 0,
@@ -153,7 +159,7 @@ def _open_data(cfg, cohort, folder, rank, world, progress, should_stop):
     if rank != 0:
         sc, built = open_cache(cohort, folder, slice_cfg, cfg.lesion_labels)
     info = {"scans": len(cohort), "slices": len(sc), "lesion_slices": len(sc.lesion_ids)}
-    if cfg.method == "lecl" and not len(sc.lesion_ids):
+    if cfg.method != "moco" and not len(sc.lesion_ids):
         raise ClearError(f"{cohort.root}: the masks mark no lesion"
                          f"{'' if cfg.lesion_labels is None else ' of --lesion-labels'}; use --method moco")
     mixed = cfg.lesion_fraction is not None and len(sc.lesion_ids)  # else slices are drawn as they come
@@ -179,8 +185,8 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
     progress, out = progress if rank == 0 else None, Path(out)
     try:
         cohort = Cohort(data)
-        if cfg.method == "lecl" and not cohort.has_masks:
-            raise ClearError(f"{data}: no lesion masks (masks/<scan>.nii.gz), and LeCL finds lesion slices in "
+        if cfg.method != "moco" and not cohort.has_masks:
+            raise ClearError(f"{data}: no lesion masks (masks/<scan>.nii.gz), and --method {cfg.method} reads "
                              "them; use --method moco for plain MoCo v3")
         if cfg.batch_size % world:
             raise ClearError(f"--batch-size {cfg.batch_size} does not split over {world} processes")
@@ -189,16 +195,19 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             encoder = build_encoder(cfg.encoder, cfg.size, in_chans=len(cfg.windows), img_size=cfg.img_size)
         except ValueError as e:
             raise ClearError(f"--encoder/--size/--img-size: {e}") from None
-        model = MoCo(encoder, cfg.proj_dim, cfg.mlp_dim, cfg.temperature,
-                     cfg.lesion_weight if cfg.method == "lecl" else 0.0)
-        for p in stem(encoder).parameters() if cfg.freeze_stem else ():
-            p.requires_grad_(False)  # out of AdamW (it takes the parameters that require grad) and of the momentum
-            #                          update (lecl.MoCo.update_momentum): both copies stay at the init
         ck = load_checkpoint(resume) if resume else None
         if ck is not None:
             check_resume(ck, resume, encoder.encoder_config, cfg)
         sc, cache_info, info, total = _open_data(cfg, cohort, Path(cache) if cache else Path(f"{out}.cache"),
                                                  rank, world, progress, should_stop)
+        if cfg.method == "supervised":
+            model = SliceClassifier(encoder, len(sc.label_values))
+        else:
+            model = MoCo(encoder, cfg.proj_dim, cfg.mlp_dim, cfg.temperature,
+                         cfg.lesion_weight if cfg.method == "lecl" else 0.0)
+        for p in stem(encoder).parameters() if cfg.freeze_stem else ():
+            p.requires_grad_(False)  # out of AdamW (it takes the parameters that require grad) and of the momentum
+            #                          update (lecl.MoCo.update_momentum): both copies stay at the init
         start, losses, ranks, before = 0, [], [], 0.0
         if ck is not None:
             if ck["data"] != info or ck["steps"] != total:
@@ -232,7 +241,7 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             seeds = [mix(cfg.seed, step, i) for i in range(rank * n, (rank + 1) * n)]  # by place in global batch
             x1, x2, lesion = make_views(sc, ids, seeds, views, device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = net(x1, x2, lesion, m)
+                loss = net(x1, sc.labels[ids].to(device)) if cfg.method == "supervised" else net(x1, x2, lesion, m)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -9,7 +9,7 @@ import torch
 
 from cohort import Cohort, read_labels
 from data import (SliceConfig, canonical_grid, lesion_boxes, load_ct, load_mask, prepare_slices, resample_z,
-                  save_overlay, window)
+                  save_overlay, slice_labels, window)
 from files import ClearError
 
 
@@ -97,6 +97,9 @@ def test_a_cube_gives_its_slices_and_box():
     assert not flags.any()
     flags, _ = lesion_boxes(mask, 2.0, SliceConfig(img_size=20, thickness_mm=4.0))  # z = 0, 4, ..., 16 mm
     assert flags.tolist() == [False, False, True, False, False]  # nearest stored slices 0, 2, 4, 6, 8
+    assert slice_labels(mask, 2.0, SliceConfig(img_size=20, thickness_mm=4.0)) == [set(), set(), {4}, set(), set()]
+    mask[5, 0, 0] = 7
+    assert slice_labels(mask, 2.0)[3:7] == [{4}, {4}, {4, 7}, set()]
 
 
 def test_overlay_puts_each_value_on_its_slices(tmp_path):
