@@ -7,6 +7,7 @@
     python benchmark.py ablate      # LeCL's settings one at a time on its ViT row: results/ablation.md
     python benchmark.py probe --data COHORT --bags BAGS   # does an encoder see the lesions of the masks?
     python benchmark.py twin --checkpoint E.pt  # ... and with anatomy and noise held fixed (synthetic twins)?
+    python benchmark.py learning    # twin test against pre-training steps: LeCL, MoCo, supervised ceiling
 
 The experiments are bench/ (bench/README.md: what each command measures and where its results go); this file
 only reads the options and hands them to bench/commands.py.
@@ -91,6 +92,18 @@ def build_parser():
     p_twin.add_argument("--n", type=int, default=60, help="patients drawn (those with each finding are used)")
     p_twin.add_argument("--seed", type=int, default=0, help="the cohort's seed (0: the accuracy benchmark's)")
     p_twin.set_defaults(func=commands.bench_twin, resumes=False)
+    p_learn = sub.add_parser("learning", help="learning curves: the twin test against pre-training steps, for LeCL, "
+                                              "MoCo v3 and the supervised ceiling, on a corpus apart from the cohort")
+    p_learn.add_argument("--out", help="where learning.md/.json/.svg/.png go (default results)")
+    p_learn.add_argument("--work", help="corpus, slice cache and checkpoints (default OUT/work-learning); reused")
+    p_learn.add_argument("--encoder", choices=("vit", "gcnn", "ssm"), help="default gcnn")
+    p_learn.add_argument("--size", choices=("micro", "tiny", "small", "base"), help="default micro")
+    p_learn.add_argument("--steps", type=int, help="pre-training steps per method (default 600)")
+    p_learn.add_argument("--every", type=int, help="steps between twin tests (default 100)")
+    p_learn.add_argument("--batch-size", type=int, help="pre-training batch (default 128)")
+    p_learn.add_argument("--methods", nargs="+", choices=("lecl", "moco", "supervised"), help="default all three")
+    p_learn.add_argument("--device", help="auto | cpu | cuda (default auto)")
+    p_learn.set_defaults(func=commands.bench_learning)
     return parser
 
 

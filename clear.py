@@ -88,7 +88,7 @@ def add_extract(sub):
     src.add_argument("--random-init", action="store_true", help="random weights (a baseline)")
     src.add_argument("--encoder-module", metavar="FILE.py:FACTORY",
                      help="your own nn.Module mapping (B, C, H, W) to (B, D)")
-    p.add_argument("--size", default="tiny", help="encoder size for --encoder (tiny | small | base)")
+    p.add_argument("--size", default="tiny", help="encoder size for --encoder (micro | tiny | small | base)")
     p.add_argument("--img-size", type=int, default=224, help="input size for --encoder/--encoder-module")
     p.add_argument("--thickness", type=float, help="resample slices to this spacing in mm (default: as stored)")
     p.add_argument("--batch-size", type=int, default=64)

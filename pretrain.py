@@ -52,7 +52,7 @@ METHODS = ("lecl", "moco", "supervised")
 @dataclass(frozen=True)
 class PretrainConfig:
     encoder: str = "vit"  # vit | gcnn | ssm: the paper's three encoder families (models/)
-    size: str = "tiny"  # tiny | small | base: the smallest trains on a laptop CPU
+    size: str = "tiny"  # micro | tiny | small | base: the paper's are tiny to base; micro learns on a laptop CPU
     method: str = "lecl"  # lecl; moco: without lesion crops and lesion term (ablation); supervised: the ceiling
     steps: int = 1000  # optimizer steps: enough to see the loss fall on a small cohort
     epochs: float | None = None  # if set, replaces steps: ceil(epochs · cached slices / batch_size)

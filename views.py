@@ -27,7 +27,9 @@ class ViewConfig:
     crop_min: float = 0.08  # smallest crop area share: MoCo v3's --crop-min; lesion crop side >= √0.08·S
     ratio: tuple = (3 / 4, 4 / 3)  # aspect range of random resized crops, torchvision's default
     hflip: float = 0.5  # left-right mirror (bodies are near-symmetric); no up-down flip, never seen in CT
-    jitter: float = 0.8  # chance of intensity jitter: MoCo v3's ColorJitter probability
+    jitter: float = 0.0  # chance of intensity jitter (MoCo v3's ColorJitter: 0.8). Off: on CT an intensity is a
+    #                      finding (ground glass +250 HU, emphysema -100 HU; the jitter's ±0.1 lung-window widths is
+    #                      ±150 HU), and views that differ in it train the encoder to ignore it
     contrast: float = 0.4  # contrast factor in 1 ± 0.4 per window channel: ColorJitter's contrast=0.4
     brightness: float = 0.1  # level shift in ± 0.1 window widths per channel: a window set a little off
     blur: tuple = (1.0, 0.1)  # chance of Gaussian blur in view 1 / view 2: MoCo v3's asymmetric recipe

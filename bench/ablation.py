@@ -42,8 +42,8 @@ VARIANTS = (  # (key, what changes, method, PretrainConfig changes as config.cha
      (("cache_size", 128),)),
     ("frozen", "patch projection frozen at its random init (--freeze-stem; MoCo v3's remedy, its Sec. 5)", "lecl",
      (("freeze_stem", True),)),
-    ("nojitter", "no intensity jitter (ColorJitter's part of MoCo v3's views: level ± 0.1 window widths, "
-     "contrast ± 40 %)", "lecl", (("views.jitter", 0.0),)),
+    ("jitter", "MoCo v3's intensity jitter, with chance 0.8 (ColorJitter's part of its views: level ± 0.1 window "
+     "widths, contrast ± 40 %)", "lecl", (("views.jitter", 0.8),)),
 )
 
 

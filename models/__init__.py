@@ -5,11 +5,12 @@ to slice embeddings (B, D), later pooled per scan by attention-MIL and pre-train
     enc(torch.randn(4, 3, 128, 128)).shape == (4, enc.embed_dim)
     build_encoder(**enc.encoder_config)      # the same architecture, e.g. to load a checkpoint into
 
-Three families, each in three sizes from the one table below:
+Three families, each in the paper's three sizes from the one table below, and micro, a size much smaller than
+tiny for pre-training on a CPU budget at 64 px (the demo's):
     vit   Vision Transformer /16 (DeiT sizes)                         models/vit.py
     gcnn  gated CNN, MambaOut (sizes chosen by compute, see gcnn.py)   models/gcnn.py
     ssm   bidirectional Mamba over patches (Vim sizes)                 models/ssm.py
-Every encoder takes any H, W that are multiples of its patch size (16 for vit and ssm; gcnn takes any size,
+Every encoder takes any H, W that are multiples of its patch size (16 for vit and ssm, 8 at micro; gcnn any size,
 and multiples of 32 keep its grids exact), so the 64-128 px synthetic slices work as well as 224².
 """
 import dataclasses
@@ -30,17 +31,20 @@ STEMS = {"vit": "patch_embed", "gcnn": "stem", "ssm": "patch_embed"}  # each fam
 
 # name -> size -> architecture (in_chans and img_size are filled in by build_encoder).
 SIZES = {
-    "vit": {  # DeiT-Ti/S/B, patch 16: head width 64 throughout
+    "vit": {  # DeiT-Ti/S/B, patch 16: head width 64 throughout; micro, patch 8, for CPU budgets at 64 px
+        "micro": ViTConfig(embed_dim=128, depth=4, num_heads=2, patch_size=8),
         "tiny": ViTConfig(embed_dim=192, depth=12, num_heads=3),
         "small": ViTConfig(embed_dim=384, depth=12, num_heads=6),
         "base": ViTConfig(embed_dim=768, depth=12, num_heads=12),
     },
-    "gcnn": {  # MambaOut-Femto / -Tiny / -Base, matched to the ViT of the same name by MACs
+    "gcnn": {  # MambaOut-Femto / -Tiny / -Base, matched to the ViT of the same name by MACs; micro for CPU budgets
+        "micro": GCNNConfig(depths=(1, 1, 3, 1), dims=(32, 64, 128, 192)),
         "tiny": GCNNConfig(depths=(3, 3, 9, 3), dims=(48, 96, 192, 288)),
         "small": GCNNConfig(depths=(3, 3, 9, 3), dims=(96, 192, 384, 576)),
         "base": GCNNConfig(depths=(3, 4, 27, 3), dims=(128, 256, 512, 768)),
     },
-    "ssm": {  # Vim-Ti/S/B: depth 24, N = 16, expand 2
+    "ssm": {  # Vim-Ti/S/B: depth 24, N = 16, expand 2; micro, patch 8, for CPU budgets at 64 px
+        "micro": SSMConfig(embed_dim=128, depth=6, patch_size=8),
         "tiny": SSMConfig(embed_dim=192, depth=24),
         "small": SSMConfig(embed_dim=384, depth=24),
         "base": SSMConfig(embed_dim=768, depth=24),

@@ -54,7 +54,7 @@ def images(batch, channels=3, height=32, width=32, seed=0):
 
 # ----------------------------------------------------------------------------------------------- interface
 @pytest.mark.parametrize("kwargs, choices", [({"name": "resnet"}, ("vit", "gcnn", "ssm")),
-                                             ({"name": "gcnn", "size": "huge"}, ("tiny", "small", "base"))])
+                                             ({"name": "gcnn", "size": "huge"}, ("micro", "tiny", "small", "base"))])
 def test_unknown_name_or_size_is_a_one_line_error_listing_the_choices(kwargs, choices):
     with pytest.raises(ValueError) as err:
         build_encoder(**kwargs)

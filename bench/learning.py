@@ -1,0 +1,207 @@
+"""Learning curves (`python benchmark.py learning`): what pre-training teaches a slice encoder, step by step.
+
+For each method (LeCL, MoCo v3 and the supervised ceiling, pretrain.py's three), one pre-training run on the
+corpus, stopped every `every` steps for a twin test (bench/probe.py) of its encoder on patients of the evaluation
+cohort, a synthetic cohort of another seed, so none of them is in the corpus: each slice with a finding against
+the same slice of its twin drawn without it. Step 0 is the random init, the floor, the same for every method
+(same seed). A run is stopped through pretrain's `should_stop` and continued with `resume`, which ends with the
+weights of an uninterrupted run, so the last point of a curve is the checkpoint `clear.py pretrain` would make.
+
+    corpus (seed 7) --pretrain, stopped every K steps--> checkpoint --twin test on cohort (seed 0)--> AUROC
+
+Writes learning.json (every point), learning.md (the table and the command), learning.svg (the curves) and, where
+matplotlib is installed, learning.png. A re-run reuses the corpus, the slice cache and every finished point.
+"""
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cache import open_cache
+from checkpoint import load_checkpoint
+from cohort import Cohort
+from data import SliceConfig
+from extract import EncoderSpec, load_encoder
+from files import atomic_path
+from phantom import LUNG_EMPHYSEMA, LUNG_GGO, SynthConfig
+from pretrain import PretrainConfig, pretrain
+from views import ViewConfig
+
+TUMOURS = tuple(range(1, 9))  # phantom's tumour labels, one per site
+FINDINGS = {"ground glass": (LUNG_GGO,), "emphysema": (LUNG_EMPHYSEMA,), "tumours": TUMOURS}
+METHODS = ("lecl", "moco", "supervised")
+
+
+@dataclass(frozen=True)
+class LearningConfig:
+    corpus: SynthConfig = SynthConfig(n=600, seed=7, size=128, thickness=(4.0, 5.0))  # ~500 patients: where a
+    #                                                 supervised CNN stops memorising and generalises (100 do not)
+    cohort: SynthConfig = SynthConfig(n=120, seed=0, size=128, thickness=(4.0, 5.0))  # the demo's cohort
+    patients: int = 40  # the cohort's patients drawn for the twin test (those with each finding take part)
+    encoder: str = "gcnn"  # the family whose micro size learns fastest on 2 cores
+    size: str = "micro"
+    img_size: int = 64  # the demo's and the accuracy table's slices
+    steps: int = 600  # per run; ~15 min for gcnn-micro on 2 free cores
+    every: int = 100  # steps between twin tests
+    batch_size: int = 128
+    lr: float = 2e-3  # at batch 256 (AdamW, pretrain.lr_at scales it): a small model takes a large rate
+    mlp_dim: int = 1024  # MoCo heads' hidden width: 4096 costs more than the micro encoder itself
+    views: ViewConfig = ViewConfig()
+    methods: tuple = METHODS
+    seed: int = 0
+    device: str = "auto"
+
+    def pretrain_config(self, method):
+        return PretrainConfig(encoder=self.encoder, size=self.size, method=method, steps=self.steps,
+                              batch_size=self.batch_size, lr=self.lr, mlp_dim=self.mlp_dim, img_size=self.img_size,
+                              views=self.views, seed=self.seed, device=self.device, checkpoint_every=self.every)
+
+
+@dataclass
+class Curves:
+    points: dict = field(default_factory=dict)  # "method/step" -> {finding: AUROC}
+
+    def add(self, method, step, aucs):
+        self.points[f"{method}/{step}"] = aucs
+
+    def has(self, method, step):
+        return f"{method}/{step}" in self.points
+
+
+def twin_aurocs(encoder, twins, seed):
+    from bench.probe import twin_probe
+    return {name: round(twin_probe(encoder, pairs, seed)[0], 4) for name, pairs in twins.items()}
+
+
+def run(cfg, out, work, progress=None, log=lambda text: None):
+    """Every curve of `cfg` -> Curves; learning.json is rewritten after each point, so a re-run continues."""
+    from bench.probe import twin_slices
+    from synth import write_cohort
+
+    out, work = Path(out), Path(work)
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / "learning.json"
+    curves = Curves()
+    if record.exists():
+        kept = json.loads(record.read_text())
+        if kept.get("config") == json.loads(json.dumps(asdict(cfg))):
+            curves.points = kept["points"]
+    corpus = work / "corpus"
+    if not (corpus / "labels.csv").exists():
+        log(f"drawing the corpus: {cfg.corpus.n} scans (seed {cfg.corpus.seed}) into {corpus}")
+        write_cohort(cfg.corpus, corpus, **({"progress": progress("corpus")} if progress else {}))
+    slices = SliceConfig(img_size=cfg.img_size)  # stored slices, as extraction makes them
+    twins = twin_slices(cfg.cohort, range(cfg.patients), FINDINGS, slices)
+
+    def save():
+        with atomic_path(record) as tmp:
+            tmp.write_text(json.dumps({"config": asdict(cfg), "points": curves.points}, indent=1))
+
+    random_init = EncoderSpec(name=cfg.encoder, size=cfg.size, img_size=cfg.img_size, seed=cfg.seed)
+    for method in cfg.methods:
+        pcfg, ckpt = cfg.pretrain_config(method), work / f"{method}.pt"
+        if not curves.has(method, 0):  # the random init: pretrain's own (the same seed builds the same encoder)
+            curves.add(method, 0, twin_aurocs(load_encoder(random_init)[0], twins, cfg.seed))
+            save()
+        step = load_checkpoint(ckpt)["step"] if ckpt.exists() else 0
+        open_cache(Cohort(corpus), work / "cache", SliceConfig(pcfg.windows, pcfg.img_size), pcfg.lesion_labels,
+                   progress and progress("cache"))  # built here, so that should_stop below counts steps alone
+        while step < cfg.steps:
+            target = min(cfg.steps, (step // cfg.every + 1) * cfg.every)
+            calls = iter(range(target - step, 0, -1))  # should_stop is asked once after every step
+            pretrain(pcfg, corpus, ckpt, resume=ckpt if step else None, cache=work / "cache",
+                     should_stop=lambda: next(calls) == 1)
+            step = load_checkpoint(ckpt)["step"]
+            encoder = load_encoder(EncoderSpec(checkpoint=str(ckpt)))[0]
+            curves.add(method, step, twin_aurocs(encoder, twins, cfg.seed))
+            save()
+            log(f"{method} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curves.points[f"{method}/{step}"].items()))
+    return curves
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+COLOURS = {"lecl": "#c0392b", "moco": "#2874a6", "supervised": "#229954"}
+NAMES = {"lecl": "LeCL", "moco": "MoCo v3", "supervised": "supervised (ceiling)"}
+
+
+def series(curves, method, finding):
+    """[(step, AUROC)] of one curve, by step."""
+    pts = [(int(k.split("/")[1]), v[finding]) for k, v in curves.points.items() if k.split("/")[0] == method]
+    return sorted(pts)
+
+
+def curves_svg(curves, cfg, width=300, height=220, pad=36):
+    """One panel per finding: twin-test AUROC (0.3-1) against pre-training steps, a line per method."""
+    panels = []
+    for j, finding in enumerate(FINDINGS):
+        def xy(step, auc):
+            return (pad + (width - pad - 8) * step / cfg.steps, height - pad - (height - pad - 20) * (auc - 0.3) / 0.7)
+        parts = [f'<g transform="translate({j * width},0)"><text x="{width / 2}" y="14" text-anchor="middle" '
+                 f'font-size="13">{finding}</text>',
+                 f'<rect x="{pad}" y="20" width="{width - pad - 8}" height="{height - pad - 20}" fill="none" '
+                 'stroke="#999"/>']
+        for v in (0.5, 0.7, 0.9):
+            _, y = xy(0, v)
+            parts.append(f'<line x1="{pad}" x2="{width - 8}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+                         f'<text x="{pad - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{v}</text>')
+        for s in range(0, cfg.steps + 1, max(cfg.every, cfg.steps // 3)):
+            x, _ = xy(s, 0.3)
+            parts.append(f'<text x="{x:.1f}" y="{height - pad + 14}" font-size="10" text-anchor="middle">{s}</text>')
+        parts.append(f'<text x="{(width + pad) / 2}" y="{height - 6}" font-size="10" text-anchor="middle">'
+                     'pre-training step</text>')
+        for method in cfg.methods:
+            pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, a) for s, a in series(curves, method, finding)
+                                                          if a == a))
+            parts.append(f'<polyline points="{pts}" fill="none" stroke="{COLOURS[method]}" stroke-width="2"/>')
+        panels.append("".join(parts) + "</g>")
+    legend = "".join(f'<text x="{10 + 170 * i}" y="{height + 16}" font-size="12" fill="{COLOURS[m]}">'
+                     f'— {NAMES[m]}</text>' for i, m in enumerate(cfg.methods))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(FINDINGS)}" height="{height + 24}" '
+            f'font-family="sans-serif">{"".join(panels)}{legend}</svg>\n')
+
+
+def write_png(curves, cfg, path):
+    """learning.png through matplotlib, when it is installed (an optional extra: the SVG needs nothing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(FINDINGS), figsize=(4 * len(FINDINGS), 3.2), sharey=True)
+    for ax, finding in zip(axes, FINDINGS):
+        for method in cfg.methods:
+            s, a = zip(*series(curves, method, finding))
+            ax.plot(s, a, marker="o", ms=3, color=COLOURS[method], label=NAMES[method])
+        ax.axhline(0.5, color="#999", lw=0.8, ls="--")
+        ax.set(title=finding, xlabel="pre-training step", ylim=(0.3, 1.0))
+    axes[0].set_ylabel("twin-test AUROC")
+    axes[-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(curves, cfg, out, command):
+    """learning.md (the table and the command that made it), learning.svg and, with matplotlib, learning.png."""
+    out = Path(out)
+    with atomic_path(out / "learning.svg") as tmp:
+        tmp.write_text(curves_svg(curves, cfg))
+    png = write_png(curves, cfg, out / "learning.png")
+    steps = sorted({int(k.split("/")[1]) for k in curves.points})
+    lines = [f"Twin-test AUROC of {cfg.encoder}-{cfg.size} at {cfg.img_size} px against pre-training steps (batch "
+             f"{cfg.batch_size}) on a corpus of {cfg.corpus.n} synthetic scans (seed {cfg.corpus.seed}); the twin test "
+             f"on patients 0-{cfg.patients - 1} of the evaluation cohort (seed {cfg.cohort.seed}), none of them in the "
+             "corpus. Step 0 is the random init. Made by:", "", f"    {command}", "",
+             f"![learning curves](learning.{'png' if png else 'svg'})", "",
+             "| method | finding | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|---|" + "---:|" * len(steps)]
+    for method in cfg.methods:
+        for finding in FINDINGS:
+            got = dict(series(curves, method, finding))
+            lines.append(f"| {NAMES[method]} | {finding} | "
+                         + " | ".join("" if s not in got else f"{got[s]:.3f}" for s in steps) + " |")
+    with atomic_path(out / "learning.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
