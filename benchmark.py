@@ -63,7 +63,7 @@ def build_parser():
     p_acc.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); a re-run reuses them")
     p_acc.add_argument("--encoders", nargs="+", choices=("vit", "gcnn", "ssm"),
                        help="run only these encoders' rows (default all); the HU-histogram and 3D rows always run")
-    p_acc.add_argument("--methods", nargs="+", choices=("lecl", "moco", "random"), help="likewise for pre-training")
+    p_acc.add_argument("--methods", nargs="+", choices=("lecl", "moco", "random", "supervised"), help="likewise for pre-training")
     add_scale(p_acc, 600)
     p_acc.set_defaults(func=commands.bench_accuracy)
     p_abl = sub.add_parser("ablate", help="why LeCL does not beat MoCo here: its settings one at a time (ViT row)")

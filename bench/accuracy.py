@@ -4,7 +4,9 @@ CLEAR (arXiv 2411.16803) claims that LeCL pre-training plus attention-MIL poolin
 tumour location, lung disease and staging, at a fraction of the compute and data of end-to-end 3D networks.
 On a synthetic cohort (phantom.py) with known findings this module runs, with the project's own pipeline:
 
-    encoder {vit, gcnn, ssm} x pre-training {lecl, moco, random init}:  pretrain -> extract -> fit (5-fold)
+    encoder {vit, gcnn, ssm} x pre-training {lecl, moco, random init, supervised}:
+        pretrain on the corpus (other patients, as DeepLesion in the paper) -> extract the cohort -> fit (5-fold)
+        supervised: the ceiling, the encoder trained on the corpus's mask labels per slice
     the reference: HU-histogram bags (models.reference.HUHistogram), nothing learnt -> fit: what intensities alone give
     the end-to-end 3D baseline (bench/baseline3d.py) on the same folds
     data efficiency: MIL (on the first row's bags, LeCL ViT by default) and 3D baseline on 10-100 % of the
@@ -73,7 +75,8 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
             earlier = kept.get("seconds", 0.0) if kept else 0.0  # training time of the processes before this one
             if kept is None or kept["step"] < cfg.steps:  # resumes a killed run
                 cache = work / ("cache" if pcfg.cache_size is None else f"cache-{pcfg.cache_size}")  # one per size
-                r = meter("pretrain", lambda: pretrain(pcfg, cohort.root, ckpt, ckpt if kept else None, cache,
+                corpus = open_cohort(cfg, work, progress, "corpus").root
+                r = meter("pretrain", lambda: pretrain(pcfg, corpus, ckpt, ckpt if kept else None, cache,
                                                        progress=progress))
                 earlier = r.run_seconds - r.seconds
             if earlier > 0:
@@ -127,16 +130,17 @@ def run_3d(cfg, cohort, volumes, fraction=1.0, keep=lambda task, fn: fn()):
             "train_flops": train_flops, "peak_bytes": max(t["peak_bytes"] for t in done.values())}
 
 
-def open_cohort(cfg, work, progress):
-    """The run's cohort in `work`/cohort, drawn on first use; a cohort drawn with other settings is refused."""
+def open_cohort(cfg, work, progress, which="cohort"):
+    """The run's cohort (or its pre-training corpus) in `work`/cohort (`work`/corpus), drawn on first use; one drawn
+    with other settings is refused."""
     work.mkdir(parents=True, exist_ok=True)
-    if not (work / "cohort" / "labels.csv").exists():
-        write_cohort(cfg.cohort, work / "cohort", progress=lambda it, total: progress("synth", "scan")(it, total))
-    drawn = json.loads((work / "cohort" / "synth.json").read_text())
-    if {**drawn, "workers": 0} != plain(cohort_settings(cfg)):
-        raise ClearError(f"{work / 'cohort'}: drawn with other settings ({drawn}) than this run's; use another work "
-                         "folder")
-    return Cohort(work / "cohort")
+    folder = work / which
+    if not (folder / "labels.csv").exists():
+        write_cohort(getattr(cfg, which), folder, progress=lambda it, total: progress("synth", "scan")(it, total))
+    drawn = json.loads((folder / "synth.json").read_text())
+    if {**drawn, "workers": 0} != plain(cohort_settings(cfg, which)):
+        raise ClearError(f"{folder}: drawn with other settings ({drawn}) than this run's; use another work folder")
+    return Cohort(folder)
 
 
 def run(cfg, out, work, progress, log=print):

@@ -30,12 +30,15 @@ TASKS = {"location": (tuple(f"loc_{s}" for s in SITES), None), "lung_disease": (
 
 @dataclass(frozen=True)
 class AccuracyConfig:
-    cohort: SynthConfig = SynthConfig(n=400)  # 400 scans, default difficulty, seed 0
+    cohort: SynthConfig = SynthConfig(n=400)  # 400 scans, default difficulty, seed 0: the MIL's folds
+    corpus: SynthConfig = SynthConfig(n=600, seed=7)  # what the encoders pre-train on, as DeepLesion in the paper:
+    #                     other patients than the cohort's (another seed); ~500 patients are where even a supervised
+    #                     encoder stops memorising them, which ~100 do not
     thickness: float = 10.0  # mm between the slices that pre-training and extraction see (a 2D pipeline's
     #                          usual 5-10 mm; 1-5 mm stored slices would cost 3x the extraction)
     img_size: int = 64  # encoder input: 2x below the 128-px cohort, so that 2 CPU cores pre-train 9 encoders
     encoders: tuple = ("vit", "gcnn", "ssm")
-    methods: tuple = ("lecl", "moco", "random")
+    methods: tuple = ("lecl", "moco", "random", "supervised")  # supervised: the ceiling, on the corpus's masks
     steps: int = 600  # pre-training steps per encoder (batch 64): equal for every encoder and method
     batch_size: int = 64
     lr: float = 3e-3  # AdamW at batch 256 (so 7.5e-4 here): stable for all three encoders at this batch
@@ -52,6 +55,7 @@ class AccuracyConfig:
 
 
 QUICK = AccuracyConfig(cohort=SynthConfig(n=40, size=48, thickness=(8.0, 10.0), workers=1), img_size=32,
+                       corpus=SynthConfig(n=12, seed=7, size=48, thickness=(8.0, 10.0), workers=1),
                        encoders=("vit",), steps=3, batch_size=8, mlp_dim=64, epochs_3d=2, fractions=(0.5, 1.0),
                        fit=cv.FitConfig(targets=("x",), folds=3, epochs=3, n_bootstrap=50),
                        volume=Volume3DConfig(depth=8, size=16), net=Net3DConfig(widths=(4, 8, 8, 8)))
@@ -90,7 +94,7 @@ def training_flops(cfg, encoder, method, n_slices):
     """A row's estimated training FLOPs, from its settings (pretrain_config's, cfg.pretrain_changes included) and
     its bags' slices alone, so that a kept row is counted by the same counter as a new one (models.count_flops):
     pre-training steps x batch x 2 views x (3 for the encoder's forward and backward + 1 for the momentum encoder's
-    forward) x one slice's forward, plus the extraction of every bag slice, plus the MIL fits (3 x forward per bag
+    forward) x one slice's forward (supervised: 1 view x 3), plus the extraction of every bag slice, plus the MIL fits (3 x forward per bag
     slice x the training folds' share x epochs x folds x tasks, as run_3d counts the 3D network's). The heads
     (projector, predictor: about 2 % at mlp-dim 1024) are left out."""
     steps, batch, img_size = 0, 0, cfg.img_size
@@ -107,7 +111,8 @@ def training_flops(cfg, encoder, method, n_slices):
     per_bag_slice = count_flops(mil, torch.zeros(1, 100, enc.embed_dim)) / 100  # a bag of (1, 100, D)
     k = cfg.fit.folds
     mil_flops = 3 * per_bag_slice * n_slices * (1 - 1 / k) * cfg.fit.epochs * k * len(TASKS)
-    return steps * batch * 2 * 4 * per_slice + n_slices * per_slice + mil_flops
+    per_sample = 3 if method == "supervised" else 2 * 4
+    return steps * batch * per_sample * per_slice + n_slices * per_slice + mil_flops
 
 
 FIT_3D = ("folds", "lr", "weight_decay", "batch_size", "patience", "val_fraction", "seed", "n_bootstrap")  # of
@@ -125,6 +130,8 @@ def encoder_making(cfg, encoder, method):
         made = {k: v for k, v in run_settings(pretrain_config(cfg, encoder, method)).items() if v is not False}
         #      a switch that is off (freeze_stem) is left out: turning one on makes other rows, adding one does not
     making = {"cohort": cohort_settings(cfg), "thickness": cfg.thickness, "encoder": made}
+    if method not in ("random", "none"):
+        making["corpus"] = cohort_settings(cfg, "corpus")
     if extraction_device() == "cuda":  # other numbers than the CPU's, so other rows
         making["extraction"] = "cuda, bf16 autocast"
     return making
@@ -149,9 +156,10 @@ def settings_3d(cfg):
             "epochs": cfg.epochs_3d}
 
 
-def cohort_settings(cfg):
-    """The cohort's settings without its worker processes (the same cohort comes out for any number)."""
-    return asdict(replace(cfg.cohort, workers=0))
+def cohort_settings(cfg, which="cohort"):
+    """The cohort's (or the corpus's) settings without its worker processes (the same scans come out for any
+    number)."""
+    return asdict(replace(getattr(cfg, which), workers=0))
 
 
 def fingerprint(settings):
