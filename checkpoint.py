@@ -10,7 +10,8 @@ reads it (load_checkpoint, through files.load_untrusted):
     losses, ranks  per step of the whole run: the loss, and the effective rank of the batch's embeddings
     seconds        training time of the run so far, over every process that resumed it
     config, step, steps, data, state   the run's settings, where it stands, its cohort's counts, and the heads,
-                   momentum copies, AdamW, GradScaler and RNG states: what --resume needs to continue exactly
+                   momentum copies, AdamW, GradScaler and RNG states: what --resume needs to continue exactly;
+                   a slim checkpoint (slim) has no state: the encoder and the run's record, to share or ship
 
 A run is defined by its settings without RUNTIME_FIELDS (run_settings); --resume continues only a checkpoint of
 the same run on the same data (check_resume). A change to what a checkpoint holds bumps FORMAT.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from files import ClearError, load_untrusted
+from files import ClearError, atomic_path, load_untrusted
 
 FORMAT = "clear-pretrain/2"
 RUNTIME_FIELDS = ("device", "checkpoint_every")  # may change on --resume; every other field defines the run
@@ -70,8 +71,19 @@ def load_checkpoint(path):
     return ck
 
 
+def slim(path):
+    """Rewrite the checkpoint at `path` without its training state (heads, momentum copies, AdamW, RNG): what extract
+    needs and the run's record, a fraction of the size; it can no longer be resumed."""
+    ck = load_checkpoint(path)
+    ck.pop("state", None)
+    with atomic_path(path) as tmp:
+        torch.save(ck, tmp)
+
+
 def check_resume(ck, path, encoder_config, cfg):
     """Raise ClearError unless checkpoint `ck` is of this very run: same encoder, same settings."""
+    if "state" not in ck:
+        raise ClearError(f"{path}: a slim checkpoint (no training state), which cannot be resumed")
     have, want = ck["encoder_config"], encoder_config
     if have != want:
         raise ClearError(f"{path}: a checkpoint of encoder {have['name']}/{have['size']} at {have['img_size']} "

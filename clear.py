@@ -72,6 +72,8 @@ def add_pretrain(sub):
                 lesion_labels={"type": int})
     p.add_argument("--cache", help="slice cache folder (default: OUT.cache); runs can share one")
     p.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint")
+    p.add_argument("--slim", action="store_true", help="at the end, drop the training state from OUT: the encoder "
+                   "and the run's record, to share or ship (no --resume)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.set_defaults(func=commands.cmd_pretrain)
 
@@ -127,16 +129,19 @@ def add_predict(sub):
 def add_demo(sub):
     from phantom import SynthConfig
 
-    p = sub.add_parser("demo", help="synth -> pretrain -> extract -> fit on a small cohort (about 5 min on CPU)",
-                       description="The whole method on a small synthetic cohort: generate it, pre-train a "
-                                   "ViT-tiny with LeCL, extract bags and fit the MIL on the three tasks; then a "
-                                   "control, the MIL on HU-histogram bags (nothing learnt) for lung disease.")
+    p = sub.add_parser("demo", help="synth -> extract -> fit with the shipped LeCL encoder, beside random init and a "
+                                    "control (about 5 min on CPU); --pretrain makes the encoder too",
+                       description="The whole method on a synthetic cohort: draw it, extract bags with the LeCL "
+                                   "encoder pre-trained on a corpus of other patients (shipped; --pretrain makes it "
+                                   "again), with the same encoder at random init and with HU histograms (nothing "
+                                   "learnt), and fit the MIL on the paper's three tasks.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); re-running continues")
-    p.add_argument("--n", type=int, default=120, help="scans in the cohort")
-    p.add_argument("--img-size", type=int, default=64, help="encoder input size")
-    p.add_argument("--steps", type=int, default=100,
-                   help="pre-training steps (default 100: the whole demo fits in 5 minutes on 2 CPU cores)")
-    p.add_argument("--batch-size", type=int, default=64, help="pre-training batch")
+    p.add_argument("--n", type=int, default=120, help="scans in the cohort (default 120)")
+    p.add_argument("--pretrain", action="store_true", help="pre-train the encoder here instead of using the shipped "
+                   "checkpoint: draw the corpus and run LeCL on it (about 20 min more on 2 CPU cores)")
+    p.add_argument("--corpus", type=int, default=600, help="scans in the pre-training corpus (default 600)")
+    p.add_argument("--steps", type=int, default=600, help="pre-training steps with --pretrain (default 600)")
+    p.add_argument("--batch-size", type=int, default=128, help="pre-training batch with --pretrain (default 128)")
     add_options(p, SynthConfig, ("contrast", "lesion_scale"))
     p.set_defaults(func=commands.cmd_demo)
 

@@ -84,6 +84,9 @@ def cmd_pretrain(args):
         print(f"clear.py pretrain: interrupted at step {r.step} of {r.total}, checkpoint written; {how}",
               file=sys.stderr)
         raise SystemExit(130)
+    if args.slim:
+        from checkpoint import slim
+        slim(out)
     c = r.cache
     print(f"slice cache {c['folder']} ({'built' if c['built'] else 'reused'}): {c['slices']} slices of "
           f"{c['scans']} scans, {c['lesion_slices']} with lesions")
@@ -198,11 +201,8 @@ def cmd_demo(args):
         if main(command) != 0:
             raise ClearError(f"demo step '{command[0]}' failed (see above); fix it and run the demo again to continue")
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Outputs in {args.out}: cohort/ (CT + masks + labels.csv), "
-          "vit-lecl.pt (LeCL checkpoint), bags/ (slice embeddings), fit-*/ (metrics, predictions, attention), "
-          f"bags-histogram/ and {demo.CONTROL}/ (the control)")
+          "bags*/ (slice embeddings: LeCL, random init, HU histograms), fit-*/ (metrics, predictions, attention, "
+          "report.html)")
     print(demo.table(args.out))
     print(f"report: {report.write_demo_report(args.out)}, the tasks side by side with links to each fit's report")
-    first, last, collapsed = demo.rank_change(args.out)
-    print(f"Pre-training took the effective rank of the slice embeddings from {first:.1f} to {last:.1f} "
-          f"(RankMe of a batch){': they collapsed onto a few directions' if collapsed else ''}.")
-    print(demo.verdict(args.out, args.steps, args.img_size))
+    print(demo.verdict(args.out))

@@ -208,7 +208,7 @@ def case_html(run_dir, case, image):
         return (f'<section class="case">{head}{figures.attention_svg(z, att)}<p class="note">No thumbnails and no '
                 f"overlay for this scan: the image {esc(image)} is not readable ({esc(e)}).</p></section>")
     marks = [(t["index"], str(n + 1)) for n, t in enumerate(thumbs)]
-    figs = "".join(f'<figure><div class="pair">' + "".join(
+    figs = "".join('<figure><div class="pair">' + "".join(
         f'<img src="{uri}" alt="{esc(scan)} z {t["z"]:.0f} mm, {esc(name)} window" title="{esc(name)} window">'
         for name, uri in t["uris"].items()) + f'</div><figcaption>{n + 1}: z {t["z"]:.0f} mm, attention '
         f'{t["attention"]:.3f}{", finding in the mask" if t["finding"] else ""}</figcaption></figure>'
@@ -248,15 +248,16 @@ def write_fit_report(run_dir, bags):
 
 
 def write_demo_report(demo_dir):
-    """DEMO/report.html: each demo task in a row, a column per encoder the demo fits it on (the LeCL encoder, the
-    HU-histogram control), each cell the run's AUROCs, the ROC of each label pooled, and a link to its report."""
+    """DEMO/report.html: each demo task in a row, a column per encoder the demo fits it with (demo.COLUMNS: the LeCL
+    encoder, random init, the HU-histogram control), each cell the run's AUROCs, the ROC of each label pooled, and
+    a link to its report."""
     import demo
 
     out = Path(demo_dir)
     settings = json.loads((out / "demo.json").read_text()) if (out / "demo.json").is_file() else {}
-    columns = (f"ViT-tiny, LeCL ({settings.get('steps', '?')} steps at {settings.get('img_size', '?')} px)",
-               "control: HU-histogram bags, nothing learnt")
-    runs = {(name, 0): f"fit-{name}" for name, _, _ in demo.TASKS} | {("lung_disease", 1): demo.CONTROL}
+    columns = [name for _, name in demo.COLUMNS]
+    runs = {(task, i): run for i, (col, _) in enumerate(demo.COLUMNS) for task, _, _ in demo.TASKS
+            if (run := demo.RUNS.get((task, col)))}
     rows = []
     for name, _, _ in demo.TASKS:
         cells = []
@@ -277,8 +278,7 @@ def write_demo_report(demo_dir):
         rows.append(f"<tr><th>{esc(name)}</th>{''.join(cells)}</tr>")
     body = ("<p>The demo's tasks side by side: AUROC with 95 % CI (macro over a task's labels or classes), the ROC "
             "of each label with the held-out scores of all folds pooled (dashed: chance), and each fit's own report. "
-            "The demo fits no random-init encoder; <code>clear.py extract --random-init</code> then <code>clear.py "
-            "fit</code> makes that run, with its report.</p>"
+            "The control is fitted on lung disease alone, the task intensities can solve.</p>"
             f"<table><tr><th>task</th>{''.join(f'<th>{esc(c)}</th>' for c in columns)}</tr>{''.join(rows)}</table>"
             + (f"<h2>Settings</h2>{table(('setting', 'value'), settings.items())}" if settings else ""))
     path = out / "report.html"

@@ -200,20 +200,22 @@ def test_an_unreadable_image_costs_its_thumbnails_only(tmp_path):
 def test_the_demo_report_sets_the_tasks_side_by_side_and_links_each_fit(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
-    (out / "demo.json").write_text(json.dumps({"steps": 100, "img_size": 64}))
-    runs = [f"fit-{name}" for name, _, _ in demo.TASKS] + [demo.CONTROL]
+    (out / "demo.json").write_text(json.dumps({"steps": 100, "n": 120}))
+    runs = list(demo.RUNS.values())
     for i, name in enumerate(runs):
-        run, bags, _, _ = make_run(tmp_path / f"r{i}", "multilabel" if i == 0 else "binary")
+        run, bags, _, _ = make_run(tmp_path / f"r{i}", "multilabel" if name.endswith("location") else "binary")
         run.rename(out / name)
         report.write_fit_report(out / name, bags)
     text = report.write_demo_report(out).read_text()
     page = Page(text)
     assert not re.search(r"\w+://|<script|<link", text)
-    in_rows = ["fit-location", "fit-lung_disease", demo.CONTROL, "fit-stage"]  # task by task, then its columns
+    in_rows = ["fit-location", "fit-random-location", "fit-lung_disease", "fit-random-lung_disease", demo.CONTROL,
+               "fit-stage", "fit-random-stage"]  # task by task, then its columns
     assert [a["href"] for a in page.find("a")] == [f"{r}/report.html" for r in in_rows]
     assert all((out / a["href"]).is_file() for a in page.find("a"))
     assert len(page.find("svg", "roc")) == len(runs)
-    assert len(page.find("polyline", "pooled")) == 2 + len(runs) - 1  # the multi-label task draws both labels
+    assert len(page.find("polyline", "pooled")) == len(runs) + 2  # each multi-label location run draws both labels
+    assert text.count("not run by the demo") == 2  # the control on location and stage
 
 
 def test_clear_fit_writes_the_report(tmp_path, capsys):

@@ -23,34 +23,32 @@ def well_formed(cell):
     return v is None or (0 <= lo <= v <= hi <= 1 and not math.isnan(v))
 
 
-def test_demo_runs_end_to_end_and_continues(tmp_path, capsys):
+def test_demo_runs_end_to_end_and_continues(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "SIZE", 48)  # a tiny demo: 48-px scans, a 32-px encoder, 2 pre-training steps
+    monkeypatch.setattr(demo, "IMG_SIZE", 32)
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--n", "100", "--img-size", "32", "--steps", "2", "--batch-size", "8"]
+    argv = ["demo", "--out", str(out), "--n", "100", "--pretrain", "--corpus", "10", "--steps", "2",
+            "--batch-size", "8"]
     assert clear.main(argv) == 0
     printed = capsys.readouterr().out
-    chance = []
-    for name, _, _ in demo.TASKS:
-        metrics = json.loads((out / f"fit-{name}" / "metrics.json").read_text())
+    for (task, col), run in demo.RUNS.items():
+        metrics = json.loads((out / run / "metrics.json").read_text())
         auc = [r for r in metrics["rows"] if r["metric"] in ("AUROC", "AUROC, fold mean")]
-        assert len({r["metric"] for r in auc}) == 2 and all(well_formed(r) for r in auc), name
-        assert f"\n{name:<14} " in printed  # the table's row
-        fold_mean = [r for r in auc if r["metric"] == "AUROC, fold mean"]
-        low = next((r for r in fold_mean if r["label"] == "macro"), fold_mean[0])["ci_low"]  # the table's cell
-        chance += [name] if low is None or low <= 0.5 else []
-    assert f"At chance: {', '.join(chance) or 'none'}." in printed
-    assert (out / "vit-lecl.pt").is_file() and len(list((out / "bags").glob("*.pt"))) == 100
-    # the control: HU-histogram bags (32 bins of 3 windows) and their lung-disease fit, a row of the table
-    control = [r for r in json.loads((out / demo.CONTROL / "metrics.json").read_text())["rows"]
-               if r["metric"] in ("AUROC", "AUROC, fold mean")]
-    assert len(control) == 2 and all(well_formed(r) for r in control)
-    assert torch.load(next((out / "bags-histogram").glob("*.pt")), weights_only=True)["features"].shape[1] == 96
-    assert "control: the same MIL on HU-histogram bags" in printed
-    ranks = torch.load(out / "vit-lecl.pt", weights_only=True)["ranks"]
-    assert f"effective rank of the slice embeddings from {ranks[0]:.1f} to {ranks[-1]:.1f}" in printed
+        assert len({r["metric"] for r in auc}) == 2 and all(well_formed(r) for r in auc), run
+        cell = demo.auroc(out, run, "AUROC, fold mean")  # the table's cell
+        assert cell["value"] is None or f"{cell['value']:.3f}" in printed.split(f"\n{task:<14} ")[1].split("\n")[0]
+    assert demo.verdict(out) in printed
+    ck = torch.load(out / "gcnn-micro-lecl.pt", weights_only=True)
+    assert ck["step"] == 2 and "state" not in ck  # --slim: the encoder and the run's record only
+    assert ck["encoder_config"] == {"name": "gcnn", "size": "micro", "in_chans": 3, "img_size": 32}
+    for bags, dim in (("bags", 192), ("bags-random", 192), ("bags-histogram", 96)):
+        files = list((out / bags).glob("*.pt"))
+        assert len(files) == 100 and torch.load(files[0], weights_only=True)["features"].shape[1] == dim, bags
+    assert (out / "report.html").is_file() and (out / demo.CONTROL / "report.html").is_file()
     # a second run finds every step done and only prints the table again
     assert clear.main(argv) == 0
     again = capsys.readouterr().out
-    assert again.count("exists, skipping") == 2 + len(demo.TASKS) + 1 and demo.table(out) in again
+    assert again.count("exists, skipping") == 3 + len(demo.RUNS) and demo.table(out) in again
     # the same folder with other options is refused in one line, naming the option, and nothing is touched
     before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
     assert clear.main(argv + ["--contrast", "3"]) == 2
@@ -60,7 +58,24 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys):
     assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
-SETTINGS = dict(n=10, img_size=32, steps=2, batch_size=8, contrast=1.0, lesion_scale=1.0)
+def test_the_demo_pretrains_with_the_learning_curves_lecl_recipe():
+    """The demo's --pretrain command is the LeCL run of benchmark.py learning, whose curve results/learning.md
+    shows, and its corpus is that run's corpus: the shipped checkpoint is that run's last point."""
+    from bench.learning import LearningConfig
+    from checkpoint import run_settings
+    from cli import config_from
+    from pretrain import PretrainConfig
+
+    lines = demo.command_lines("d", **{**SETTINGS, "n": 120, "pretrain": True})
+    synth, pretrain = (clear.build_parser().parse_args(c) for c in lines[1:3])
+    want = LearningConfig()
+    assert run_settings(config_from(PretrainConfig, pretrain)) == run_settings(want.pretrain_config("lecl"))
+    corpus = want.corpus
+    assert (synth.n, synth.size, tuple(synth.thickness), synth.seed) == (corpus.n, corpus.size, corpus.thickness,
+                                                                         corpus.seed)
+
+
+SETTINGS = dict(n=10, corpus=600, steps=600, batch_size=128, pretrain=False, contrast=1.0, lesion_scale=1.0)
 
 
 def test_a_demo_folder_is_refused_to_other_options_once_its_cohort_is_drawn(tmp_path):
@@ -74,7 +89,7 @@ def test_a_demo_folder_is_refused_to_other_options_once_its_cohort_is_drawn(tmp_
     demo.open_folder(out, {**SETTINGS, "n": 20})  # the same options continue
     with pytest.raises(ClearError, match=r"demo.json: this folder's demo had other options \(--n 20 -> 10\)"):
         demo.open_folder(out, SETTINGS)
-    (out / "demo.json").unlink()  # a demo folder of an older clear.py, or any other folder with files in it
+    (out / "demo.json").unlink()  # a demo folder of another version, or any other folder with files in it
     with pytest.raises(ClearError, match="not empty and holds no demo.json"):
         demo.open_folder(out, SETTINGS)
     for text in ("{", "[1]"):
@@ -94,27 +109,31 @@ def fake_run(out, run, low):
     (out / run / "metrics.json").write_text(json.dumps({"rows": [row, {**row, "metric": "AUROC"}]}))
 
 
-@pytest.mark.parametrize("lows, control, says", [
-    ((0.6, 0.7, 0.55), 0.8, "Above chance (the fold mean's 95 % CI above 0.5): location, lung_disease, stage. "
-                            "At chance: none."),
-    ((0.6, 0.5, None), 0.8, "Above chance (the fold mean's 95 % CI above 0.5): location. At chance: lung_disease, "
-                            "stage. At the demo's budget (100 LeCL steps at 64 px)"),
-    ((0.3, 0.4, 0.45), 0.45, "Above chance (the fold mean's 95 % CI above 0.5): none. At chance: location, "
-                             "lung_disease, stage. The control, the MIL on HU histograms, is at chance too"),
+@pytest.mark.parametrize("lows, says", [
+    ({"lecl": (0.6, 0.7, 0.55), "random": (0.3, 0.4, 0.45), "histogram": (0.8,)},
+     "Above chance (the fold mean's 95 % CI above 0.5) with the LeCL encoder: location, lung_disease, stage; at "
+     "random init: none; the HU-histogram control: lung disease."),
+    ({"lecl": (0.6, 0.5, None), "random": (0.55, 0.2, 0.3), "histogram": (0.45,)},
+     "Above chance (the fold mean's 95 % CI above 0.5) with the LeCL encoder: location; at random init: location; "
+     "the HU-histogram control: at chance. With the control at chance"),
 ])
-def test_the_demo_reads_its_table_from_the_metrics(tmp_path, lows, control, says):
-    for (name, _, _), low in zip(demo.TASKS, lows):
-        fake_run(tmp_path, f"fit-{name}", low)
-    fake_run(tmp_path, demo.CONTROL, control)
-    assert demo.verdict(tmp_path, 100, 64).startswith(says)
+def test_the_demo_reads_its_table_from_the_metrics(tmp_path, lows, says):
+    for col, values in lows.items():
+        for task, low in zip([t for t, _, _ in demo.TASKS if (t, col) in demo.RUNS], values):
+            fake_run(tmp_path, demo.RUNS[task, col], low)
+    assert demo.verdict(tmp_path).startswith(says)
     table = demo.table(tmp_path)
-    assert ("n/a" in table) == (None in lows) and f"{lows[0] + 0.1:.3f} [{lows[0]:.3f}," in table
+    first = lows["lecl"][0]
+    assert ("n/a" in table) == (None in lows["lecl"]) and f"{first + 0.1:.3f} [{first:.3f}," in table
+    control = lows["histogram"][0]
+    assert table.split("\nlung_disease")[1].split("\n")[0].rstrip().endswith(f"{control + 0.1:.3f} [{control:.3f}, "
+                                                                             f"{min(control + 0.2, 1):.3f}]")
 
 
 def test_demo_passes_the_cohort_difficulty_to_synth(tmp_path):
     synth = demo.command_lines(tmp_path, **{**SETTINGS, "contrast": 3.0, "lesion_scale": 2.0})[0]
     args = clear.build_parser().parse_args(synth)
-    assert (args.cmd, args.n, args.size, args.contrast, args.lesion_scale) == ("synth", 10, 64, 3.0, 2.0)
+    assert (args.cmd, args.n, args.size, args.contrast, args.lesion_scale) == ("synth", 10, 128, 3.0, 2.0)
     for bad in (["--contrast", "nan"], ["--contrast", "-1"], ["--lesion-scale", "0"]):
         assert clear.main(synth + bad) == 2  # refused in one line before anything is drawn
     assert not (tmp_path / "cohort").exists()
