@@ -6,11 +6,13 @@ the held-out scores of all folds are pooled and scored with patient-bootstrap CI
     cfg = cv.FitConfig(targets=("stage",), task="ordinal")          # fields = the fit options
     result = cv.fit_cv(bags, "labels.csv", cfg, progress=tqdm.tqdm) # one bar tick per epoch of each fold
     cv.save_run("runs/stage", result)   # metrics.json, predictions.csv, fold{k}.pt, attention/<scan>.csv
-                                        # (commands.cmd_fit adds the table and NIfTI overlays of result.top)
-Departures from the CLEAR code, on purpose: a fresh model and optimizer per fold (the code carries one model across
-folds); the best epoch's weights are copied (the code kept a live reference to the state dict, so it saved the last
-epoch); patient-level stratified folds; multi-label BCE uses pos_weight = n_neg / n_pos (the code passed n_pos /
-n_neg as `weight`); AUROC on scores, not on thresholded labels.
+
+commands.cmd_fit adds the table (metrics.format_table) and the NIfTI attention overlays of result.top.
+
+Departures from the CLEAR code, on purpose: a fresh model and optimizer per fold (the code carries one model
+across folds); the best epoch's weights are copied (the code kept a live reference to the state dict, so it saved
+the last epoch); patient-level stratified folds; multi-label BCE uses pos_weight = n_neg / n_pos (the code passed
+n_pos / n_neg as `weight`); AUROC on scores, not on thresholded labels.
 
 Shapes: N labelled scans, T target columns, S strata columns (one per target), P patients, L slices of a scan,
 K score columns, C classes.
@@ -25,8 +27,8 @@ import torch
 
 import metrics
 from cohort import read_labels
-from files import ClearError, atomic_path, map_folds, torch_threads, write_csv
-from mil import MIL_FORMAT, AttentionMIL, Task, infer, pad_bags
+from files import ClearError, atomic_path, map_folds, write_csv
+from mil import MIL_FORMAT, AttentionMIL, Task, infer, pad_bags, torch_threads
 
 # ----------------------------------------------------------------------------------------- task, folds
 
@@ -103,7 +105,6 @@ class FitConfig:
     hidden: int = 256  # the CLEAR code's width
     att_dim: int = 128  # Ilse et al.'s attention width (the code's 256 costs a third more per slice)
     gated: bool = False  # the CLEAR code uses plain attention; gated is Ilse et al.'s Eq. 9
-    pooling: str = "attention"  # attention (the paper's), or meanmax: a linear readout of mean and max (mil.py)
     dropout: float = 0.5  # the CLEAR code's nn.Dropout() default
     max_slices: int | None = 128  # random slices per bag in training (caps thin-slice scans); eval uses all
     val_fraction: float = 0.2  # training patients held out for early stopping; 0 trains every epoch
@@ -121,7 +122,6 @@ class FitConfig:
         for ok, why in [(self.targets, "--target: needs at least one column"),
                         (self.task in (None, "binary", "multilabel", "multiclass", "ordinal"),
                          "--task: must be binary, multilabel, multiclass or ordinal"),
-                        (self.pooling in ("attention", "meanmax"), "--pooling: must be attention or meanmax"),
                         (self.folds >= 2, "--folds: must be at least 2"),
                         (0 <= self.val_fraction <= 0.5, "--val-fraction: must be in [0, 0.5]"),
                         (0 < self.train_fraction <= 1, "--train-fraction: must be in (0, 1]"),
@@ -150,8 +150,7 @@ def _train_fold(task, bags, y, train, val, cfg, seed, tick):
     ranking keeps improving."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = AttentionMIL(bags.dim, task.n_out, cfg.hidden, cfg.gated, cfg.dropout, cfg.att_dim, task.kind == "ordinal",
-                         cfg.pooling)
+    model = AttentionMIL(bags.dim, task.n_out, cfg.hidden, cfg.gated, cfg.dropout, cfg.att_dim, task.kind == "ordinal")
     model.standardize([bags.features[i] for i in train])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pos_weight = None
@@ -239,7 +238,8 @@ def _fit_cv(bags, labels, cfg, progress):
     _check_folds(labels, task, patients, strata, cfg.folds)
     row = {s: i for i, s in enumerate(bags.scans)}
     index = np.array([row[s] for s in scans])  # (N,) bag of each labelled scan
-    y_bag = torch.zeros((len(bags.scans), *y.shape[1:]), dtype=y.dtype).index_copy(0, torch.as_tensor(index), y)
+    y_bag = torch.zeros((len(bags.scans), *y.shape[1:]), dtype=y.dtype)
+    y_bag[index] = y
     fold = patient_folds(patients, strata, cfg.folds, cfg.seed)
     bar = progress(total=cfg.folds * cfg.epochs, desc="fit") if progress else None
     splits = [fold_split(fold, k, patients, strata, cfg) for k in range(cfg.folds)]  # (train, val, test) each

@@ -160,15 +160,3 @@ def write_csv(path, rows):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
         writer.writerows(rows)
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    """Run a block with n torch CPU threads (None: unchanged), then restore the previous number. cv.fit_cv
-    and mil.predict run inside it (why: cv.FitConfig.threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n or before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -26,6 +26,7 @@ attention width 128 (Ilse et al.) instead of the code's 256. The departures in t
 Shapes: B bags in a batch, L slices (padded), T real slices of a batch, D feature width, H hidden width,
 A attention width, N scans, K score columns, C classes.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metrics
-from files import ClearError, cause, load_untrusted, torch_threads
+from files import ClearError, cause, load_untrusted
 
 MIL_FORMAT = "clear-mil-1"  # the `format` of a fold model that cv.save_run writes
 
@@ -62,27 +63,21 @@ class CumulativeLink(nn.Module):
 
 class AttentionMIL(nn.Module):
     """forward(x (B, L, D), mask (B, L) bool, True = real slice) -> (logits (B, n_out), attention (B, L)).
-    ordinal=True: n_out = C - 1 cumulative logits, logit P(y > k). pooling="meanmax" replaces the attention and
-    the head by a linear readout, logits = Linear([mean_k x_k, max_k x_k]), attention uniform: not the paper's
-    pooling, a baseline that keeps a signal the attention head can miss on ~100 training scans."""
+    ordinal=True: n_out = C - 1 cumulative logits, logit P(y > k)."""
 
-    def __init__(self, in_dim, n_out, hidden=256, gated=False, dropout=0.5, att_dim=128, ordinal=False,
-                 pooling="attention"):
+    def __init__(self, in_dim, n_out, hidden=256, gated=False, dropout=0.5, att_dim=128, ordinal=False):
         super().__init__()
         self.config = dict(in_dim=in_dim, n_out=n_out, hidden=hidden, gated=gated, dropout=dropout,
-                           att_dim=att_dim, ordinal=ordinal, pooling=pooling)
+                           att_dim=att_dim, ordinal=ordinal)
         self.register_buffer("shift", torch.zeros(in_dim))  # x -> (x - shift) / scale, see standardize()
         self.register_buffer("scale", torch.ones(in_dim))
-        self.link = CumulativeLink(n_out) if ordinal else nn.Identity()
-        if pooling == "meanmax":
-            self.head = nn.Linear(2 * in_dim, 1 if ordinal else n_out)
-            return
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())  # h = ReLU(W x)
         self.V = nn.Linear(hidden, att_dim)
         self.U = nn.Linear(hidden, att_dim) if gated else None
         self.w = nn.Linear(att_dim, 1, bias=False)  # a bias would cancel in the softmax
         self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.Dropout(dropout), nn.SiLU(),
                                   nn.Linear(hidden, 1 if ordinal else n_out))
+        self.link = CumulativeLink(n_out) if ordinal else nn.Identity()
 
     @torch.no_grad()
     def standardize(self, features):
@@ -109,11 +104,6 @@ class AttentionMIL(nn.Module):
 
     def forward(self, x, mask=None):
         mask = torch.ones(x.shape[:2], dtype=torch.bool) if mask is None else mask
-        if self.config["pooling"] == "meanmax":
-            x = (x - self.shift) / self.scale  # (B, L, D)
-            a = mask / mask.sum(1, keepdim=True)  # (B, L): uniform over the real slices
-            top = x.masked_fill(~mask[..., None], -math.inf).amax(1)  # (B, D)
-            return self.link(self.head(torch.cat([torch.einsum("bl,bld->bd", a, x), top], 1))), a
         z, a = self.pool(self.embed((x[mask] - self.shift) / self.scale), mask)  # x[mask]: (T, D) -> (B, H), (B, L)
         return self.link(self.head(z)), a  # (B, n_out), ordinal: (B, 1) -> (B, C-1)
 
@@ -249,6 +239,18 @@ def load_bags(folder, scans=None):
     return Bags(folder, enc[0], x[0].shape[1], tuple(scans), x, z, img)
 
 # ----------------------------------------------------------------------------------------------- run
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Run a block with n torch CPU threads (None: unchanged), then restore the previous number. cv.fit_cv
+    and predict run inside it (why: cv.FitConfig.threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_run(run_dir):

@@ -178,19 +178,3 @@ def test_standardisation_makes_the_head_blind_to_feature_scale():
     x, mask = mil.pad_bags(bags)
     xr, _ = mil.pad_bags(rescaled)
     torch.testing.assert_close(other(xr, mask)[0], model(x, mask)[0], rtol=1e-4, atol=1e-4)
-
-
-def test_meanmax_pooling_is_a_linear_model_of_each_features_mean_and_max_worked_by_hand():
-    """pooling="meanmax": logits = W [mean_k x_k, max_k x_k] + b over the real slices of each bag (padding ignored),
-    on the standardised features, and uniform attention; checked against a loop over the bags."""
-    torch.manual_seed(0)
-    model = mil.AttentionMIL(3, 2, pooling="meanmax")
-    model.standardize([torch.randn(5, 3) * 4 + 1, torch.randn(7, 3)])
-    bags = [torch.randn(n, 3) for n in (2, 5, 4)]
-    logits, att = model(*mil.pad_bags(bags))
-    W, b = model.head.weight.detach(), model.head.bias.detach()
-    for i, x in enumerate(bags):
-        z = (x - model.shift) / model.scale  # (L, 3)
-        torch.testing.assert_close(logits[i], W @ torch.cat([z.mean(0), z.max(0).values]) + b)
-        torch.testing.assert_close(att[i, :len(x)], torch.full((len(x),), 1 / len(x)))
-        assert (att[i, len(x):] == 0).all()
