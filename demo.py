@@ -34,8 +34,8 @@ ENCODER = ("--encoder", "gcnn", "--size", "micro")  # a size that learns on a CP
 RECIPE = ("--method", "lecl", "--lr", "0.002", "--mlp-dim", "1024", "--checkpoint-every", "100")  # with --steps
 #         and --batch-size: bench/learning.py's LeCL run, whose curve results/learning.md shows
 CORPUS_SEED = 7  # the corpus: as the cohort (seed 0), other patients
-CHECKPOINT = HERE / "checkpoints" / "gcnn-micro-lecl.pt"  # made by `clear.py demo --pretrain` (README)
-CHECKPOINT_SHA256 = None  # set when the shipped checkpoint is made; None: the demo pre-trains itself
+CHECKPOINT = HERE / "checkpoints" / "gcnn-micro-lecl.pt"  # what `clear.py demo --pretrain` makes (README)
+CHECKPOINT_SHA256 = "fafecac4516281bbf4a5470b7e11df4089ef4c210efab8a016b2dbf747f9c686"  # of CHECKPOINT as shipped
 COLUMNS = (("lecl", "LeCL, gcnn-micro"), ("random", "random init, the same encoder"),
            ("histogram", "control: HU histograms, nothing learnt"))
 RUNS = {(task, col): f"fit-{task}" if col == "lecl" else f"fit-{col}-{task}"  # (task, column) -> its run folder
@@ -48,13 +48,18 @@ DONE = {"synth": "labels.csv", "pretrain": "", "fit": "metrics.json"}  # step ->
 
 def checkpoint(out, pretrain):
     """The LeCL checkpoint the demo extracts with: its own (--pretrain, or no shipped one) or the shipped one."""
-    return Path(out) / "gcnn-micro-lecl.pt" if pretrain or CHECKPOINT_SHA256 is None else CHECKPOINT
+    return Path(out) / "gcnn-micro-lecl.pt" if pretrain else CHECKPOINT
 
 
 def check_shipped(path):
-    """The shipped checkpoint is what the README's command made (a clone without Git LFS, say, has a stub)."""
-    if path == CHECKPOINT and hashlib.sha256(path.read_bytes()).hexdigest() != CHECKPOINT_SHA256:
-        raise ClearError(f"{path}: not the shipped checkpoint (SHA-256 differs); run the demo with --pretrain")
+    """The shipped checkpoint must be the file the README's command made, byte for byte (not a stub or a copy that
+    something changed)."""
+    if path != CHECKPOINT:
+        return
+    if not path.is_file():
+        raise ClearError(f"{path}: missing; run the demo with --pretrain")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != CHECKPOINT_SHA256:
+        raise ClearError(f"{path}: not the shipped checkpoint (its SHA-256 differs); run the demo with --pretrain")
 
 
 def command_lines(out, n, corpus, steps, batch_size, pretrain, contrast, lesion_scale):

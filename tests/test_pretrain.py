@@ -269,6 +269,22 @@ def test_bad_input_is_one_line_and_exit_2(cohort, bare, run60, capsys):
     assert not (cohort / "bad.pt").exists()
 
 
+def test_a_slim_checkpoint_keeps_the_encoder_and_record_and_refuses_resume(cohort, run60, capsys):
+    """--slim: the finished run's checkpoint without its training state; the encoder, slice settings and the run's
+    record are those of the full checkpoint of the same run, and --resume is refused in one line."""
+    out = cohort / "slim.pt"
+    assert cli_pretrain(cohort, out, "--steps", "60", "--checkpoint-every", "25", "--slim") == 0
+    slim, full = load(out), load(run60)
+    assert "state" not in slim and set(full) - set(slim) == {"state"}
+    assert all(torch.equal(slim["encoder"][k], v) for k, v in full["encoder"].items())
+    assert {k: slim[k] for k in ("losses", "ranks", "config", "slice_config")} == \
+        {k: full[k] for k in ("losses", "ranks", "config", "slice_config")}
+    capsys.readouterr()
+    assert cli_pretrain(cohort, out, "--steps", "60", "--resume", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a slim checkpoint (no training state), which cannot be resumed" in err
+
+
 def test_moco_ablation_needs_no_masks(cohort, bare):
     out = cohort / "moco.pt"
     assert clear.main(["pretrain", "--data", str(bare), "--out", str(out), "--method", "moco", *FAST,

@@ -24,11 +24,9 @@ def well_formed(cell):
 
 
 def test_demo_runs_end_to_end_and_continues(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(demo, "SIZE", 48)  # a tiny demo: 48-px scans, a 32-px encoder, 2 pre-training steps
-    monkeypatch.setattr(demo, "IMG_SIZE", 32)
+    monkeypatch.setattr(demo, "SIZE", 48)  # a small demo: 48-px scans, the shipped encoder (64 px)
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--n", "100", "--pretrain", "--corpus", "10", "--steps", "2",
-            "--batch-size", "8"]
+    argv = ["demo", "--out", str(out), "--n", "100"]
     assert clear.main(argv) == 0
     printed = capsys.readouterr().out
     for (task, col), run in demo.RUNS.items():
@@ -38,9 +36,7 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys, monkeypatch):
         cell = demo.auroc(out, run, "AUROC, fold mean")  # the table's cell
         assert cell["value"] is None or f"{cell['value']:.3f}" in printed.split(f"\n{task:<14} ")[1].split("\n")[0]
     assert demo.verdict(out) in printed
-    ck = torch.load(out / "gcnn-micro-lecl.pt", weights_only=True)
-    assert ck["step"] == 2 and "state" not in ck  # --slim: the encoder and the run's record only
-    assert ck["encoder_config"] == {"name": "gcnn", "size": "micro", "in_chans": 3, "img_size": 32}
+    assert not (out / "corpus").exists() and not (out / "gcnn-micro-lecl.pt").exists()  # the shipped encoder
     for bags, dim in (("bags", 192), ("bags-random", 192), ("bags-histogram", 96)):
         files = list((out / bags).glob("*.pt"))
         assert len(files) == 100 and torch.load(files[0], weights_only=True)["features"].shape[1] == dim, bags
@@ -48,7 +44,7 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys, monkeypatch):
     # a second run finds every step done and only prints the table again
     assert clear.main(argv) == 0
     again = capsys.readouterr().out
-    assert again.count("exists, skipping") == 3 + len(demo.RUNS) and demo.table(out) in again
+    assert again.count("exists, skipping") == 1 + len(demo.RUNS) and demo.table(out) in again
     # the same folder with other options is refused in one line, naming the option, and nothing is touched
     before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
     assert clear.main(argv + ["--contrast", "3"]) == 2
@@ -56,6 +52,26 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1
     assert f"{out / 'demo.json'}: this folder's demo had other options (--contrast 1.0 -> 3.0)" in err
     assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def test_the_shipped_checkpoint_is_checked_and_is_the_recipes_run(tmp_path, monkeypatch):
+    """The shipped checkpoint is slim (no training state) and was made by the demo's --pretrain recipe: the same
+    settings, 600 steps on the 600-scan corpus; a changed or missing copy is refused in one line."""
+    from bench.learning import LearningConfig
+    from checkpoint import run_settings
+
+    ck = torch.load(demo.CHECKPOINT, weights_only=True)
+    assert "state" not in ck and ck["step"] == ck["steps"] == 600 and ck["data"]["scans"] == 600
+    assert run_settings(ck["config"]) == run_settings(LearningConfig().pretrain_config("lecl"))
+    demo.check_shipped(demo.CHECKPOINT)
+    changed = tmp_path / "gcnn-micro-lecl.pt"
+    changed.write_bytes(demo.CHECKPOINT.read_bytes()[:-1] + b"x")
+    monkeypatch.setattr(demo, "CHECKPOINT", changed)
+    with pytest.raises(ClearError, match="not the shipped checkpoint .*--pretrain"):
+        demo.check_shipped(changed)
+    changed.unlink()
+    with pytest.raises(ClearError, match="missing; run the demo with --pretrain"):
+        demo.check_shipped(changed)
 
 
 def test_the_demo_pretrains_with_the_learning_curves_lecl_recipe():
