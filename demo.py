@@ -36,8 +36,8 @@ RECIPE = ("--method", "lecl", "--lr", "0.002", "--mlp-dim", "1024", "--checkpoin
 CORPUS_SEED = 7  # the corpus: as the cohort (seed 0), other patients
 CHECKPOINT = HERE / "checkpoints" / "gcnn-micro-lecl.pt"  # what `clear.py demo --pretrain` makes (README)
 CHECKPOINT_SHA256 = "fafecac4516281bbf4a5470b7e11df4089ef4c210efab8a016b2dbf747f9c686"  # of CHECKPOINT as shipped
-COLUMNS = (("lecl", "LeCL, gcnn-micro"), ("random", "random init, the same encoder"),
-           ("histogram", "control: HU histograms, nothing learnt"))
+COLUMNS = (("lecl", "LeCL, gcnn-micro"), ("random", "random init, same encoder"),
+           ("histogram", "control: HU histograms"))  # the control learns nothing
 RUNS = {(task, col): f"fit-{task}" if col == "lecl" else f"fit-{col}-{task}"  # (task, column) -> its run folder
         for task, _, _ in TASKS for col, _ in COLUMNS if col != "histogram" or task == "lung_disease"}
 CONTROL = RUNS["lung_disease", "histogram"]
