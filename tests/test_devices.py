@@ -153,3 +153,18 @@ def test_bags_of_two_precisions_never_share_a_folder(tmp_path):
     unrecorded = {k: v for k, v in gpu.items() if k != "compute"}  # a CPU folder whose manifest has no "compute"
     (bags / "manifest.json").write_text(json.dumps(unrecorded))
     assert [e[0] for e in extract_bags(cohort, encoder, identity, slices, bags, shard=(1, 2))] == ["done"]
+
+
+def test_the_gpu_check_script_parses_and_without_a_gpu_stops_in_one_line(tmp_path):
+    import subprocess
+
+    script = REPO / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here: the script would run")
+    import sys
+
+    run = subprocess.run(["bash", str(script), str(tmp_path / "r.md")], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "no CUDA device" in run.stderr, run
+    assert not (tmp_path / "r.md").exists()
