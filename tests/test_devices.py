@@ -126,8 +126,9 @@ def test_peak_memory_of_cpu_work_never_asks_the_cuda_allocator(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, lambda *a, name=name: asked.append(name))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: asked.append("allocated") or 100)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: asked.append("max") or 100 + 2**26)
-    peak = speed.peak_memory(lambda: torch.ones(2**24).add_(1), "cpu")  # 64 MiB touched on the CPU
-    assert asked == [] and (peak is None or peak >= 2**25)
+    peak = speed.peak_memory(lambda: torch.ones(2**24).add_(1), "cpu")  # 64 MiB on the CPU
+    # the resident-set rise is the CPU's answer (0 where the heap reuses pages already resident), never the GPU's
+    assert asked == [] and (peak is None or peak >= 0)
     assert speed.peak_memory(lambda: None, torch.device("cuda", 0)) == 2**26 and "max" in asked
 
 
