@@ -136,6 +136,8 @@ class ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if not torch.amp.is_autocast_available(dy.device.type):
+            return ChunkedScan._backward(ctx, dy)
         with torch.autocast(dy.device.type, enabled=False):  # float32 also when backward is called under autocast
             return ChunkedScan._backward(ctx, dy)
 

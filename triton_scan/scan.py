@@ -18,6 +18,8 @@ the scan, else its contractions would run as half-precision matmuls. Departures 
 complex A, no grouped or input-independent B/C, no `return_last_state`; and float64 inputs are computed in
 float64 (Mamba's reference always computes in float32), so that gradcheck can run.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -37,8 +39,10 @@ def default_method(device):
 
 
 def _no_autocast(device):
-    """A region where autocast is off on `device`'s type: the scan's own dtypes (float32 for half inputs) hold."""
-    return torch.autocast(torch.device(device).type, enabled=False)
+    """A region where autocast is off on `device`'s type: the scan's own dtypes (float32 for half inputs) hold.
+    Devices without autocast (meta, for shapes and FLOP counts) need none."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
 
 
 def _compute_dtype(dtype):
