@@ -1,6 +1,7 @@
 """CLEAR benchmarks: every speed and accuracy figure of docs/results.md is made here, never in timed tests.
 
     python benchmark.py scan        # selective scan: sequential reference vs default path (vs mambapy)
+    python benchmark.py memory      # what autograd keeps for backward: the scan's forms, the encoders at 224 px
     python benchmark.py encoders    # slices/s and achieved GFLOP/s of the three encoders vs matmul peak
     python benchmark.py speed       # one table: scan, encoders, extraction, MIL fit, peak memory
     python benchmark.py accuracy    # the paper's claim on the synthetic cohort: results/accuracy.md
@@ -43,6 +44,13 @@ def build_parser():
     p_scan.add_argument("--device", default="cpu", help="cpu or cuda")
     p_scan.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p_scan.set_defaults(func=commands.bench_scan, resumes=False)
+    p_mem = sub.add_parser("memory", help="what autograd keeps for backward: the scan's forms, the encoders")
+    p_mem.add_argument("--img-size", type=int, default=224, help="slice side in pixels")
+    p_mem.add_argument("--batch", type=int, default=256, help="pre-training batch the figures are scaled to")
+    p_mem.add_argument("--names", nargs="+", default=["vit", "gcnn", "ssm"], choices=["vit", "gcnn", "ssm"],
+                       help="encoders to count")
+    p_mem.add_argument("--device", default="cpu", help="cpu or cuda")
+    p_mem.set_defaults(func=commands.bench_memory, resumes=False)
     p_enc = sub.add_parser("encoders", help="encoders' forward slices/s and GFLOP/s vs this machine's matmul peak")
     p_enc.add_argument("--batch", type=int, default=32, help="slices per forward")
     p_enc.add_argument("--img-size", type=int, default=224, help="slice side in pixels")

@@ -10,8 +10,9 @@ reads it (load_checkpoint, through files.load_untrusted):
     losses, ranks  per step of the whole run: the loss, and the effective rank of the batch's embeddings
     seconds        training time of the run so far, over every process that resumed it
     config, step, steps, data, state   the run's settings, where it stands, its cohort's counts, and the heads,
-                   momentum copies, AdamW, GradScaler and RNG states: what --resume needs to continue exactly;
-                   a slim checkpoint (slim) has no state: the encoder and the run's record, to share or ship
+                   momentum copies, AdamW, GradScaler and RNG states (the CPU's, and the GPU's the run was on):
+                   what --resume needs to continue exactly; a slim checkpoint (slim) has no state: the encoder
+                   and the run's record, to share or ship
 
 A run is defined by its settings without RUNTIME_FIELDS (run_settings); --resume continues only a checkpoint of
 the same run on the same data (check_resume). A change to what a checkpoint holds bumps FORMAT.
@@ -41,12 +42,17 @@ def run_settings(cfg):
     return {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}
 
 
+def rng_state(device):
+    """The RNG states --resume puts back: the CPU generator's, and the CUDA generator of `device` alone, [] on the
+    CPU (reading every GPU's would open a CUDA context on each, in every process of a torchrun)."""
+    return {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
+
+
 def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, ranks, data_info, seconds=0.0):
     """The checkpoint of a lecl.MoCo `model` trained with PretrainConfig `cfg` to `step` of `total` steps.
     `seconds`: training time of the run so far, over every process that resumed it."""
     sd = model.state_dict()
-    rng = {"torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    rng = rng_state(next(model.parameters()).device)
     return {"format": FORMAT, "encoder_config": dict(model.encoder.encoder_config),
             "encoder": {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
             "slice_config": {"windows": plain(cfg.windows), "img_size": cfg.img_size,
@@ -103,5 +109,5 @@ def restore(ck, model, optimizer, scaler, device):
     optimizer.load_state_dict(ck["state"]["optimizer"])
     if ck["state"]["scaler"]:  # empty when saved without fp16 (CPU or bf16): a fresh scaler then
         scaler.load_state_dict(ck["state"]["scaler"])
-    if device.type == "cuda" and len(ck["state"]["rng"]["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(ck["state"]["rng"]["cuda"])
+    if device.type == "cuda" and len(ck["state"]["rng"]["cuda"]) == 1:  # a checkpoint written on a GPU
+        torch.cuda.set_rng_state(ck["state"]["rng"]["cuda"][0], device)

@@ -8,9 +8,10 @@ A bag is one file per scan, `BAGS/<scan>.pt` (torch.save of a dict, read with we
     z_mm      float64 (n_slices,)     each slice's z position in mm from the scan's most inferior slice
     encoder   dict                    the encoder's identity: name, size, source, sha256 of its weights
     image     str                     the source image (attention overlays are drawn on its grid)
-and `BAGS/manifest.json` holds the encoder identity and the slice settings. Bags of different encoders
-never share a folder. Features made elsewhere (a foundation model, another pipeline) can be fitted with
-`clear.py fit` by writing the same format.
+and `BAGS/manifest.json` holds the encoder identity, the slice settings and how the bags were computed (device and
+precision, `compute`). Bags of different encoders, or of one encoder at two precisions, never share a folder.
+Features made elsewhere (a foundation model, another pipeline) can be fitted with `clear.py fit` by writing the same
+format.
 """
 import hashlib
 import importlib.util
@@ -23,7 +24,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from data import SliceConfig, load_ct, prepare_slices
-from files import ClearError, atomic_path
+from files import ClearError, amp_dtype, atomic_path
 from models import build_encoder
 
 
@@ -97,11 +98,18 @@ def load_encoder(spec):
     return encoder.eval(), {**identity, "sha256": weights_sha256(encoder)}, slices
 
 
+def compute(device):
+    """How bags are computed on `device`, as the manifest records it: "cpu, float32", "cuda, bfloat16 autocast"."""
+    dtype = amp_dtype(device)
+    return f"{torch.device(device).type}, " + ("float32" if dtype is None else f"{str(dtype)[6:]} autocast")
+
+
 def embed_slices(encoder, slices, batch_size=64, device="cpu"):
-    """(n, C, S, S) slices -> (n, D) float32 embeddings, in batches, without gradients."""
-    out = []
-    with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                                                enabled=torch.device(device).type == "cuda"):
+    """(n, C, S, S) slices -> (n, D) float32 embeddings, in batches, without gradients; on a GPU under autocast
+    (files.amp_dtype: bfloat16, or float16 where bfloat16 is emulated)."""
+    out, dtype = [], amp_dtype(device)
+    with torch.inference_mode(), torch.autocast(device_type=torch.device(device).type, dtype=dtype,
+                                                enabled=dtype is not None):
         for chunk in slices.split(batch_size):
             out.append(encoder(chunk.to(device)).float().cpu())  # (b, D)
     return torch.cat(out)  # (n, D)
@@ -126,8 +134,14 @@ def extract_bags(cohort, encoder, identity, slices, out, batch_size=64, device="
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"encoder": identity, "slices": {"windows": [list(w) for w in slices.windows],
                                                 "img_size": slices.img_size,
-                                                "thickness_mm": slices.thickness_mm}}
+                                                "thickness_mm": slices.thickness_mm},
+                "compute": compute(device)}
     existing = read_manifest(out)
+    if existing is not None:  # one without "compute" is read as CPU float32's, so CPU bags written without it continue
+        existing = {**existing, "compute": existing.get("compute", "cpu, float32")}
+    if existing is not None and existing["compute"] != manifest["compute"]:
+        raise ClearError(f"{out}: holds bags computed as {existing['compute']}, this run computes them as "
+                         f"{manifest['compute']}; bags of two precisions never share a folder: use another --out")
     if existing is not None and existing != manifest:
         raise ClearError(f"{out}: holds bags from another encoder or slice setting "
                          f"({existing.get('encoder', {}).get('name')}, {existing.get('slices')}); "

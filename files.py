@@ -8,6 +8,7 @@ and torch.load with weights_only=True.
     map_folds(job, n, ...)  the folds of a fit, in this process or side by side in forked ones
     write_csv(path, rows) a list of dicts as CSV, atomically
     pick_device(name)     the torch.device for a --device option: "auto" is the GPU when there is one
+    amp_dtype(device)     the autocast dtype of work on that device: None on CPU, bf16 or fp16 on a GPU
 
 Every module that writes an output a user keeps (checkpoints, bags, fold models, metrics, NIfTI, reports) writes it
 through `atomic_path`; every one that reads a checkpoint or a bag reads it through `load_untrusted`.
@@ -110,8 +111,9 @@ def forked_pool(workers):
 
 
 def pick_device(name="auto"):
-    """The torch.device for `--device name`: "auto" is the GPU when there is one, else the CPU. A GPU asked for
-    where torch sees none, or a name torch does not know, is one ClearError."""
+    """The torch.device for `--device name`: "auto" is the GPU when there is one, else the CPU. A GPU without an
+    index is this process's own under torchrun (LOCAL_RANK), else the first, so that K processes use K GPUs. A GPU
+    asked for where torch sees none or too few, or a name torch does not know, is one ClearError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -120,7 +122,21 @@ def pick_device(name="auto"):
         raise ClearError(f"--device {name}: expected auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ClearError(f"--device {name}: no CUDA device is visible to torch here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ClearError(f"--device {name}: GPU {device.index} asked for (LOCAL_RANK {os.environ.get('LOCAL_RANK')}), "
+                         f"torch sees {torch.cuda.device_count()}")
     return device
+
+
+def amp_dtype(device):
+    """The autocast dtype of work on `device`: None on the CPU (float32); on a GPU bfloat16 where it is native
+    (compute capability 8.0 on), else float16, which training pairs with a GradScaler. torch.cuda.is_bf16_supported()
+    counts emulated bfloat16 unless told not to, and emulated it is slow (V100, T4)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 _FOLD_JOB = None  # what a forked worker runs: set just before the fork, which copies it (nothing is pickled)

@@ -39,7 +39,7 @@ import torch.nn as nn
 from cohort import Cohort
 from data import SliceConfig
 from checkpoint import check_resume, load_checkpoint, make_checkpoint, restore
-from files import ClearError, atomic_path, pick_device
+from files import ClearError, amp_dtype, atomic_path, pick_device
 from lecl import MoCo, SliceClassifier, gather, momentum_at
 from models import build_encoder, effective_rank, stem
 from cache import open_cache
@@ -135,8 +135,8 @@ def rank_trend(ranks):
 def _join(name):
     """(device, rank, world, own_group): files.pick_device's device, CUDA as this process's LOCAL_RANK GPU; joins
     torchrun's processes (WORLD_SIZE > 1) unless a process group is up already: nccl on CUDA, gloo on CPU."""
-    cuda = pick_device(name).type == "cuda"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    device = pick_device(name)  # under torchrun, CUDA is the LOCAL_RANK GPU
+    cuda = device.type == "cuda"
     own = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if own:
         if cuda:
@@ -215,9 +215,7 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
                                  f"{info} and {total} steps")
             start, losses, ranks, before = ck["step"], list(ck["losses"]), list(ck["ranks"]), ck["seconds"]
         net = model.to(device)
-        amp = None  # CPU: float32
-        if device.type == "cuda":
-            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        amp = amp_dtype(device)  # CPU: None, float32
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0,
                                       weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)

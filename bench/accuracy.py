@@ -31,7 +31,7 @@ from bench.config import (TASKS, TUMOUR_LABELS, cohort_settings, encoder_making,
 from bench.probe import bags_rank, probe_bags
 from bench.report import kept, machine, write_report
 from bench.speed import Meter
-from checkpoint import plain
+from checkpoint import load_checkpoint, plain
 from cohort import Cohort
 from data import SliceConfig
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
@@ -71,7 +71,7 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
     else:
         if method != "random":
             pcfg = pretrain_config(cfg, encoder, method)
-            kept = torch.load(ckpt, weights_only=True) if ckpt.exists() else None
+            kept = load_checkpoint(ckpt) if ckpt.exists() else None  # on the CPU, wherever it was written
             earlier = kept.get("seconds", 0.0) if kept else 0.0  # training time of the processes before this one
             if kept is None or kept["step"] < cfg.steps:  # resumes a killed run
                 cache = work / ("cache" if pcfg.cache_size is None else f"cache-{pcfg.cache_size}")  # one per size

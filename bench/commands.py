@@ -3,13 +3,15 @@ experiment of bench/ and prints its table. Speed figures are printed beside a re
 run, so ratios are what to read on a shared, noisy machine.
 """
 import dataclasses
+import functools
 import math
 import os
 import time
 
 import torch
 
-from bench.speed import best_time, encoder_figures, extraction_seconds, mil_fold_seconds, scan_candidates, scan_figures
+from bench.speed import (best_time, encoder_figures, extraction_seconds, mil_fold_seconds, saved_bytes, scan_candidates,
+                         scan_figures)
 from cli import progress_bar
 from files import ClearError, pick_device
 
@@ -37,6 +39,48 @@ def bench_scan(args):
             vs_mpy = f"{t_mpy / t:.2f}x" if t_mpy else "n/a"
             mib = f"{peak / 2**20:.0f}" if peak is not None else "n/a"
             print(f"| {L} | {name} | {t * 1e3:.0f} | {vs_mpy} | {t_ref / t:.2f}x | {mib} |")
+
+
+def bench_memory(args):
+    """What autograd keeps for backward, per slice: one SSM-tiny scan direction by each form (D 384, N 16, L = the
+    patches), and each encoder's forward in float32 and under bf16 autocast. Saved-tensor hooks count it on this
+    device at batch 1 and 2 (the difference is one slice's, the weights cancel); scaled to --batch x 2 (MoCo encodes
+    both views with gradients). Prints a markdown table."""
+    from models import build_encoder
+    from triton_scan import selective_scan
+
+    device, S, L = pick_device(args.device), args.img_size, (args.img_size // 16) ** 2
+    gen = torch.Generator().manual_seed(0)
+
+    def per_slice(make_fn):
+        return saved_bytes(make_fn(2)) - saved_bytes(make_fn(1))
+
+    def scan(method):
+        def make(b):
+            u, delta, z = (torch.randn(b, 384, L, generator=gen).to(device).requires_grad_() for _ in range(3))
+            B, C = (torch.randn(b, 16, L, generator=gen).to(device).requires_grad_() for _ in range(2))
+            A = -torch.rand(384, 16, generator=gen).to(device).requires_grad_()  # (D, N)
+            return lambda: selective_scan(u, delta, A, B, C, z=z, delta_softplus=True, method=method)
+        return make
+
+    print(f"kept for backward on {device}, {S} px (L = {L}), per slice and for a pre-training batch of {args.batch} "
+          f"(x 2 views)\n\n| what | per slice MiB | batch GiB |\n|---|---:|---:|")
+    def forward(encoder, amp, b):
+        x = torch.randn(b, 3, S, S, device=device)  # (B, C, H, W)
+
+        def run():
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                return encoder(x)
+        return run
+
+    rows = [(f"one scan direction, {m}", scan(m)) for m in ("chunked", "parallel")]
+    for name in args.names:
+        encoder = build_encoder(name, "tiny", img_size=S).to(device)
+        rows += [(f"{name}-tiny forward, {'bf16 autocast' if amp else 'float32'}",
+                  functools.partial(forward, encoder, amp)) for amp in (False, True)]
+    for what, make in rows:
+        b = per_slice(make)
+        print(f"| {what} | {b / 2**20:.1f} | {b * 2 * args.batch / 2**30:.1f} |")
 
 
 # ---------------------------------------------------------------- encoders: slices/s and GFLOP/s vs matmul peak

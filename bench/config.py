@@ -16,7 +16,7 @@ from bench.baseline3d import Net3DConfig, Volume3DConfig
 from checkpoint import plain, run_settings
 from data import SliceConfig
 from extract import EncoderSpec
-from files import pick_device
+from files import amp_dtype, pick_device
 from mil import AttentionMIL
 from models import build_encoder, count_flops
 from models.reference import HUHistogram
@@ -133,13 +133,13 @@ def encoder_making(cfg, encoder, method):
     if method not in ("random", "none"):
         making["corpus"] = cohort_settings(cfg, "corpus")
     if extraction_device() == "cuda":  # other numbers than the CPU's, so other rows
-        making["extraction"] = "cuda, bf16 autocast"
+        making["extraction"] = f"cuda, {'bf16' if amp_dtype('cuda') == torch.bfloat16 else 'fp16'} autocast"
     return making
 
 
 def extraction_device():
     """Where the benchmark extracts bags: files.pick_device("auto"), the GPU when there is one (embed_slices:
-    bf16 autocast) as for pre-training's "auto" device, else the CPU (fp32)."""
+    files.amp_dtype's autocast) as for pre-training's "auto" device, else the CPU (fp32)."""
     return pick_device("auto").type
 
 

@@ -61,10 +61,10 @@ class Meter:
         return out
 
 
-def peak_memory(fn):
-    """Extra peak memory of `fn()` in bytes: CUDA's allocator peak on GPU, else the rise of the process's
-    peak resident set (Linux: /proc/self/clear_refs resets VmHWM). None where neither can be read."""
-    if torch.cuda.is_available():
+def peak_memory(fn, device="cpu"):
+    """Extra peak memory of `fn()` in bytes for work on `device`: CUDA's allocator peak for a GPU, else the rise of
+    the process's peak resident set (Linux: /proc/self/clear_refs resets VmHWM). None where neither can be read."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -78,6 +78,21 @@ def peak_memory(fn):
         return (rss_kib("VmHWM:") - before) * 1024
     except OSError:
         return None
+
+
+def saved_bytes(fn):
+    """Bytes that autograd keeps for the backward of `fn()`'s result, counted by saved-tensor hooks (each storage
+    once, parameters included), on any device: what a training step holds between forward and backward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
 
 
 def matmul_peak_gflops(n=2048, repeat=5):
@@ -155,7 +170,7 @@ def scan_figures(candidates, L, device, repeat, batch=8, dim=384, N=16):
     peaks, times = {}, {name: float("inf") for name in runs}
     for name, run in runs.items():
         _release_freed_memory()
-        peaks[name] = peak_memory(run)  # also each candidate's warm-up run
+        peaks[name] = peak_memory(run, device)  # also each candidate's warm-up run
     for _ in range(repeat):  # interleaved, so a burst of load on the shared machine hits all alike
         for name, run in runs.items():
             times[name] = min(times[name], best_time(run, repeat=1, warmup=0))

@@ -127,13 +127,18 @@ def test_a_kept_pretrained_row_follows_the_views():
 
 
 def test_bags_extracted_on_a_gpu_are_other_rows_than_the_cpus(monkeypatch):
-    """On CUDA extraction runs under bf16 autocast: other numbers, so other bags folders and rows."""
+    """On CUDA extraction runs under bf16 autocast (fp16 where bf16 is only emulated): other numbers, so other bags
+    folders and rows."""
     base = config.AccuracyConfig()
     cpu = config.encoder_making(base, "vit", "random")
     assert "extraction" not in cpu  # the CPU's rows keep the fingerprints they were kept under
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert config.extraction_device() == "cuda"
     assert config.encoder_making(base, "vit", "random") == {**cpu, "extraction": "cuda, bf16 autocast"}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert config.encoder_making(base, "vit", "random") == {**cpu, "extraction": "cuda, fp16 autocast"}
 
 
 def test_hu_histogram_counts_pixels_per_bin_worked_by_hand():

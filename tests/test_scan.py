@@ -166,7 +166,7 @@ def test_low_precision_in_low_precision_out(dtype, scan):
 
 def test_default_method_and_shape_errors():
     assert default_method("cpu") == "chunked"
-    assert default_method("cuda") == "parallel"
+    assert default_method("cuda") == "chunked"  # on a GPU too: the parallel form's memory (test below)
     u, delta, A, B, C, *_ = make_inputs(2, 3, 4, 5)
     with pytest.raises(ValueError, match="B has shape"):
         selective_scan(u, delta, A, B.transpose(1, 2), C)
@@ -188,3 +188,40 @@ def test_inference_mode(method):
     with torch.no_grad():
         again = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, method=method)
     assert_rel_close(again, want)
+
+
+@pytest.mark.parametrize("method", [*METHODS, "reference"])
+def test_under_autocast_the_scan_computes_in_float32(method):
+    """Under a bf16 autocast (the CPU's here, as pre-training's on a GPU) the scan returns what it returns without
+    it, values and gradients (backward called after the autocast region, as pretrain.py does): its contractions are
+    not turned into bf16 matmuls."""
+    inputs = [t.requires_grad_() for t in make_inputs(2, 8, 4, 37, seed=4)]
+    dy = torch.randn(2, 8, 37, generator=torch.Generator().manual_seed(5))
+
+    def run():
+        if method == "reference":
+            return selective_scan_ref(*inputs, delta_softplus=True)
+        return selective_scan(*inputs, delta_softplus=True, method=method)
+
+    y = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_amp = run()
+    grads, grads_amp = (torch.autograd.grad(out, inputs, dy) for out in (y, y_amp))
+    assert y_amp.dtype == torch.float32
+    torch.testing.assert_close(y_amp, y, rtol=1e-5, atol=1e-6)
+    for name, g_amp, g in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), grads_amp, grads):
+        torch.testing.assert_close(g_amp, g, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_what_autograd_keeps_of_the_default_scan_is_a_fraction_of_one_state_tensor():
+    """Saved-tensor hooks count what autograd keeps for the backward of one SSM-tiny scan direction (D = 384,
+    N = 16, L = 196: 224 px) at batch 4: the default form (on every device) keeps less than one (B, L, D, N)
+    float32 tensor, the parallel form several of them (docs/results.md has the figures)."""
+    from bench.speed import saved_bytes
+
+    batch, dim, N, L = 4, 384, 16, 196
+    inputs = [t.requires_grad_() for t in make_inputs(batch, dim, N, L, seed=6)]
+    state = batch * L * dim * N * 4  # bytes of one (B, L, D, N) float32 tensor
+    kept = {m: saved_bytes(lambda: selective_scan(*inputs, delta_softplus=True, method=m)) / state
+            for m in ("parallel", default_method("cuda"))}
+    assert kept["chunked"] < 1 and kept["parallel"] > 3, kept

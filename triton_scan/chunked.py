@@ -136,6 +136,13 @@ class ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if not torch.amp.is_autocast_available(dy.device.type):
+            return ChunkedScan._backward(ctx, dy)
+        with torch.autocast(dy.device.type, enabled=False):  # float32 also when backward is called under autocast
+            return ChunkedScan._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         delta_tm, u_tm, A, B_tm, C_tm, checkpoints = ctx.saved_tensors
         T = ctx.chunk
         L, batch, dim = u_tm.shape

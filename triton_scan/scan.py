@@ -10,13 +10,16 @@ input-dependent; D (D,); delta_bias (D,).
     y     <- y * silu(z)                                            (the gate of the Mamba block, Fig. 3)
 
 h_t is (B, D, N): every channel d carries its own N-dim diagonal state, driven by the shared B_t, C_t.
-`selective_scan_ref` is that text as a loop over t. `selective_scan` computes the same thing by the form
-chosen for the device (triton_scan/README.md has the equations of each form and the measured figures):
-`chunked` (chunked.py, a loop with a hand-written, recomputing backward) on CPU, `parallel` (parallel.py, an
-odd-even parallel scan) elsewhere. Departures from Mamba's reference: no complex A, no grouped or
-input-independent B/C, no `return_last_state`; and float64 inputs are computed in float64 (Mamba's reference
-always computes in float32), so that gradcheck can run.
+`selective_scan_ref` is that text as a loop over t. `selective_scan` computes the same thing by
+`chunked` (chunked.py, a loop with a hand-written, recomputing backward) on every device, or by `parallel`
+(parallel.py, an odd-even parallel scan) when asked (triton_scan/README.md has the equations of each form and the
+measured figures). Both compute in float32 for half inputs, under autocast too: autocast is switched off around
+the scan, else its contractions would run as half-precision matmuls. Departures from Mamba's reference: no
+complex A, no grouped or input-independent B/C, no `return_last_state`; and float64 inputs are computed in
+float64 (Mamba's reference always computes in float32), so that gradcheck can run.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -27,9 +30,19 @@ METHODS = {"chunked": scan_chunked, "parallel": scan_parallel}
 
 
 def default_method(device):
-    """`chunked` on CPU, where it is the fastest form (triton_scan/README.md has the figures);
-    `parallel` on GPUs, where L sequential steps would be L tiny kernel launches (reasoned, not measured)."""
-    return "chunked" if torch.device(device).type == "cpu" else "parallel"
+    """`chunked` on every device. On CPU it is the fastest form (triton_scan/README.md has the figures). On a GPU
+    its memory decides: what autograd keeps per scan is a fraction of one (B, L, D, N) float32 tensor against
+    several for the parallel form, which SSM-tiny's 48 scans at 224 px and batch 256 cannot hold (the figures and
+    their command: docs/results.md). bench/gpu_check.sh measures both forms' speed on a GPU."""
+    torch.device(device)  # a device name torch does not know is an error here as before
+    return "chunked"
+
+
+def _no_autocast(device):
+    """A region where autocast is off on `device`'s type: the scan's own dtypes (float32 for half inputs) hold.
+    Devices without autocast (meta, for shapes and FLOP counts) need none."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
 
 
 def _compute_dtype(dtype):
@@ -52,6 +65,11 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Loops over `unbind`-ed steps: slicing x[:, t] instead would make backward quadratic in L (each slice's
     gradient allocates the full tensor)."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    with _no_autocast(u.device):
+        return _ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     dtype_in, ct = u.dtype, _compute_dtype(u.dtype)
     u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
     if delta_bias is not None:
@@ -79,6 +97,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     The lines around `core` repeat the reference's on purpose: the definition stays self-contained."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     core = METHODS[method or default_method(u.device)]
+    with _no_autocast(u.device):
+        return _scan(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _scan(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     dtype_in, ct = u.dtype, _compute_dtype(u.dtype)
     u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
     if delta_bias is not None:
