@@ -16,7 +16,7 @@ only reads the options and hands them to bench/commands.py.
 import argparse
 import sys
 
-from bench import commands
+from bench import commands, learning
 from bench.config import AccuracyConfig
 from cli import run_command
 
@@ -111,7 +111,7 @@ def build_parser():
     p_learn.add_argument("--batch-size", type=int, help="pre-training batch (default 128)")
     p_learn.add_argument("--methods", nargs="+", choices=("lecl", "moco", "supervised"), help="default all three")
     p_learn.add_argument("--device", help="auto | cpu | cuda (default auto)")
-    p_learn.set_defaults(func=commands.bench_learning)
+    p_learn.set_defaults(func=learning.command)
     return parser
 
 

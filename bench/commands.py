@@ -287,25 +287,3 @@ def bench_twin(args):
     for name, pairs in twins.items():
         auc, cons = twin_probe(encoder, pairs, args.seed)
         print(f"| {name} | {len(pairs)} | {sum(len(w) for _, w, _ in pairs)} | {auc:.3f} | {cons:.2f} |")
-
-
-# ---------------------------------------------------------------- learning: twin test against pre-training steps
-
-
-def bench_learning(args):
-    """Learning curves of LeCL, MoCo v3 and the supervised ceiling (bench/learning.py): results/learning.md."""
-    import shlex
-    import sys
-
-    from bench.learning import LearningConfig, run, write_report
-
-    d = LearningConfig()
-    cfg = dataclasses.replace(d, **{k: v for k, v in dict(
-        encoder=args.encoder, size=args.size, steps=args.steps, every=args.every, batch_size=args.batch_size,
-        methods=tuple(args.methods) if args.methods else None, device=args.device).items() if v is not None})
-    out = args.out or "results"
-    curves = run(cfg, out, args.work or f"{out}/work-learning",
-                 progress=lambda desc: lambda it, total: progress_bar(it, total=total, desc=desc, unit="scan"),
-                 log=print)
-    write_report(curves, cfg, out, "python benchmark.py " + shlex.join(sys.argv[1:]))
-    print(f"learning curves in {out}/learning.md")

@@ -13,11 +13,14 @@ Writes learning.json (every point), learning.md (the table and the command), lea
 matplotlib is installed, learning.png. A re-run reuses the corpus, the slice cache and every finished point.
 """
 import json
-from dataclasses import asdict, dataclass, field
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cache import open_cache
 from checkpoint import load_checkpoint
+from cli import progress_bar
 from cohort import Cohort
 from data import SliceConfig
 from extract import EncoderSpec, load_encoder
@@ -205,3 +208,19 @@ def write_report(curves, cfg, out, command):
                          + " | ".join("" if s not in got else f"{got[s]:.3f}" for s in steps) + " |")
     with atomic_path(out / "learning.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- command
+
+
+def command(args):
+    """Learning curves of LeCL, MoCo v3 and the supervised ceiling (bench/learning.py): results/learning.md."""
+    cfg = replace(LearningConfig(), **{k: v for k, v in dict(
+        encoder=args.encoder, size=args.size, steps=args.steps, every=args.every, batch_size=args.batch_size,
+        methods=tuple(args.methods) if args.methods else None, device=args.device).items() if v is not None})
+    out = args.out or "results"
+    curves = run(cfg, out, args.work or f"{out}/work-learning",
+                 progress=lambda desc: lambda it, total: progress_bar(it, total=total, desc=desc, unit="scan"),
+                 log=print)
+    write_report(curves, cfg, out, "python benchmark.py " + shlex.join(sys.argv[1:]))
+    print(f"learning curves in {out}/learning.md")
