@@ -56,7 +56,7 @@ def build_parser():
     p_enc.add_argument("--img-size", type=int, default=224, help="slice side in pixels")
     p_enc.add_argument("--names", nargs="+", default=["vit", "gcnn", "ssm"], choices=["vit", "gcnn", "ssm"],
                        help="encoders to time")
-    p_enc.add_argument("--size", default="tiny", choices=["tiny", "small", "base"], help="encoder size")
+    p_enc.add_argument("--size", default="tiny", choices=["micro", "tiny", "small", "base"], help="encoder size")
     p_enc.add_argument("--repeat", type=int, default=5, help="timed runs per figure; the best is reported")
     p_enc.add_argument("--device", default="cpu", help="cpu or cuda")
     p_enc.set_defaults(func=commands.bench_encoders, resumes=False)
