@@ -157,6 +157,7 @@ def test_demo_passes_the_cohort_difficulty_to_synth(tmp_path):
 
 TINY = config.AccuracyConfig(
     cohort=SynthConfig(n=30, size=32, thickness=(8.0, 10.0), workers=1), img_size=32, encoders=("vit",),
+    corpus=SynthConfig(n=12, seed=7, size=32, thickness=(8.0, 10.0), workers=1),
     methods=("lecl", "random"), steps=2, batch_size=8, mlp_dim=32, epochs_3d=1, fractions=(0.5, 1.0),
     fit=cv.FitConfig(targets=("x",), folds=3, epochs=2, n_bootstrap=20),
     volume=Volume3DConfig(depth=8, size=16), net=Net3DConfig(widths=(4, 4, 4, 4)))
