@@ -57,11 +57,12 @@ def add_convert(sub):
 def add_pretrain(sub):
     from pretrain import PretrainConfig
 
-    p = sub.add_parser("pretrain", help="pre-train a slice encoder with LeCL (or plain MoCo v3)",
-                       description="Self-supervised pre-training of a 2D slice encoder on a cohort's slices: "
-                                   "LeCL (lesion-centred crops, lesion keys as up-weighted hard negatives) or "
-                                   "MoCo v3. Runs under torchrun too (one process per GPU, or gloo on CPU).")
-    p.add_argument("--data", required=True, help="cohort folder (images/, and masks/ for --method lecl)")
+    p = sub.add_parser("pretrain", help="pre-train a slice encoder with LeCL (or plain MoCo v3, or supervised)",
+                       description="Pre-training of a 2D slice encoder on a corpus's slices: LeCL (lesion-centred "
+                                   "crops, lesion keys as up-weighted hard negatives), MoCo v3, or a supervised "
+                                   "reference on the masks' labels. Runs under torchrun too (one process per GPU, or "
+                                   "gloo on CPU).")
+    p.add_argument("--data", required=True, help="cohort folder (images/, and masks/ for --method lecl or supervised)")
     p.add_argument("--out", required=True, help="checkpoint file to write (e.g. runs/vit-lecl.pt)")
     add_options(p.add_mutually_exclusive_group(), PretrainConfig, ("steps", "epochs"))
     add_options(p, PretrainConfig, ("encoder", "size", "method", "batch_size", "lr", "img_size", "thickness",
@@ -138,7 +139,7 @@ def add_demo(sub):
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); re-running continues")
     p.add_argument("--n", type=int, default=120, help="scans in the cohort (default 120)")
     p.add_argument("--pretrain", action="store_true", help="pre-train the encoder here instead of using the shipped "
-                   "checkpoint: draw the corpus and run LeCL on it (about 20 min more on 2 CPU cores)")
+                   "checkpoint: draw the corpus and run LeCL on it (about 8 min more on 2 CPU cores)")
     p.add_argument("--corpus", type=int, default=600, help="scans in the pre-training corpus (default 600)")
     p.add_argument("--steps", type=int, default=600, help="pre-training steps with --pretrain (default 600)")
     p.add_argument("--batch-size", type=int, default=128, help="pre-training batch with --pretrain (default 128)")

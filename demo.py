@@ -3,7 +3,7 @@
 It is nothing but the plain clear.py commands, in order (command_lines lists them, so a reader can copy any step):
 
     synth the cohort (120 scans, seed 0)
-    [--pretrain: synth the corpus (600 other patients, seed 7), pretrain a gcnn-micro with LeCL on it (RECIPE)]
+    [--pretrain: synth the corpus (600 scans of other patients, seed 7), pretrain gcnn-micro with LeCL (RECIPE)]
     extract the cohort's bags three times: the LeCL encoder (the shipped CHECKPOINT, or the one just made), the
         same encoder at random init (the floor), and HU histograms (models/reference.py: nothing learnt)
     fit the MIL on each of the paper's three tasks (arXiv 2411.16803: tumour location, lung disease, staging)
@@ -20,6 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from checkpoint import load_checkpoint
 from files import ClearError, atomic_path
 from phantom import SITES
 
@@ -90,13 +91,22 @@ def finished(command):
     return Path(command[command.index("--out") + 1]) / DONE[command[0]]
 
 
+def pretrained(path):
+    """Whether the pre-training checkpoint at `path` is whole: every step run and slimmed (its last act); until then
+    it is a checkpoint to resume."""
+    ck = load_checkpoint(path)
+    return ck["step"] == ck["steps"] and "state" not in ck
+
+
 def steps(out, settings):
     """open_folder, then each command of command_lines with the file that marks it finished if that exists (a re-run
-    skips it), else None."""
+    skips it), else None; a pre-training stopped part-way is resumed."""
     open_folder(out, settings)
     check_shipped(checkpoint(out, settings["pretrain"]))
     for command in command_lines(out, **settings):
         done = finished(command)
+        if command[0] == "pretrain" and done.exists() and not pretrained(done):
+            command, done = command + ["--resume", str(done)], None
         yield command, done if done is not None and done.exists() else None
 
 
@@ -154,12 +164,12 @@ def table(out):
     """task x column -> the fold-mean AUROC with its 95 % CI (the macro mean over the task's labels or classes;
     metrics.summarize explains it), from each run's metrics.json."""
     width = 26
-    lines = [f"{'AUROC, fold mean':<14} " + " ".join(f"{name[:width]:<{width}}" for _, name in COLUMNS)]
+    lines = [f"{'fold-mean AUROC':<16} " + " ".join(f"{name[:width]:<{width}}" for _, name in COLUMNS)]
     for task, _, _ in TASKS:
         cells = []
         for col, _ in COLUMNS:
             r = auroc(out, RUNS[task, col], "AUROC, fold mean") if (task, col) in RUNS else None
             cells.append("" if r is None else "n/a" if r["value"] is None else f"{r['value']:.3f}" + (
                 "" if r["ci_low"] is None else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"))
-        lines.append(f"{task:<14} " + " ".join(f"{c:<{width}}" for c in cells))
+        lines.append(f"{task:<16} " + " ".join(f"{c:<{width}}" for c in cells))
     return "\n".join(lines)

@@ -189,7 +189,7 @@ def momentum_at(step, total, m0):
 
 
 class SliceClassifier(nn.Module):
-    """The supervised ceiling, not part of LeCL: the same encoder trained on what the masks say about each slice,
+    """The supervised reference, not part of LeCL: the same encoder trained on what the masks say about each slice,
     a linear head and multi-label cross-entropy over the mask labels the slice holds (cache.py). It shows what
     the tasks allow from these slices at this size and data; pretrain.py runs it as `method="supervised"`, in
     place of MoCo, on view 1 of each slice (a random resized crop, no lesion crop)."""

@@ -1,7 +1,7 @@
 """The synthetic CT cohort: neck-to-pelvis phantoms with known findings (synth.py writes them as a cohort folder).
 
 CLEAR cannot download CT here, and a user should be able to try the tool before pointing it at their own
-scans, so `python clear.py synth` draws a cohort that looks like CT to the code: int16 NIfTI in Hounsfield
+scans, so `python clear.py synth` draws a cohort that looks like CT to the code: integer NIfTI in Hounsfield
 units with proper affines, varying spacing, slice count and stored orientation, plausible anatomy, scanner
 noise, and findings in a lesion mask. It poses the paper's three tasks with known ground truth:
 

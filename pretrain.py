@@ -1,5 +1,5 @@
 """How `clear.py pretrain` runs LeCL (lecl.py) on a cohort: the run's settings, the lr schedule, the training
-loop, checkpoints and resume, and torchrun. The slice cache, the sampler and the two views are views.py.
+loop, checkpoints and resume, and torchrun. The slice cache is cache.py, the sampler and the two views views.py.
 
     python clear.py pretrain --data data/synth --encoder vit --method lecl --out runs/vit-lecl.pt
     torchrun --nproc_per_node=K clear.py pretrain ...             # K processes: GPUs (nccl) or CPU (gloo)
@@ -9,8 +9,8 @@ loop, checkpoints and resume, and torchrun. The slice cache, the sampler and the
                   AdamW at lr_t = base_lr · batch / 256, linear warm-up over warmup · T steps, then cosine
 
 `method="moco"` is the ablation: the same slices without lesion crops and with w = 0, i.e. MoCo v3's InfoNCE.
-`method="supervised"` is the ceiling, not self-supervised: the encoder trained on the mask labels each slice holds
-(lecl.SliceClassifier), which shows what the slices allow at this size and data.
+`method="supervised"` is a supervised reference, not self-supervised: the encoder trained on the mask labels each
+slice holds (lecl.SliceClassifier); a "ceiling" of this recipe, not a bound on the slices (docs/results.md).
 
 Rank 0 writes a checkpoint (checkpoint.py: its format, and what --resume checks) to `out` atomically every
 `checkpoint_every` steps, at the end, and when asked to stop; a run continued with --resume ends with the weights
@@ -53,7 +53,7 @@ METHODS = ("lecl", "moco", "supervised")
 class PretrainConfig:
     encoder: str = "vit"  # vit | gcnn | ssm: the paper's three encoder families (models/)
     size: str = "tiny"  # micro | tiny | small | base: the paper's are tiny to base; micro learns on a laptop CPU
-    method: str = "lecl"  # lecl; moco: without lesion crops and lesion term (ablation); supervised: the ceiling
+    method: str = "lecl"  # lecl; moco: without lesion crops and lesion term (ablation); supervised: a reference
     steps: int = 1000  # optimizer steps: enough to see the loss fall on a small cohort
     epochs: float | None = None  # if set, replaces steps: ceil(epochs · cached slices / batch_size)
     batch_size: int = 256  # global over all processes; MoCo v3 states its lr rule per 256
@@ -68,7 +68,7 @@ class PretrainConfig:
     proj_dim: int = 256  # d: MoCo v3's --moco-dim
     mlp_dim: int = 4096  # hidden width of projector and predictor: MoCo v3's --moco-mlp-dim
     img_size: int = 224  # S: the encoder's input, so extraction makes slices this size
-    cache_size: int | None = None  # slice size in the cache; None: img_size (views.py says why)
+    cache_size: int | None = None  # slice size in the cache; None: img_size (cache.py says why)
     thickness: float | None = None  # resample slices to this spacing in mm; None: as stored (data.SliceConfig)
     windows: tuple = SliceConfig.windows  # HU (level, width) per channel: lung, soft tissue, bone
     views: ViewConfig = ViewConfig()  # crops and augmentations
@@ -159,6 +159,8 @@ def _open_data(cfg, cohort, folder, rank, world, progress, should_stop):
     if rank != 0:
         sc, built = open_cache(cohort, folder, slice_cfg, cfg.lesion_labels)
     info = {"scans": len(cohort), "slices": len(sc), "lesion_slices": len(sc.lesion_ids)}
+    if cfg.method == "supervised":  # the head's outputs: --resume on masks of other labels is refused
+        info["label_values"] = list(sc.label_values)
     if cfg.method != "moco" and not len(sc.lesion_ids):
         raise ClearError(f"{cohort.root}: the masks mark no lesion"
                          f"{'' if cfg.lesion_labels is None else ' of --lesion-labels'}; use --method moco")
@@ -188,6 +190,10 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
         if cfg.method != "moco" and not cohort.has_masks:
             raise ClearError(f"{data}: no lesion masks (masks/<scan>.nii.gz), and --method {cfg.method} reads "
                              "them; use --method moco for plain MoCo v3")
+        unmasked = [s.scan for s in cohort if s.mask is None] if cfg.method == "supervised" else []
+        if unmasked:  # its targets would call every finding of those scans absent
+            raise ClearError(f"{data}: {len(unmasked)} scan(s) without a mask (e.g. {unmasked[0]}); --method "
+                             "supervised needs every scan's")
         if cfg.batch_size % world:
             raise ClearError(f"--batch-size {cfg.batch_size} does not split over {world} processes")
         torch.manual_seed(cfg.seed)

@@ -5,7 +5,7 @@ so a cohort is reproducible file for file, for any number of worker processes.
 """
 import csv
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ def cohort_plan(cfg):
 
 STORAGE = (("RAS", np.int16), ("LPS", np.int16), ("LAS", np.int16), ("PRS", np.int16), ("RAS", np.uint16))
 STORAGE_P = (0.4, 0.3, 0.1, 0.1, 0.1)  # how often each (orientation, dtype) is drawn
+SYNTH_FORMAT = 2  # in synth.json: what a cohort's files are; cohorts of another format are drawn again
 
 
 def save_scan(ph, out, name, storage):
@@ -67,8 +68,22 @@ def write_cohort(cfg, out, progress=lambda it, total: it):
             writer.writeheader()
             writer.writerows(rows)
     with atomic_path(out / "synth.json") as tmp:
-        tmp.write_text(json.dumps(asdict(cfg), indent=1))
+        tmp.write_text(json.dumps({"format": SYNTH_FORMAT, **asdict(cfg)}, indent=1))
     return rows
+
+
+def drawn_as(folder, cfg):
+    """Whether `folder` holds a whole cohort that write_cohort drew with `cfg` (worker processes aside: the same
+    scans come out for any number) in this SYNTH_FORMAT, so that a run may reuse it instead of drawing again."""
+    record = Path(folder) / "synth.json"
+    if not (Path(folder) / "labels.csv").is_file() or not record.is_file():
+        return False
+    try:
+        drawn = json.loads(record.read_text())
+    except ValueError:
+        return False
+    return isinstance(drawn, dict) and {**drawn, "workers": 0} == json.loads(json.dumps(
+        {"format": SYNTH_FORMAT, **asdict(replace(cfg, workers=0))}))
 
 
 def _write_job(job):

@@ -17,7 +17,6 @@ over the 8 sites), wall time, estimated training FLOPs and peak memory of every 
 outcome: the cohort, the budgets and the settings are the defaults below, whatever the numbers say.
 """
 import functools
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 import cv
 from bench.baseline3d import ResNet3D, fit_cv_3d, load_volumes
-from bench.config import (TASKS, TUMOUR_LABELS, cohort_settings, encoder_making, encoder_settings, extraction_device,
+from bench.config import (TASKS, TUMOUR_LABELS, encoder_making, encoder_settings, extraction_device,
                           fingerprint, histogram, pretrain_config, settings_3d, task_targets, training_flops)
 from bench.probe import bags_rank, probe_bags
 from bench.report import kept, machine, write_report
@@ -39,7 +38,7 @@ from files import ClearError
 from mil import load_bags
 from models import count_flops
 from pretrain import pretrain
-from synth import write_cohort
+from synth import drawn_as, write_cohort
 
 
 def _auroc(rows):
@@ -137,9 +136,9 @@ def open_cohort(cfg, work, progress, which="cohort"):
     folder = work / which
     if not (folder / "labels.csv").exists():
         write_cohort(getattr(cfg, which), folder, progress=lambda it, total: progress("synth", "scan")(it, total))
-    drawn = json.loads((folder / "synth.json").read_text())
-    if {**drawn, "workers": 0} != plain(cohort_settings(cfg, which)):
-        raise ClearError(f"{folder}: drawn with other settings ({drawn}) than this run's; use another work folder")
+    if not drawn_as(folder, getattr(cfg, which)):
+        raise ClearError(f"{folder}: drawn with other settings or by another version (its synth.json) than this "
+                         "run's; use another work folder")
     return Cohort(folder)
 
 

@@ -32,8 +32,7 @@ TASKS = {"location": (tuple(f"loc_{s}" for s in SITES), None), "lung_disease": (
 class AccuracyConfig:
     cohort: SynthConfig = SynthConfig(n=400)  # 400 scans, default difficulty, seed 0: the MIL's folds
     corpus: SynthConfig = SynthConfig(n=600, seed=7)  # what the encoders pre-train on, as DeepLesion in the paper:
-    #                     other patients than the cohort's (another seed); ~500 patients are where even a supervised
-    #                     encoder stops memorising them, which ~100 do not
+    #                     other patients than the cohort's (another seed), and more of them
     thickness: float = 10.0  # mm between the slices that pre-training and extraction see (a 2D pipeline's
     #                          usual 5-10 mm; 1-5 mm stored slices would cost 3x the extraction)
     img_size: int = 64  # encoder input: 2x below the 128-px cohort, so that 2 CPU cores pre-train 9 encoders
@@ -94,9 +93,9 @@ def training_flops(cfg, encoder, method, n_slices):
     """A row's estimated training FLOPs, from its settings (pretrain_config's, cfg.pretrain_changes included) and
     its bags' slices alone, so that a kept row is counted by the same counter as a new one (models.count_flops):
     pre-training steps x batch x 2 views x (3 for the encoder's forward and backward + 1 for the momentum encoder's
-    forward) x one slice's forward (supervised: 1 view x 3), plus the extraction of every bag slice, plus the MIL fits (3 x forward per bag
-    slice x the training folds' share x epochs x folds x tasks, as run_3d counts the 3D network's). The heads
-    (projector, predictor: about 2 % at mlp-dim 1024) are left out."""
+    forward) x one slice's forward (supervised: 1 view x 3), plus the extraction of every bag slice, plus the MIL
+    fits (3 x forward per bag slice x the training folds' share x epochs x folds x tasks, as run_3d counts the 3D
+    network's). The heads (projector, predictor: about 2 % at mlp-dim 1024) are left out."""
     steps, batch, img_size = 0, 0, cfg.img_size
     if method == "none":
         enc = histogram(cfg)

@@ -19,31 +19,30 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cache import open_cache
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, run_settings
 from cli import progress_bar
 from cohort import Cohort
 from data import SliceConfig
 from extract import EncoderSpec, load_encoder
-from files import atomic_path
+from files import ClearError, atomic_path
 from phantom import LUNG_EMPHYSEMA, LUNG_GGO, SynthConfig
-from pretrain import PretrainConfig, pretrain
+from pretrain import METHODS, PretrainConfig, pretrain
 from views import ViewConfig
 
 TUMOURS = tuple(range(1, 9))  # phantom's tumour labels, one per site
 FINDINGS = {"ground glass": (LUNG_GGO,), "emphysema": (LUNG_EMPHYSEMA,), "tumours": TUMOURS}
-METHODS = ("lecl", "moco", "supervised")
 
 
 @dataclass(frozen=True)
 class LearningConfig:
-    corpus: SynthConfig = SynthConfig(n=600, seed=7, size=128, thickness=(4.0, 5.0))  # ~500 patients: where a
-    #                                                 supervised CNN stops memorising and generalises (100 do not)
+    corpus: SynthConfig = SynthConfig(n=600, seed=7, size=128, thickness=(4.0, 5.0))  # the demo's corpus: 498
+    #                                                 patients, none of them the cohort's
     cohort: SynthConfig = SynthConfig(n=120, seed=0, size=128, thickness=(4.0, 5.0))  # the demo's cohort
     patients: int = 40  # the cohort's patients drawn for the twin test (those with each finding take part)
     encoder: str = "gcnn"  # the family whose micro size learns fastest on 2 cores
     size: str = "micro"
     img_size: int = 64  # the demo's and the accuracy table's slices
-    steps: int = 600  # per run; ~15 min for gcnn-micro on 2 free cores
+    steps: int = 600  # per run: about 10 min for gcnn-micro on 2 cores
     every: int = 100  # steps between twin tests
     batch_size: int = 128
     lr: float = 2e-3  # at batch 256 (AdamW, pretrain.lr_at scales it): a small model takes a large rate
@@ -75,49 +74,72 @@ def twin_aurocs(encoder, twins, seed):
     return {name: round(twin_probe(encoder, pairs, seed)[0], 4) for name, pairs in twins.items()}
 
 
-def run(cfg, out, work, progress=None, log=lambda text: None):
-    """Every curve of `cfg` -> Curves; learning.json is rewritten after each point, so a re-run continues."""
-    from bench.probe import twin_slices
-    from synth import write_cohort
+def curve_key(cfg, method):
+    """What one method's curve depends on: its pre-training run, the corpus and the twin test's patients. Kept
+    points of a method whose key changed are dropped; a run of other methods or on another device keeps them."""
+    return json.loads(json.dumps({"run": run_settings(cfg.pretrain_config(method)), "corpus": asdict(cfg.corpus),
+                                  "cohort": asdict(cfg.cohort), "patients": cfg.patients, "every": cfg.every}))
 
+
+def run(cfg, out, work, progress=None, log=lambda text: None):
+    """Every curve of `cfg` -> Curves; learning.json is rewritten after each point, so a re-run continues, and
+    holds the curves of every method run into `out`, whichever ran last."""
+    from bench.probe import twin_slices
+    from synth import drawn_as, write_cohort
+
+    if cfg.every < 1 or cfg.steps < 1:
+        raise ClearError(f"--every {cfg.every}, --steps {cfg.steps}: both must be at least 1")
     out, work = Path(out), Path(work)
+    for method in cfg.methods:  # before anything is written: a checkpoint is never taken for another run's
+        ckpt = work / f"{method}.pt"
+        if ckpt.exists() and run_settings(load_checkpoint(ckpt)["config"]) != run_settings(cfg.pretrain_config(method)):
+            raise ClearError(f"{ckpt}: a run of other settings than this {method} curve's; use another --work")
     out.mkdir(parents=True, exist_ok=True)
-    record = out / "learning.json"
-    curves = Curves()
+    record, curves, keys = out / "learning.json", Curves(), {}
     if record.exists():
         kept = json.loads(record.read_text())
-        if kept.get("config") == json.loads(json.dumps(asdict(cfg))):
-            curves.points = kept["points"]
+        keys = {m: k for m, k in kept.get("keys", {}).items() if m not in cfg.methods or k == curve_key(cfg, m)}
+        curves.points = {p: v for p, v in kept.get("points", {}).items() if p.split("/")[0] in keys}
     corpus = work / "corpus"
     if not (corpus / "labels.csv").exists():
         log(f"drawing the corpus: {cfg.corpus.n} scans (seed {cfg.corpus.seed}) into {corpus}")
         write_cohort(cfg.corpus, corpus, **({"progress": progress("corpus")} if progress else {}))
-    slices = SliceConfig(img_size=cfg.img_size)  # stored slices, as extraction makes them
-    twins = twin_slices(cfg.cohort, range(cfg.patients), FINDINGS, slices)
+    if not drawn_as(corpus, cfg.corpus):
+        raise ClearError(f"{corpus}: drawn with other settings or by another version than this run's corpus; use "
+                         "another --work")
+    twins = twin_slices(cfg.cohort, range(cfg.patients), FINDINGS, SliceConfig(img_size=cfg.img_size))
 
     def save():
         with atomic_path(record) as tmp:
-            tmp.write_text(json.dumps({"config": asdict(cfg), "points": curves.points}, indent=1))
+            tmp.write_text(json.dumps({"config": asdict(cfg), "keys": keys, "points": curves.points}, indent=1))
+
+    def point(method, step, encoder):
+        curves.add(method, step, twin_aurocs(encoder, twins, cfg.seed))
+        save()
+        log(f"{method} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curves.points[f"{method}/{step}"].items()))
 
     random_init = EncoderSpec(name=cfg.encoder, size=cfg.size, img_size=cfg.img_size, seed=cfg.seed)
     for method in cfg.methods:
         pcfg, ckpt = cfg.pretrain_config(method), work / f"{method}.pt"
+        keys[method] = curve_key(cfg, method)
         if not curves.has(method, 0):  # the random init: pretrain's own (the same seed builds the same encoder)
-            curves.add(method, 0, twin_aurocs(load_encoder(random_init)[0], twins, cfg.seed))
-            save()
-        step = load_checkpoint(ckpt)["step"] if ckpt.exists() else 0
-        open_cache(Cohort(corpus), work / "cache", SliceConfig(pcfg.windows, pcfg.img_size), pcfg.lesion_labels,
-                   progress and progress("cache"))  # built here, so that should_stop below counts steps alone
-        while step < cfg.steps:
-            target = min(cfg.steps, (step // cfg.every + 1) * cfg.every)
-            calls = iter(range(target - step, 0, -1))  # should_stop is asked once after every step
-            pretrain(pcfg, corpus, ckpt, resume=ckpt if step else None, cache=work / "cache",
-                     should_stop=lambda: next(calls) == 1)
+            point(method, 0, load_encoder(random_init)[0])
+        step = 0
+        if ckpt.exists():
             step = load_checkpoint(ckpt)["step"]
-            encoder = load_encoder(EncoderSpec(checkpoint=str(ckpt)))[0]
-            curves.add(method, step, twin_aurocs(encoder, twins, cfg.seed))
-            save()
-            log(f"{method} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curves.points[f"{method}/{step}"].items()))
+            if not curves.has(method, step):  # stopped between its checkpoint and its twin test
+                point(method, step, load_encoder(EncoderSpec(checkpoint=str(ckpt)))[0])
+        cache = SliceConfig(pcfg.windows, pcfg.cache_size or pcfg.img_size, pcfg.thickness)  # pretrain's own
+        open_cache(Cohort(corpus), work / "cache", cache, pcfg.lesion_labels, progress and progress("cache"))
+        while step < cfg.steps:  # the cache is built above, so pretrain asks should_stop after each step alone
+            left = [min(cfg.steps, (step // cfg.every + 1) * cfg.every) - step]
+
+            def should_stop():
+                left[0] -= 1
+                return left[0] <= 0
+            pretrain(pcfg, corpus, ckpt, resume=ckpt if step else None, cache=work / "cache", should_stop=should_stop)
+            step = load_checkpoint(ckpt)["step"]
+            point(method, step, load_encoder(EncoderSpec(checkpoint=str(ckpt)))[0])
     return curves
 
 
@@ -125,6 +147,11 @@ def run(cfg, out, work, progress=None, log=lambda text: None):
 
 COLOURS = {"lecl": "#c0392b", "moco": "#2874a6", "supervised": "#229954"}
 NAMES = {"lecl": "LeCL", "moco": "MoCo v3", "supervised": "supervised (ceiling)"}
+
+
+def methods(curves):
+    """The methods with points in `curves`, in METHODS' order."""
+    return [m for m in METHODS if any(k.split("/")[0] == m for k in curves.points)]
 
 
 def series(curves, method, finding):
@@ -152,13 +179,13 @@ def curves_svg(curves, cfg, width=300, height=220, pad=36):
             parts.append(f'<text x="{x:.1f}" y="{height - pad + 14}" font-size="10" text-anchor="middle">{s}</text>')
         parts.append(f'<text x="{(width + pad) / 2}" y="{height - 6}" font-size="10" text-anchor="middle">'
                      'pre-training step</text>')
-        for method in cfg.methods:
+        for method in methods(curves):
             pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, a) for s, a in series(curves, method, finding)
                                                           if a == a))
             parts.append(f'<polyline points="{pts}" fill="none" stroke="{COLOURS[method]}" stroke-width="2"/>')
         panels.append("".join(parts) + "</g>")
     legend = "".join(f'<text x="{10 + 170 * i}" y="{height + 16}" font-size="12" fill="{COLOURS[m]}">'
-                     f'— {NAMES[m]}</text>' for i, m in enumerate(cfg.methods))
+                     f'— {NAMES[m]}</text>' for i, m in enumerate(methods(curves)))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(FINDINGS)}" height="{height + 24}" '
             f'font-family="sans-serif">{"".join(panels)}{legend}</svg>\n')
 
@@ -173,7 +200,7 @@ def write_png(curves, cfg, path):
         return False
     fig, axes = plt.subplots(1, len(FINDINGS), figsize=(4 * len(FINDINGS), 3.2), sharey=True)
     for ax, finding in zip(axes, FINDINGS):
-        for method in cfg.methods:
+        for method in methods(curves):
             s, a = zip(*series(curves, method, finding))
             ax.plot(s, a, marker="o", ms=3, color=COLOURS[method], label=NAMES[method])
         ax.axhline(0.5, color="#999", lw=0.8, ls="--")
@@ -201,7 +228,7 @@ def write_report(curves, cfg, out, command):
              f"![learning curves](learning.{'png' if png else 'svg'})", "",
              "| method | finding | " + " | ".join(f"step {s}" for s in steps) + " |",
              "|---|---|" + "---:|" * len(steps)]
-    for method in cfg.methods:
+    for method in methods(curves):
         for finding in FINDINGS:
             got = dict(series(curves, method, finding))
             lines.append(f"| {NAMES[method]} | {finding} | "

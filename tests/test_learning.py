@@ -1,12 +1,18 @@
 """benchmark.py learning (bench/learning.py): curves whose points are real pre-training checkpoints."""
 import json
 import re
+from dataclasses import replace
 from xml.etree import ElementTree
 
+import pytest
 import torch
 
+from bench import learning
 from bench.learning import FINDINGS, LearningConfig, run, write_report
 from checkpoint import load_checkpoint
+from extract import EncoderSpec, load_encoder
+from files import ClearError
+from models import build_encoder
 from phantom import SynthConfig
 from pretrain import pretrain
 
@@ -15,7 +21,7 @@ TINY = LearningConfig(corpus=SynthConfig(n=6, seed=7, size=48, thickness=(4.0, 5
                       steps=4, every=2, batch_size=16, img_size=32, methods=("lecl", "supervised"), device="cpu")
 
 
-def test_curves_stop_and_resume_into_the_uninterrupted_run_and_the_report_shows_them(tmp_path):
+def test_curves_stop_and_resume_into_the_uninterrupted_run_and_the_report_shows_them(tmp_path, monkeypatch):
     curves = run(TINY, tmp_path / "out", tmp_path / "work")
     assert sorted(curves.points) == ["lecl/0", "lecl/2", "lecl/4", "supervised/0", "supervised/2", "supervised/4"]
     assert curves.points["lecl/0"] == curves.points["supervised/0"]  # one random init, the floor of both
@@ -26,8 +32,21 @@ def test_curves_stop_and_resume_into_the_uninterrupted_run_and_the_report_shows_
     assert straight.step == 4 and not straight.interrupted
     stepped, whole = (load_checkpoint(p)["encoder"] for p in (tmp_path / "work/lecl.pt", tmp_path / "straight.pt"))
     assert all(torch.equal(stepped[k], whole[k]) for k in whole)
-    # a re-run keeps every point and computes nothing again
-    assert run(TINY, tmp_path / "out", tmp_path / "work").points == curves.points
+    # step 0 is the encoder pretrain starts from: the same seed builds the same weights
+    torch.manual_seed(TINY.seed)
+    built = build_encoder(TINY.encoder, TINY.size, 3, TINY.img_size).state_dict()
+    loaded = load_encoder(EncoderSpec(name=TINY.encoder, size=TINY.size, img_size=TINY.img_size))[0].state_dict()
+    assert all(torch.equal(built[k], loaded[k]) for k in built)
+    # a re-run keeps every point and trains nothing; a point lost between a checkpoint and its twin test is made
+    # again from that checkpoint; a run of one method keeps the other's curve
+    record = json.loads((tmp_path / "out/learning.json").read_text())
+    del record["points"]["supervised/4"]
+    (tmp_path / "out/learning.json").write_text(json.dumps(record))
+    monkeypatch.setattr(learning, "pretrain", lambda *a, **k: pytest.fail("trained again"))
+    again = run(replace(TINY, methods=("supervised",)), tmp_path / "out", tmp_path / "work")
+    assert again.points == curves.points
+    with pytest.raises(ClearError, match="a run of other settings"):  # a checkpoint is never taken for another run
+        run(replace(TINY, lr=1e-3), tmp_path / "out", tmp_path / "work")
     write_report(curves, TINY, tmp_path / "out", "python benchmark.py learning --steps 4")
     kept = json.loads((tmp_path / "out/learning.json").read_text())["points"]
     table = (tmp_path / "out/learning.md").read_text()

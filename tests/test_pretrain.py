@@ -269,6 +269,16 @@ def test_bad_input_is_one_line_and_exit_2(cohort, bare, run60, capsys):
     assert not (cohort / "bad.pt").exists()
 
 
+def test_the_supervised_reference_refuses_a_cohort_with_unmasked_scans(cohort, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    shutil.copytree(cohort / "c", partial)
+    next((partial / "masks").glob("*.nii.gz")).unlink()  # its findings would be trained on as absent
+    assert clear.main(["pretrain", "--data", str(partial), "--out", str(tmp_path / "s.pt"), "--method", "supervised",
+                       *FAST, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 scan(s) without a mask" in err and not (tmp_path / "s.pt").exists()
+
+
 def test_a_slim_checkpoint_keeps_the_encoder_and_record_and_refuses_resume(cohort, run60, capsys):
     """--slim: the finished run's checkpoint without its training state; the encoder, slice settings and the run's
     record are those of the full checkpoint of the same run, and --resume is refused in one line."""

@@ -34,7 +34,7 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys, monkeypatch):
         auc = [r for r in metrics["rows"] if r["metric"] in ("AUROC", "AUROC, fold mean")]
         assert len({r["metric"] for r in auc}) == 2 and all(well_formed(r) for r in auc), run
         cell = demo.auroc(out, run, "AUROC, fold mean")  # the table's cell
-        assert cell["value"] is None or f"{cell['value']:.3f}" in printed.split(f"\n{task:<14} ")[1].split("\n")[0]
+        assert cell["value"] is None or f"{cell['value']:.3f}" in printed.split(f"\n{task:<16} ")[1].split("\n")[0]
     assert demo.verdict(out) in printed
     assert not (out / "corpus").exists() and not (out / "gcnn-micro-lecl.pt").exists()  # the shipped encoder
     for bags, dim in (("bags", 192), ("bags-random", 192), ("bags-histogram", 96)):
@@ -72,6 +72,27 @@ def test_the_shipped_checkpoint_is_checked_and_is_the_recipes_run(tmp_path, monk
     changed.unlink()
     with pytest.raises(ClearError, match="missing; run the demo with --pretrain"):
         demo.check_shipped(changed)
+
+
+def test_a_demo_pretraining_stopped_part_way_is_resumed_not_skipped(tmp_path):
+    """demo --pretrain: the checkpoint file exists from the first checkpoint on, so only a whole one (every step,
+    slimmed) marks the step done; a partial one is continued with --resume."""
+    from checkpoint import FORMAT
+
+    settings = {**SETTINGS, "pretrain": True}
+    ckpt = demo.checkpoint(tmp_path, True)
+
+    def pretrain_step():
+        return next((c, d) for c, d in demo.steps(tmp_path, settings) if c[0] == "pretrain")
+
+    assert pretrain_step() == (demo.command_lines(tmp_path, **settings)[2], None)  # nothing yet: run it
+    torch.save({"format": FORMAT, "step": 100, "steps": 600, "state": {}}, ckpt)
+    command, done = pretrain_step()
+    assert done is None and command[-2:] == ["--resume", str(ckpt)]
+    torch.save({"format": FORMAT, "step": 600, "steps": 600, "state": {}}, ckpt)  # every step, not yet slimmed
+    assert pretrain_step()[0][-2:] == ["--resume", str(ckpt)]
+    torch.save({"format": FORMAT, "step": 600, "steps": 600}, ckpt)
+    assert pretrain_step()[1] == ckpt
 
 
 def test_the_demo_pretrains_with_the_learning_curves_lecl_recipe():
