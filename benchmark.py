@@ -19,6 +19,10 @@ import sys
 from bench import commands, learning
 from bench.config import AccuracyConfig
 from cli import run_command
+from models import SIZES
+from pretrain import METHODS
+
+ENCODERS, ENCODER_SIZES = tuple(SIZES), tuple(SIZES["vit"])  # the families, and the sizes each has
 
 
 def add_scale(parser, steps):
@@ -47,16 +51,16 @@ def build_parser():
     p_mem = sub.add_parser("memory", help="what autograd keeps for backward: the scan's forms, the encoders")
     p_mem.add_argument("--img-size", type=int, default=224, help="slice side in pixels")
     p_mem.add_argument("--batch", type=int, default=256, help="pre-training batch the figures are scaled to")
-    p_mem.add_argument("--names", nargs="+", default=["vit", "gcnn", "ssm"], choices=["vit", "gcnn", "ssm"],
+    p_mem.add_argument("--names", nargs="+", default=list(ENCODERS), choices=ENCODERS,
                        help="encoders to count")
     p_mem.add_argument("--device", default="cpu", help="cpu or cuda")
     p_mem.set_defaults(func=commands.bench_memory, resumes=False)
     p_enc = sub.add_parser("encoders", help="encoders' forward slices/s and GFLOP/s vs this machine's matmul peak")
     p_enc.add_argument("--batch", type=int, default=32, help="slices per forward")
     p_enc.add_argument("--img-size", type=int, default=224, help="slice side in pixels")
-    p_enc.add_argument("--names", nargs="+", default=["vit", "gcnn", "ssm"], choices=["vit", "gcnn", "ssm"],
+    p_enc.add_argument("--names", nargs="+", default=list(ENCODERS), choices=ENCODERS,
                        help="encoders to time")
-    p_enc.add_argument("--size", default="tiny", choices=["micro", "tiny", "small", "base"], help="encoder size")
+    p_enc.add_argument("--size", default="tiny", choices=ENCODER_SIZES, help="encoder size")
     p_enc.add_argument("--repeat", type=int, default=5, help="timed runs per figure; the best is reported")
     p_enc.add_argument("--device", default="cpu", help="cpu or cuda")
     p_enc.set_defaults(func=commands.bench_encoders, resumes=False)
@@ -69,9 +73,10 @@ def build_parser():
     p_acc.add_argument("--out", help="where accuracy.md and accuracy.json go (default results; results/quick for "
                        "--quick; results/custom-<scale> at another scale)")
     p_acc.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); a re-run reuses them")
-    p_acc.add_argument("--encoders", nargs="+", choices=("vit", "gcnn", "ssm"),
+    p_acc.add_argument("--encoders", nargs="+", choices=ENCODERS,
                        help="run only these encoders' rows (default all); the HU-histogram and 3D rows always run")
-    p_acc.add_argument("--methods", nargs="+", choices=("lecl", "moco", "random", "supervised"), help="likewise for pre-training")
+    p_acc.add_argument("--methods", nargs="+", choices=(*METHODS, "random"),
+                       help="likewise for pre-training")
     add_scale(p_acc, 600)
     p_acc.set_defaults(func=commands.bench_accuracy)
     p_abl = sub.add_parser("ablate", help="why LeCL does not beat MoCo here: its settings one at a time (ViT row)")
@@ -93,7 +98,7 @@ def build_parser():
                                          "synthetic scans against their twins without the findings")
     src = p_twin.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a clear.py pretrain checkpoint")
-    src.add_argument("--encoder", choices=("vit", "gcnn", "ssm"), help="this encoder at random init")
+    src.add_argument("--encoder", choices=ENCODERS, help="this encoder at random init")
     src.add_argument("--encoder-module", metavar="FILE.py:FACTORY", help="e.g. models/reference.py:HUHistogram")
     p_twin.add_argument("--img-size", type=int, default=64, help="input size for --encoder/--encoder-module "
                         "(default: the accuracy benchmark's 64)")
@@ -104,12 +109,12 @@ def build_parser():
                                               "MoCo v3 and the supervised ceiling, on a corpus apart from the cohort")
     p_learn.add_argument("--out", help="where learning.md/.json/.svg/.png go (default results)")
     p_learn.add_argument("--work", help="corpus, slice cache and checkpoints (default OUT/work-learning); reused")
-    p_learn.add_argument("--encoder", choices=("vit", "gcnn", "ssm"), help="default gcnn")
-    p_learn.add_argument("--size", choices=("micro", "tiny", "small", "base"), help="default micro")
+    p_learn.add_argument("--encoder", choices=ENCODERS, help="default gcnn")
+    p_learn.add_argument("--size", choices=ENCODER_SIZES, help="default micro")
     p_learn.add_argument("--steps", type=int, help="pre-training steps per method (default 600)")
     p_learn.add_argument("--every", type=int, help="steps between twin tests (default 100)")
     p_learn.add_argument("--batch-size", type=int, help="pre-training batch (default 128)")
-    p_learn.add_argument("--methods", nargs="+", choices=("lecl", "moco", "supervised"), help="default all three")
+    p_learn.add_argument("--methods", nargs="+", choices=METHODS, help="default all three")
     p_learn.add_argument("--device", help="auto | cpu | cuda (default auto)")
     p_learn.set_defaults(func=learning.command)
     return parser

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from data import save_nifti
-from files import atomic_path, forked_pool
+from cohort import Cohort
+from files import ClearError, atomic_path, forked_pool
 from phantom import ENDPOINTS, make_phantom
 
 
@@ -70,6 +71,17 @@ def write_cohort(cfg, out, progress=lambda it, total: it):
     with atomic_path(out / "synth.json") as tmp:
         tmp.write_text(json.dumps({"format": SYNTH_FORMAT, **asdict(cfg)}, indent=1))
     return rows
+
+
+def drawn(cfg, folder, progress=lambda it, total: it):
+    """The cohort `cfg` in `folder` (a cohort.Cohort): drawn by write_cohort on first use, reused after; a folder
+    drawn otherwise (other settings, another SYNTH_FORMAT) is refused in one line."""
+    if not (Path(folder) / "labels.csv").exists():
+        write_cohort(cfg, folder, progress)
+    if not drawn_as(folder, cfg):
+        raise ClearError(f"{folder}: drawn with other settings or by another version (its synth.json) than this "
+                         "run's; use another work folder")
+    return Cohort(folder)
 
 
 def drawn_as(folder, cfg):

@@ -31,14 +31,13 @@ from bench.probe import bags_rank, probe_bags
 from bench.report import kept, machine, write_report
 from bench.speed import Meter
 from checkpoint import load_checkpoint, plain
-from cohort import Cohort
 from data import SliceConfig
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from files import ClearError
 from mil import load_bags
 from models import count_flops
 from pretrain import pretrain
-from synth import drawn_as, write_cohort
+from synth import drawn
 
 
 def _auroc(rows):
@@ -133,13 +132,7 @@ def open_cohort(cfg, work, progress, which="cohort"):
     """The run's cohort (or its pre-training corpus) in `work`/cohort (`work`/corpus), drawn on first use; one drawn
     with other settings is refused."""
     work.mkdir(parents=True, exist_ok=True)
-    folder = work / which
-    if not (folder / "labels.csv").exists():
-        write_cohort(getattr(cfg, which), folder, progress=lambda it, total: progress("synth", "scan")(it, total))
-    if not drawn_as(folder, getattr(cfg, which)):
-        raise ClearError(f"{folder}: drawn with other settings or by another version (its synth.json) than this "
-                         "run's; use another work folder")
-    return Cohort(folder)
+    return drawn(getattr(cfg, which), work / which, lambda it, total: progress("synth", "scan")(it, total))
 
 
 def run(cfg, out, work, progress, log=print):

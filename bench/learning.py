@@ -18,15 +18,16 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from bench.probe import twin_probe, twin_slices
 from cache import open_cache
 from checkpoint import load_checkpoint, run_settings
 from cli import progress_bar
-from cohort import Cohort
 from data import SliceConfig
 from extract import EncoderSpec, load_encoder
 from files import ClearError, atomic_path
 from phantom import LUNG_EMPHYSEMA, LUNG_GGO, SynthConfig
 from pretrain import METHODS, PretrainConfig, pretrain
+from synth import drawn
 from views import ViewConfig
 
 TUMOURS = tuple(range(1, 9))  # phantom's tumour labels, one per site
@@ -70,7 +71,6 @@ class Curves:
 
 
 def twin_aurocs(encoder, twins, seed):
-    from bench.probe import twin_probe
     return {name: round(twin_probe(encoder, pairs, seed)[0], 4) for name, pairs in twins.items()}
 
 
@@ -84,16 +84,17 @@ def curve_key(cfg, method):
 def run(cfg, out, work, progress=None, log=lambda text: None):
     """Every curve of `cfg` -> Curves; learning.json is rewritten after each point, so a re-run continues, and
     holds the curves of every method run into `out`, whichever ran last."""
-    from bench.probe import twin_slices
-    from synth import drawn_as, write_cohort
-
     if cfg.every < 1 or cfg.steps < 1:
         raise ClearError(f"--every {cfg.every}, --steps {cfg.steps}: both must be at least 1")
     out, work = Path(out), Path(work)
+    done = {}  # method -> the step its checkpoint in `work` reached
     for method in cfg.methods:  # before anything is written: a checkpoint is never taken for another run's
         ckpt = work / f"{method}.pt"
-        if ckpt.exists() and run_settings(load_checkpoint(ckpt)["config"]) != run_settings(cfg.pretrain_config(method)):
-            raise ClearError(f"{ckpt}: a run of other settings than this {method} curve's; use another --work")
+        if ckpt.exists():
+            ck = load_checkpoint(ckpt)
+            if run_settings(ck["config"]) != run_settings(cfg.pretrain_config(method)):
+                raise ClearError(f"{ckpt}: a run of other settings than this {method} curve's; use another --work")
+            done[method] = ck["step"]
     out.mkdir(parents=True, exist_ok=True)
     record, curves, keys = out / "learning.json", Curves(), {}
     if record.exists():
@@ -103,10 +104,7 @@ def run(cfg, out, work, progress=None, log=lambda text: None):
     corpus = work / "corpus"
     if not (corpus / "labels.csv").exists():
         log(f"drawing the corpus: {cfg.corpus.n} scans (seed {cfg.corpus.seed}) into {corpus}")
-        write_cohort(cfg.corpus, corpus, **({"progress": progress("corpus")} if progress else {}))
-    if not drawn_as(corpus, cfg.corpus):
-        raise ClearError(f"{corpus}: drawn with other settings or by another version than this run's corpus; use "
-                         "another --work")
+    corpus_scans = drawn(cfg.corpus, corpus, *([progress("corpus")] if progress else []))
     twins = twin_slices(cfg.cohort, range(cfg.patients), FINDINGS, SliceConfig(img_size=cfg.img_size))
 
     def save():
@@ -124,13 +122,11 @@ def run(cfg, out, work, progress=None, log=lambda text: None):
         keys[method] = curve_key(cfg, method)
         if not curves.has(method, 0):  # the random init: pretrain's own (the same seed builds the same encoder)
             point(method, 0, load_encoder(random_init)[0])
-        step = 0
-        if ckpt.exists():
-            step = load_checkpoint(ckpt)["step"]
-            if not curves.has(method, step):  # stopped between its checkpoint and its twin test
-                point(method, step, load_encoder(EncoderSpec(checkpoint=str(ckpt)))[0])
+        step = done.get(method, 0)
+        if step and not curves.has(method, step):  # stopped between its checkpoint and its twin test
+            point(method, step, load_encoder(EncoderSpec(checkpoint=str(ckpt)))[0])
         cache = SliceConfig(pcfg.windows, pcfg.cache_size or pcfg.img_size, pcfg.thickness)  # pretrain's own
-        open_cache(Cohort(corpus), work / "cache", cache, pcfg.lesion_labels, progress and progress("cache"))
+        open_cache(corpus_scans, work / "cache", cache, pcfg.lesion_labels, progress and progress("cache"))
         while step < cfg.steps:  # the cache is built above, so pretrain asks should_stop after each step alone
             left = [min(cfg.steps, (step // cfg.every + 1) * cfg.every) - step]
 
