@@ -109,7 +109,7 @@ def build_parser():
                                               "MoCo v3 and the supervised ceiling, on a corpus apart from the cohort")
     p_learn.add_argument("--out", help="where learning.md/.json/.svg/.png go (default results)")
     p_learn.add_argument("--work", help="corpus, slice cache and checkpoints (default OUT/work-learning); reused")
-    p_learn.add_argument("--encoder", choices=ENCODERS, help="default gcnn")
+    p_learn.add_argument("--encoder", choices=ENCODERS, help="default cnn")
     p_learn.add_argument("--size", choices=ENCODER_SIZES, help="default micro")
     p_learn.add_argument("--steps", type=int, help="pre-training steps per method (default 600)")
     p_learn.add_argument("--every", type=int, help="steps between twin tests (default 100)")

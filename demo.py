@@ -3,7 +3,7 @@
 It is nothing but the plain clear.py commands, in order (command_lines lists them, so a reader can copy any step):
 
     synth the cohort (120 scans, seed 0)
-    [--pretrain: synth the corpus (600 scans of other patients, seed 7), pretrain gcnn-micro with LeCL (RECIPE)]
+    [--pretrain: synth the corpus (600 scans of other patients, seed 7), pretrain cnn-micro with LeCL (RECIPE)]
     extract the cohort's bags three times: the LeCL encoder (the shipped CHECKPOINT, or the one just made), the
         same encoder at random init (the floor), and HU histograms (models/reference.py: nothing learnt)
     fit the MIL on each of the paper's three tasks (arXiv 2411.16803: tumour location, lung disease, staging)
@@ -31,13 +31,13 @@ TASKS = (  # (run name, --target, extra fit options): the paper's three endpoint
     ("stage", "stage", ("--task", "ordinal")),
 )
 SIZE, IMG_SIZE = 128, 64  # the scans' in-plane grid, and the encoder's input: 64 px pre-trains on 2 cores
-ENCODER = ("--encoder", "gcnn", "--size", "micro")  # a size that learns on a CPU budget (models/__init__.py)
+ENCODER = ("--encoder", "cnn", "--size", "micro")  # the family and size that learn on a CPU budget (models/cnn.py)
 RECIPE = ("--method", "lecl", "--lr", "0.002", "--mlp-dim", "1024", "--checkpoint-every", "100")  # with --steps
 #         and --batch-size: bench/learning.py's LeCL run, whose curve results/learning.md shows
 CORPUS_SEED = 7  # the corpus: as the cohort (seed 0), other patients
-CHECKPOINT = HERE / "checkpoints" / "gcnn-micro-lecl.pt"  # what `clear.py demo --pretrain` makes (README)
-CHECKPOINT_SHA256 = "fafecac4516281bbf4a5470b7e11df4089ef4c210efab8a016b2dbf747f9c686"  # of CHECKPOINT as shipped
-COLUMNS = (("lecl", "LeCL, gcnn-micro"), ("random", "random init, same encoder"),
+CHECKPOINT = HERE / "checkpoints" / "cnn-micro-lecl.pt"  # what `clear.py demo --pretrain` makes (README)
+CHECKPOINT_SHA256 = "13da8a75a1108c7ccda263fe7718080d45c361eb402e3772ab0109071875182c"  # of CHECKPOINT as shipped
+COLUMNS = (("lecl", "LeCL, cnn-micro"), ("random", "random init, same encoder"),
            ("histogram", "control: HU histograms"))  # the control learns nothing
 RUNS = {(task, col): f"fit-{task}" if col == "lecl" else f"fit-{col}-{task}"  # (task, column) -> its run folder
         for task, _, _ in TASKS for col, _ in COLUMNS if col != "histogram" or task == "lung_disease"}
@@ -49,7 +49,7 @@ DONE = {"synth": "labels.csv", "pretrain": "", "fit": "metrics.json"}  # step ->
 
 def checkpoint(out, pretrain):
     """The LeCL checkpoint the demo extracts with: its own (--pretrain, or no shipped one) or the shipped one."""
-    return Path(out) / "gcnn-micro-lecl.pt" if pretrain else CHECKPOINT
+    return Path(out) / "cnn-micro-lecl.pt" if pretrain else CHECKPOINT
 
 
 def check_shipped(path):

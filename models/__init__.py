@@ -5,11 +5,14 @@ to slice embeddings (B, D), later pooled per scan by attention-MIL and pre-train
     enc(torch.randn(4, 3, 128, 128)).shape == (4, enc.embed_dim)
     build_encoder(**enc.encoder_config)      # the same architecture, e.g. to load a checkpoint into
 
-Three families, each in the paper's three sizes from the one table below, and micro, a size much smaller than
-tiny for pre-training on a CPU budget at 64 px (the demo's):
+The paper's three families, each in the paper's three sizes from the one table below, and micro, a size much
+smaller than tiny for pre-training on a CPU budget at 64 px:
     vit   Vision Transformer /16 (DeiT sizes)                         models/vit.py
     gcnn  gated CNN, MambaOut (sizes chosen by compute, see gcnn.py)   models/gcnn.py
     ssm   bidirectional Mamba over patches (Vim sizes)                 models/ssm.py
+and a fourth, the demo's: a plain conv-BatchNorm-ReLU CNN, the one family whose normalisation keeps a slice's HU
+level (models/cnn.py says why that decides whether ground glass is learnt at a CPU budget):
+    cnn   four stride-2 stages of two 3x3 conv-BN-ReLU, mean-pooled    models/cnn.py
 Every encoder takes any H, W that are multiples of its patch size (16 for vit and ssm, 8 at micro; gcnn any size,
 and multiples of 32 keep its grids exact), so the 64-128 px synthetic slices work as well as 224².
 """
@@ -21,13 +24,14 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from . import ssm as ssm_module
+from .cnn import CNNConfig, PlainCNN
 from .common import check_choice, count_parameters, effective_rank
 from .gcnn import GatedCNN, GCNNConfig
 from .ssm import SSMConfig, VisionMamba
 from .vit import VisionTransformer, ViTConfig
 
-ENCODERS = {"vit": VisionTransformer, "gcnn": GatedCNN, "ssm": VisionMamba}
-STEMS = {"vit": "patch_embed", "gcnn": "stem", "ssm": "patch_embed"}  # each family's first layer: pixels -> features
+ENCODERS = {"vit": VisionTransformer, "gcnn": GatedCNN, "ssm": VisionMamba, "cnn": PlainCNN}
+STEMS = {"vit": "patch_embed", "gcnn": "stem", "ssm": "patch_embed", "cnn": "stem"}  # each family's first layer: pixels -> features
 
 # name -> size -> architecture (in_chans and img_size are filled in by build_encoder).
 SIZES = {
@@ -48,6 +52,12 @@ SIZES = {
         "tiny": SSMConfig(embed_dim=192, depth=24),
         "small": SSMConfig(embed_dim=384, depth=24),
         "base": SSMConfig(embed_dim=768, depth=24),
+    },
+    "cnn": {  # widths doubling per stage, the last kept; micro (0.58 M parameters) is the demo's encoder
+        "micro": CNNConfig(dims=(32, 64, 128, 128)),
+        "tiny": CNNConfig(dims=(64, 128, 256, 256)),
+        "small": CNNConfig(dims=(64, 128, 256, 512)),
+        "base": CNNConfig(dims=(128, 256, 512, 1024)),
     },
 }
 
@@ -107,4 +117,4 @@ def count_flops(module, *inputs) -> int:
 
 
 __all__ = ["ENCODERS", "SIZES", "STEMS", "build_encoder", "stem", "count_flops", "count_parameters", "effective_rank",
-           "GCNNConfig", "SSMConfig", "ViTConfig", "GatedCNN", "VisionMamba", "VisionTransformer"]
+           "CNNConfig", "PlainCNN", "GCNNConfig", "SSMConfig", "ViTConfig", "GatedCNN", "VisionMamba", "VisionTransformer"]

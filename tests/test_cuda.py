@@ -57,7 +57,7 @@ def cohort(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("encoder", ["vit", "gcnn", "ssm"])
+@pytest.mark.parametrize("encoder", ["vit", "gcnn", "ssm", "cnn"])
 def test_pretraining_under_amp_resumes_as_a_straight_run(cohort, encoder):
     """Six AMP steps straight, and three then a resume for three: finite losses, the same losses within AMP's
     tolerance (the GPU's kernels need not be bit-exact), and a checkpoint the CPU reads."""
@@ -77,7 +77,7 @@ def test_pretraining_under_amp_resumes_as_a_straight_run(cohort, encoder):
     assert all(t.device.type == "cpu" for t in ck["encoder"].values()) and len(ck["state"]["rng"]["cuda"]) == 1
 
 
-@pytest.mark.parametrize("encoder", ["vit", "gcnn", "ssm"])
+@pytest.mark.parametrize("encoder", ["vit", "gcnn", "ssm", "cnn"])
 def test_bags_from_the_gpu_equal_the_cpu_s_within_autocast_tolerance(cohort, encoder):
     data = Cohort(cohort / "c")
     enc, identity, slices = load_encoder(EncoderSpec(name=encoder, img_size=32))

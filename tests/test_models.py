@@ -123,7 +123,7 @@ def test_non_square_and_other_multiples_of_the_patch_work(name):
     with torch.no_grad():
         for h, w in ((48, 80), (96, 32), (64, 64)):
             assert enc(images(2, height=h, width=w)).shape == (2, enc.embed_dim)
-        if name == "gcnn":  # padded stride-2 convs: any size
+        if name in ("gcnn", "cnn"):  # padded stride-2 convs: any size
             assert enc(images(2, height=50, width=70)).shape == (2, enc.embed_dim)
         else:
             with pytest.raises(ValueError, match="multiples of 16"):
@@ -149,6 +149,48 @@ def test_encoder_config_rebuilds_the_same_architecture(name):
     x = images(2, channels=1, height=64, width=64)
     with torch.no_grad():
         assert torch.equal(twin(x), enc(x))
+
+
+def test_cnn_is_the_composition_of_its_convs_batchnorms_and_relus():
+    """models/cnn.py against the same arithmetic written out with torch.nn.functional, in both BatchNorm modes."""
+    enc = build_encoder("cnn", "micro", img_size=32)
+    x = images(4)
+
+    def by_hand(x, training):
+        for unit in [enc.stem, *enc.stages]:
+            conv, bn = unit[0], unit[1]
+            x = F.conv2d(x, conv.weight, None, conv.stride, 1)  # (B, D, h, w)
+            if training:  # the batch's own statistics, biased variance (BatchNorm's normalisation)
+                mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+            else:
+                mean, var = bn.running_mean, bn.running_var
+            x = (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps)
+            x = torch.relu(x * bn.weight[:, None, None] + bn.bias[:, None, None])
+        return x.mean((2, 3))  # (B, D)
+
+    with torch.no_grad():
+        expected = by_hand(x, training=True)
+        assert torch.allclose(enc.train()(x), expected, atol=1e-5)
+        enc(x + 1.0)  # move the running statistics off their init
+        assert torch.allclose(enc.eval()(x), by_hand(x, training=False), atol=1e-5)
+
+
+def test_cnn_keeps_the_hu_level_that_a_pixel_layernorm_divides_out():
+    """A lung slice in the lung window is one channel at v, the others 0 (models/cnn.py): normal lung at 0.33, ground
+    glass at 0.5. The gated CNN's per-pixel LayerNorm gives both nearly the same embedding; the CNN does not."""
+    def uniform(v):
+        x = torch.zeros(1, 3, 32, 32)
+        x[:, 0] = v
+        return x
+
+    def relative_change(enc):
+        with torch.no_grad():
+            a, b = enc.eval()(uniform(0.33)), enc(uniform(0.5))
+        return float((a - b).norm() / a.norm())
+
+    torch.manual_seed(0)
+    assert relative_change(build_encoder("gcnn", "micro", img_size=32)) < 1e-2
+    assert relative_change(build_encoder("cnn", "micro", img_size=32)) > 0.2
 
 
 def test_vit_mean_pool_averages_the_normalised_patch_tokens():
@@ -305,7 +347,8 @@ def discs(n, side, g, bright=2.0):
     return x, label
 
 
-@pytest.mark.parametrize("name, lr, steps", [("vit", 3e-4, 25), ("gcnn", 1e-3, 30), ("ssm", 1e-3, 15)])
+@pytest.mark.parametrize("name, lr, steps", [("vit", 3e-4, 25), ("gcnn", 1e-3, 30), ("ssm", 1e-3, 15),
+                                             ("cnn", 1e-3, 30)])
 def test_each_encoder_learns_bright_disc_vs_none(name, lr, steps):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

@@ -36,8 +36,8 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys, monkeypatch):
         cell = demo.auroc(out, run, "AUROC, fold mean")  # the table's cell
         assert cell["value"] is None or f"{cell['value']:.3f}" in printed.split(f"\n{task:<16} ")[1].split("\n")[0]
     assert demo.verdict(out) in printed
-    assert not (out / "corpus").exists() and not (out / "gcnn-micro-lecl.pt").exists()  # the shipped encoder
-    for bags, dim in (("bags", 192), ("bags-random", 192), ("bags-histogram", 96)):
+    assert not (out / "corpus").exists() and not (out / "cnn-micro-lecl.pt").exists()  # the shipped encoder
+    for bags, dim in (("bags", 128), ("bags-random", 128), ("bags-histogram", 96)):
         files = list((out / bags).glob("*.pt"))
         assert len(files) == 100 and torch.load(files[0], weights_only=True)["features"].shape[1] == dim, bags
     assert (out / "report.html").is_file() and (out / demo.CONTROL / "report.html").is_file()
@@ -64,7 +64,7 @@ def test_the_shipped_checkpoint_is_checked_and_is_the_recipes_run(tmp_path, monk
     assert "state" not in ck and ck["step"] == ck["steps"] == 600 and ck["data"]["scans"] == 600
     assert run_settings(ck["config"]) == run_settings(LearningConfig().pretrain_config("lecl"))
     demo.check_shipped(demo.CHECKPOINT)
-    changed = tmp_path / "gcnn-micro-lecl.pt"
+    changed = tmp_path / "cnn-micro-lecl.pt"
     changed.write_bytes(demo.CHECKPOINT.read_bytes()[:-1] + b"x")
     monkeypatch.setattr(demo, "CHECKPOINT", changed)
     with pytest.raises(ClearError, match="not the shipped checkpoint .*--pretrain"):
