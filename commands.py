@@ -201,8 +201,8 @@ def cmd_demo(args):
         if main(command) != 0:
             raise ClearError(f"demo step '{command[0]}' failed (see above); fix it and run the demo again to continue")
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Outputs in {args.out}: cohort/ (CT + masks + labels.csv), "
-          "bags*/ (slice embeddings: LeCL, random init, HU histograms), fit-*/ (metrics, predictions, attention, "
-          "report.html)")
+          "bags*/ (slice embeddings: LeCL, supervised reference, random init, HU histograms), fit-*/ (metrics, "
+          "predictions, attention, report.html)")
     print(demo.table(args.out))
     print(f"report: {report.write_demo_report(args.out)}, the tasks side by side with links to each fit's report")
     print(demo.verdict(args.out))

@@ -3,16 +3,19 @@
 It is nothing but the plain clear.py commands, in order (command_lines lists them, so a reader can copy any step):
 
     synth the cohort (120 scans, seed 0)
-    [--pretrain: synth the corpus (600 scans of other patients, seed 7), pretrain cnn-micro with LeCL (RECIPE)]
-    extract the cohort's bags three times: the LeCL encoder (the shipped CHECKPOINT, or the one just made), the
-        same encoder at random init (the floor), and HU histograms (models/reference.py: nothing learnt)
+    [--pretrain: synth the corpus (600 scans of other patients, seed 7), pretrain cnn-micro on it twice (RECIPE):
+        with LeCL, and supervised on its mask labels (the reference)]
+    extract the cohort's bags four times: the LeCL encoder and the supervised reference (the shipped CHECKPOINTS,
+        or the ones just made), the same encoder at random init (the floor), and HU histograms
+        (models/reference.py: nothing learnt)
     fit the MIL on each of the paper's three tasks (arXiv 2411.16803: tumour location, lung disease, staging)
-        with the LeCL and the random-init bags, and on lung disease with the histogram bags (the control)
+        with the LeCL, the reference and the random-init bags, and on lung disease with the histogram bags (the
+        control)
 
 Pre-training on the corpus, not on the cohort it is then evaluated on, is the paper's split (DeepLesion, then
 other cohorts) and the way to use the tool on real data: pre-train on a large lesion-annotated set, fit on your
 cohort. Pre-training that learns takes longer than the demo's five minutes on 2 CPU cores, so the demo uses the
-checkpoint that `--pretrain` makes (CHECKPOINT, its SHA-256 checked); `--pretrain` makes it again. This module
+checkpoints that `--pretrain` makes (CHECKPOINTS, their SHA-256 checked); `--pretrain` makes them again. This module
 builds the commands, guards the output folder and reads the runs' metrics.json back into the demo's table and
 verdict; commands.cmd_demo runs the commands and prints.
 """
@@ -32,13 +35,17 @@ TASKS = (  # (run name, --target, extra fit options): the paper's three endpoint
 )
 SIZE, IMG_SIZE = 128, 64  # the scans' in-plane grid, and the encoder's input: 64 px pre-trains on 2 cores
 ENCODER = ("--encoder", "cnn", "--size", "micro")  # the family and size that learn on a CPU budget (models/cnn.py)
-RECIPE = ("--method", "lecl", "--lr", "0.002", "--mlp-dim", "1024", "--checkpoint-every", "100")  # with --steps
-#         and --batch-size: bench/learning.py's LeCL run, whose curve results/learning.md shows
+RECIPE = ("--lr", "0.002", "--mlp-dim", "1024", "--checkpoint-every", "100")  # with --method, --steps and
+#         --batch-size: bench/learning.py's runs, whose curves results/learning.md shows
+PRETRAINED = ("lecl", "supervised")  # the demo's pre-trained encoders: the method, and the reference that shows
+#                                      what the encoder and the MIL can reach on these slices
 CORPUS_SEED = 7  # the corpus: as the cohort (seed 0), other patients
-CHECKPOINT = HERE / "checkpoints" / "cnn-micro-lecl.pt"  # what `clear.py demo --pretrain` makes (README)
-CHECKPOINT_SHA256 = "13da8a75a1108c7ccda263fe7718080d45c361eb402e3772ab0109071875182c"  # of CHECKPOINT as shipped
+CHECKPOINTS = {m: HERE / "checkpoints" / f"cnn-micro-{m}.pt" for m in PRETRAINED}  # what --pretrain makes
+CHECKPOINT_SHA256 = {"lecl": "13da8a75a1108c7ccda263fe7718080d45c361eb402e3772ab0109071875182c",  # as shipped
+                     "supervised": "6524fa09c7016ebf6366fc55c9263c1736b6894e22795373cb7664728383cdff"}
 COLUMNS = (("lecl", "LeCL, cnn-micro"), ("random", "random init, same encoder"),
-           ("histogram", "control: HU histograms"))  # the control learns nothing
+           ("supervised", "reference: supervised"), ("histogram", "control: HU histograms"))  # the control
+#          learns nothing; the reference is trained on the corpus's mask labels, what the method could reach
 RUNS = {(task, col): f"fit-{task}" if col == "lecl" else f"fit-{col}-{task}"  # (task, column) -> its run folder
         for task, _, _ in TASKS for col, _ in COLUMNS if col != "histogram" or task == "lung_disease"}
 CONTROL = RUNS["lung_disease", "histogram"]
@@ -47,38 +54,41 @@ DONE = {"synth": "labels.csv", "pretrain": "", "fit": "metrics.json"}  # step ->
 #       finished ("": the --out file itself); extract has none, it continues by itself where it stopped
 
 
-def checkpoint(out, pretrain):
-    """The LeCL checkpoint the demo extracts with: its own (--pretrain, or no shipped one) or the shipped one."""
-    return Path(out) / "cnn-micro-lecl.pt" if pretrain else CHECKPOINT
+def checkpoint(out, pretrain, method="lecl"):
+    """The checkpoint of `method` (PRETRAINED) the demo extracts with: its own (--pretrain) or the shipped one."""
+    return Path(out) / f"cnn-micro-{method}.pt" if pretrain else CHECKPOINTS[method]
 
 
 def check_shipped(path):
     """The shipped checkpoint must be the file the README's command made, byte for byte (not a stub or a copy that
     something changed)."""
-    if path != CHECKPOINT:
+    method = next((m for m, p in CHECKPOINTS.items() if p == path), None)
+    if method is None:
         return
     if not path.is_file():
         raise ClearError(f"{path}: missing; run the demo with --pretrain")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != CHECKPOINT_SHA256:
+    if hashlib.sha256(path.read_bytes()).hexdigest() != CHECKPOINT_SHA256[method]:
         raise ClearError(f"{path}: not the shipped checkpoint (its SHA-256 differs); run the demo with --pretrain")
 
 
 def command_lines(out, n, corpus, steps, batch_size, pretrain, contrast, lesion_scale):
     """The demo as the plain clear.py commands it runs, so a reader can copy any step."""
     out = Path(out)
-    cohort, ckpt = out / "cohort", checkpoint(out, pretrain)
+    cohort, ckpt = out / "cohort", {m: checkpoint(out, pretrain, m) for m in PRETRAINED}
     grid = ("--size", SIZE, "--thickness", 4, 5)
     commands = [["synth", "--out", cohort, "--n", n, *grid, "--contrast", contrast, "--lesion-scale", lesion_scale]]
-    if ckpt != CHECKPOINT:
-        commands += [["synth", "--out", out / "corpus", "--n", corpus, *grid, "--seed", CORPUS_SEED],
-                     ["pretrain", "--data", out / "corpus", "--out", ckpt, *ENCODER, "--img-size", IMG_SIZE, *RECIPE,
-                      "--steps", steps, "--batch-size", batch_size, "--slim"]]
-    commands += [["extract", "--data", cohort, "--out", out / "bags", "--checkpoint", ckpt],
-                 ["extract", "--data", cohort, "--out", out / "bags-random", *ENCODER, "--random-init",
+    if pretrain:
+        commands += [["synth", "--out", out / "corpus", "--n", corpus, *grid, "--seed", CORPUS_SEED]]
+        commands += [["pretrain", "--data", out / "corpus", "--out", ckpt[m], *ENCODER, "--img-size", IMG_SIZE,
+                      "--method", m, *RECIPE, "--steps", steps, "--batch-size", batch_size, "--slim"]
+                     for m in PRETRAINED]
+    bags = {"lecl": out / "bags", "supervised": out / "bags-supervised", "random": out / "bags-random",
+            "histogram": out / "bags-histogram"}
+    commands += [["extract", "--data", cohort, "--out", bags[m], "--checkpoint", ckpt[m]] for m in PRETRAINED]
+    commands += [["extract", "--data", cohort, "--out", out / "bags-random", *ENCODER, "--random-init",
                   "--img-size", IMG_SIZE],
                  ["extract", "--data", cohort, "--out", out / "bags-histogram", "--img-size", IMG_SIZE,
                   "--encoder-module", f"{HERE / 'models' / 'reference.py'}:HUHistogram"]]
-    bags = {"lecl": out / "bags", "random": out / "bags-random", "histogram": out / "bags-histogram"}
     commands += [["fit", "--bags", bags[col], "--labels", cohort / "labels.csv", "--target", target, "--out", out / run,
                   *extra] for col, _ in COLUMNS for task, target, extra in TASKS if (run := RUNS.get((task, col)))]
     return [[str(a) for a in c] for c in commands]
@@ -102,7 +112,8 @@ def steps(out, settings):
     """open_folder, then each command of command_lines with the file that marks it finished if that exists (a re-run
     skips it), else None; a pre-training stopped part-way is resumed."""
     open_folder(out, settings)
-    check_shipped(checkpoint(out, settings["pretrain"]))
+    for method in PRETRAINED:
+        check_shipped(checkpoint(out, settings["pretrain"], method))
     for command in command_lines(out, **settings):
         done = finished(command)
         if command[0] == "pretrain" and done.exists() and not pretrained(done):
@@ -142,12 +153,14 @@ def above_chance(row):
 
 
 def verdict(out):
-    """The demo's reading of its own table: which tasks the LeCL encoder, random init and the control find."""
+    """The demo's reading of its own table: which tasks the LeCL encoder, random init, the reference and the
+    control find."""
     found = {col: [t for t, _, _ in TASKS if (t, col) in RUNS
                    and above_chance(auroc(out, RUNS[t, col], "AUROC, fold mean"))] for col, _ in COLUMNS}
     lecl = ", ".join(found["lecl"]) or "none"
     text = (f"Above chance (the fold mean's 95 % CI above 0.5) with the LeCL encoder: {lecl}; at random init: "
-            f"{', '.join(found['random']) or 'none'}; the HU-histogram control: "
+            f"{', '.join(found['random']) or 'none'}; the supervised reference: "
+            f"{', '.join(found['supervised']) or 'none'}; the HU-histogram control: "
             f"{'lung disease' if found['histogram'] else 'at chance'}.")
     if not found["histogram"]:
         text += " With the control at chance, the cohort's findings are too faint for the table to say anything."

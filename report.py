@@ -249,8 +249,8 @@ def write_fit_report(run_dir, bags):
 
 def write_demo_report(demo_dir):
     """DEMO/report.html: each demo task in a row, a column per encoder the demo fits it with (demo.COLUMNS: the LeCL
-    encoder, random init, the HU-histogram control), each cell the run's AUROCs, the ROC of each label pooled, and
-    a link to its report."""
+    encoder, random init, the supervised reference, the HU-histogram control), each cell the run's AUROCs, the ROC
+    of each label pooled, and a link to its report."""
     import demo
 
     out = Path(demo_dir)

@@ -209,12 +209,13 @@ def test_the_demo_report_sets_the_tasks_side_by_side_and_links_each_fit(tmp_path
     text = report.write_demo_report(out).read_text()
     page = Page(text)
     assert not re.search(r"\w+://|<script|<link", text)
-    in_rows = ["fit-location", "fit-random-location", "fit-lung_disease", "fit-random-lung_disease", demo.CONTROL,
-               "fit-stage", "fit-random-stage"]  # task by task, then its columns
+    in_rows = ["fit-location", "fit-random-location", "fit-supervised-location", "fit-lung_disease",
+               "fit-random-lung_disease", "fit-supervised-lung_disease", demo.CONTROL,
+               "fit-stage", "fit-random-stage", "fit-supervised-stage"]  # task by task, then its columns
     assert [a["href"] for a in page.find("a")] == [f"{r}/report.html" for r in in_rows]
     assert all((out / a["href"]).is_file() for a in page.find("a"))
     assert len(page.find("svg", "roc")) == len(runs)
-    assert len(page.find("polyline", "pooled")) == len(runs) + 2  # each multi-label location run draws both labels
+    assert len(page.find("polyline", "pooled")) == len(runs) + 3  # each multi-label location run draws both labels
     assert text.count("not run by the demo") == 2  # the control on location and stage
 
 

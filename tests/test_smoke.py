@@ -36,8 +36,8 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys, monkeypatch):
         cell = demo.auroc(out, run, "AUROC, fold mean")  # the table's cell
         assert cell["value"] is None or f"{cell['value']:.3f}" in printed.split(f"\n{task:<16} ")[1].split("\n")[0]
     assert demo.verdict(out) in printed
-    assert not (out / "corpus").exists() and not (out / "cnn-micro-lecl.pt").exists()  # the shipped encoder
-    for bags, dim in (("bags", 128), ("bags-random", 128), ("bags-histogram", 96)):
+    assert not (out / "corpus").exists() and not list(out.glob("*.pt"))  # the shipped encoders
+    for bags, dim in (("bags", 128), ("bags-supervised", 128), ("bags-random", 128), ("bags-histogram", 96)):
         files = list((out / bags).glob("*.pt"))
         assert len(files) == 100 and torch.load(files[0], weights_only=True)["features"].shape[1] == dim, bags
     assert (out / "report.html").is_file() and (out / demo.CONTROL / "report.html").is_file()
@@ -54,19 +54,21 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys, monkeypatch):
     assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
-def test_the_shipped_checkpoint_is_checked_and_is_the_recipes_run(tmp_path, monkeypatch):
-    """The shipped checkpoint is slim (no training state) and was made by the demo's --pretrain recipe: the same
+@pytest.mark.parametrize("method", demo.PRETRAINED)
+def test_the_shipped_checkpoints_are_checked_and_are_the_recipes_runs(tmp_path, monkeypatch, method):
+    """Each shipped checkpoint is slim (no training state) and was made by the demo's --pretrain recipe: the same
     settings, 600 steps on the 600-scan corpus; a changed or missing copy is refused in one line."""
     from bench.learning import LearningConfig
     from checkpoint import run_settings
 
-    ck = torch.load(demo.CHECKPOINT, weights_only=True)
+    shipped = demo.CHECKPOINTS[method]
+    ck = torch.load(shipped, weights_only=True)
     assert "state" not in ck and ck["step"] == ck["steps"] == 600 and ck["data"]["scans"] == 600
-    assert run_settings(ck["config"]) == run_settings(LearningConfig().pretrain_config("lecl"))
-    demo.check_shipped(demo.CHECKPOINT)
-    changed = tmp_path / "cnn-micro-lecl.pt"
-    changed.write_bytes(demo.CHECKPOINT.read_bytes()[:-1] + b"x")
-    monkeypatch.setattr(demo, "CHECKPOINT", changed)
+    assert run_settings(ck["config"]) == run_settings(LearningConfig().pretrain_config(method))
+    demo.check_shipped(shipped)
+    changed = tmp_path / shipped.name
+    changed.write_bytes(shipped.read_bytes()[:-1] + b"x")
+    monkeypatch.setitem(demo.CHECKPOINTS, method, changed)
     with pytest.raises(ClearError, match="not the shipped checkpoint .*--pretrain"):
         demo.check_shipped(changed)
     changed.unlink()
@@ -95,18 +97,20 @@ def test_a_demo_pretraining_stopped_part_way_is_resumed_not_skipped(tmp_path):
     assert pretrain_step()[1] == ckpt
 
 
-def test_the_demo_pretrains_with_the_learning_curves_lecl_recipe():
-    """The demo's --pretrain command is the LeCL run of benchmark.py learning, whose curve results/learning.md
-    shows, and its corpus is that run's corpus: the shipped checkpoint is that run's last point."""
+def test_the_demo_pretrains_with_the_learning_curves_recipes():
+    """The demo's --pretrain commands are the LeCL and supervised runs of benchmark.py learning, whose curves
+    results/learning.md shows, and its corpus is those runs' corpus: the shipped checkpoints are their last points."""
     from bench.learning import LearningConfig
     from checkpoint import run_settings
     from cli import config_from
     from pretrain import PretrainConfig
 
     lines = demo.command_lines("d", **{**SETTINGS, "n": 120, "pretrain": True})
-    synth, pretrain = (clear.build_parser().parse_args(c) for c in lines[1:3])
+    synth, *pretrains = (clear.build_parser().parse_args(c) for c in lines[1:2 + len(demo.PRETRAINED)])
     want = LearningConfig()
-    assert run_settings(config_from(PretrainConfig, pretrain)) == run_settings(want.pretrain_config("lecl"))
+    for method, pretrain in zip(demo.PRETRAINED, pretrains, strict=True):
+        assert pretrain.cmd == "pretrain"
+        assert run_settings(config_from(PretrainConfig, pretrain)) == run_settings(want.pretrain_config(method))
     corpus = want.corpus
     assert (synth.n, synth.size, tuple(synth.thickness), synth.seed) == (corpus.n, corpus.size, corpus.thickness,
                                                                          corpus.seed)
@@ -147,12 +151,12 @@ def fake_run(out, run, low):
 
 
 @pytest.mark.parametrize("lows, says", [
-    ({"lecl": (0.6, 0.7, 0.55), "random": (0.3, 0.4, 0.45), "histogram": (0.8,)},
+    ({"lecl": (0.6, 0.7, 0.55), "random": (0.3, 0.4, 0.45), "supervised": (0.4, 0.8, 0.3), "histogram": (0.8,)},
      "Above chance (the fold mean's 95 % CI above 0.5) with the LeCL encoder: location, lung_disease, stage; at "
-     "random init: none; the HU-histogram control: lung disease."),
-    ({"lecl": (0.6, 0.5, None), "random": (0.55, 0.2, 0.3), "histogram": (0.45,)},
+     "random init: none; the supervised reference: lung_disease; the HU-histogram control: lung disease."),
+    ({"lecl": (0.6, 0.5, None), "random": (0.55, 0.2, 0.3), "supervised": (0.3, 0.3, 0.3), "histogram": (0.45,)},
      "Above chance (the fold mean's 95 % CI above 0.5) with the LeCL encoder: location; at random init: location; "
-     "the HU-histogram control: at chance. With the control at chance"),
+     "the supervised reference: none; the HU-histogram control: at chance. With the control at chance"),
 ])
 def test_the_demo_reads_its_table_from_the_metrics(tmp_path, lows, says):
     for col, values in lows.items():
