@@ -43,7 +43,7 @@ class LearningConfig:
     encoder: str = "cnn"  # the demo's: the family that keeps the HU level (models/cnn.py)
     size: str = "micro"
     img_size: int = 64  # the demo's and the accuracy table's slices
-    steps: int = 600  # per run: about 10 min for gcnn-micro on 2 cores
+    steps: int = 600  # per run: about 7 min for cnn-micro on 2 cores
     every: int = 100  # steps between twin tests
     batch_size: int = 128
     lr: float = 2e-3  # at batch 256 (AdamW, pretrain.lr_at scales it): a small model takes a large rate
