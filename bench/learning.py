@@ -14,7 +14,6 @@ matplotlib is installed, learning.png. A re-run reuses the corpus, the slice cac
 """
 import json
 import shlex
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -236,14 +235,32 @@ def write_report(curves, cfg, out, command):
 # ------------------------------------------------------------------------------------------------- command
 
 
+OPTIONS = ("encoder", "size", "steps", "every", "batch_size", "device")  # the LearningConfig fields that
+#                                                                           benchmark.py learning's options set
+
+
+def config_from(args):
+    """The LearningConfig of `benchmark.py learning`'s options: LearningConfig's defaults where none is given."""
+    given = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
+    return replace(LearningConfig(), **given, **({"methods": tuple(args.methods)} if args.methods else {}))
+
+
+def command_line(cfg, out):
+    """The command that makes the curves of `cfg` in `out`: each option whose value is not the default. Not the
+    command just run: learning.json gathers the methods of several runs, each with its own --methods (and
+    --work, where the files of the run go), so what makes the whole table is the command without them."""
+    default, parts = LearningConfig(), ["python", "benchmark.py", "learning"]
+    for k in OPTIONS:
+        if getattr(cfg, k) != getattr(default, k):
+            parts += [f"--{k.replace('_', '-')}", str(getattr(cfg, k))]
+    return shlex.join(parts + (["--out", str(out)] if str(out) != "results" else []))
+
+
 def command(args):
     """Learning curves of LeCL, MoCo v3 and the supervised ceiling (bench/learning.py): results/learning.md."""
-    cfg = replace(LearningConfig(), **{k: v for k, v in dict(
-        encoder=args.encoder, size=args.size, steps=args.steps, every=args.every, batch_size=args.batch_size,
-        methods=tuple(args.methods) if args.methods else None, device=args.device).items() if v is not None})
-    out = args.out or "results"
+    cfg, out = config_from(args), args.out or "results"
     curves = run(cfg, out, args.work or f"{out}/work-learning",
                  progress=lambda desc: lambda it, total: progress_bar(it, total=total, desc=desc, unit="scan"),
                  log=print)
-    write_report(curves, cfg, out, "python benchmark.py " + shlex.join(sys.argv[1:]))
+    write_report(curves, cfg, out, command_line(cfg, out))
     print(f"learning curves in {out}/learning.md")

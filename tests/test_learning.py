@@ -56,3 +56,18 @@ def test_curves_stop_and_resume_into_the_uninterrupted_run_and_the_report_shows_
             assert [float(c) for c in cells] == [round(kept[f"{method}/{s}"][finding], 3) for s in (0, 2, 4)]
     svg = ElementTree.parse(tmp_path / "out/learning.svg").getroot()
     assert len(svg.findall(".//{http://www.w3.org/2000/svg}polyline")) == len(TINY.methods) * len(FINDINGS)
+
+
+@pytest.mark.parametrize("cfg, out", [(LearningConfig(), "results"),
+                                      (replace(LearningConfig(), encoder="gcnn", steps=300), "results/gcnn")])
+def test_the_report_s_command_makes_the_curves_it_shows(cfg, out):
+    """learning.md names the command that makes its curves, whichever runs (--methods, --work) filled it: read back
+    through benchmark.py's own parser, it gives the same settings and the same folder."""
+    import shlex
+
+    import benchmark
+
+    line = learning.command_line(cfg, out)
+    args = benchmark.build_parser().parse_args(shlex.split(line)[2:])
+    assert line.startswith("python benchmark.py learning") and "--methods" not in line and "--work" not in line
+    assert learning.config_from(args) == cfg and (args.out or "results") == out
