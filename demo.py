@@ -56,7 +56,7 @@ DONE = {"synth": "labels.csv", "pretrain": "", "fit": "metrics.json"}  # step ->
 
 def checkpoint(out, pretrain, method="lecl"):
     """The checkpoint of `method` (PRETRAINED) the demo extracts with: its own (--pretrain) or the shipped one."""
-    return Path(out) / f"cnn-micro-{method}.pt" if pretrain else CHECKPOINTS[method]
+    return Path(out) / CHECKPOINTS[method].name if pretrain else CHECKPOINTS[method]
 
 
 def check_shipped(path):
