@@ -31,6 +31,7 @@ from views import ViewConfig
 
 TUMOURS = tuple(range(1, 9))  # phantom's tumour labels, one per site
 FINDINGS = {"ground glass": (LUNG_GGO,), "emphysema": (LUNG_EMPHYSEMA,), "tumours": TUMOURS}
+TEST_SEED = 0  # the twin probe's patient folds: one test for every run, whatever its --seed
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class LearningConfig:
     lr: float = 2e-3  # at batch 256 (AdamW, pretrain.lr_at scales it): a small model takes a large rate
     mlp_dim: int = 1024  # MoCo heads' hidden width: 4096 costs more than the micro encoder itself
     views: ViewConfig = ViewConfig()
+    lesion_weight: float = PretrainConfig.lesion_weight  # LeCL's w (lecl.py): --lesion-weight 0 and 10 are the
+    #                                                      curves of docs/results.md's "What LeCL's two parts do"
     methods: tuple = METHODS
     seed: int = 0
     device: str = "auto"
@@ -55,7 +58,8 @@ class LearningConfig:
     def pretrain_config(self, method):
         return PretrainConfig(encoder=self.encoder, size=self.size, method=method, steps=self.steps,
                               batch_size=self.batch_size, lr=self.lr, mlp_dim=self.mlp_dim, img_size=self.img_size,
-                              views=self.views, seed=self.seed, device=self.device, checkpoint_every=self.every)
+                              views=self.views, lesion_weight=self.lesion_weight, seed=self.seed,
+                              device=self.device, checkpoint_every=self.every)
 
 
 @dataclass
@@ -111,7 +115,7 @@ def run(cfg, out, work, progress=None, log=lambda text: None):
             tmp.write_text(json.dumps({"config": asdict(cfg), "keys": keys, "points": curves.points}, indent=1))
 
     def point(method, step, encoder):
-        curves.add(method, step, twin_aurocs(encoder, twins, cfg.seed))
+        curves.add(method, step, twin_aurocs(encoder, twins, TEST_SEED))
         save()
         log(f"{method} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curves.points[f"{method}/{step}"].items()))
 
@@ -235,8 +239,8 @@ def write_report(curves, cfg, out, command):
 # ------------------------------------------------------------------------------------------------- command
 
 
-OPTIONS = ("encoder", "size", "steps", "every", "batch_size", "device")  # the LearningConfig fields that
-#                                                                           benchmark.py learning's options set
+OPTIONS = ("encoder", "size", "img_size", "steps", "every", "batch_size", "lesion_weight", "seed", "device")  # the
+#          LearningConfig fields that benchmark.py learning's options set
 
 
 def config_from(args):
