@@ -41,8 +41,8 @@ PRETRAINED = ("lecl", "supervised")  # the demo's pre-trained encoders: the meth
 #                                      what the encoder and the MIL can reach on these slices
 CORPUS_SEED = 7  # the corpus: as the cohort (seed 0), other patients
 CHECKPOINTS = {m: HERE / "checkpoints" / f"cnn-micro-{m}.pt" for m in PRETRAINED}  # what --pretrain makes
-CHECKPOINT_SHA256 = {"lecl": "13da8a75a1108c7ccda263fe7718080d45c361eb402e3772ab0109071875182c",  # as shipped
-                     "supervised": "6524fa09c7016ebf6366fc55c9263c1736b6894e22795373cb7664728383cdff"}
+CHECKPOINT_SHA256 = {"lecl": "922b4dd3677879d0321cda30fee40d932b75ac5fc5e4f443985ca67caae46edd",  # as shipped
+                     "supervised": "2d3162b5a4c8ba7ebf8aca5208f76181f4e39f1f1872b4046a307227db113a00"}
 COLUMNS = (("lecl", "LeCL, cnn-micro"), ("random", "random init, same encoder"),
            ("supervised", "reference: supervised"), ("histogram", "control: HU histograms"))  # the control
 #          learns nothing; the reference is trained on the corpus's mask labels, what the method could reach

@@ -13,7 +13,9 @@ slices and their two views are views.py.
     loss = 2τ · mean_i ℓ_i                                      MoCo v3's scaling of the cross-entropy
 
 Keys of lesion slices enter the denominator a second time, up-weighted by w: hard negatives that push lesion
-embeddings apart. With no lesion key, or w = 0, ℓ is MoCo v3's InfoNCE; the `moco` ablation is w = 0.
+embeddings apart. With no lesion key, or w = 0, ℓ is MoCo v3's InfoNCE. w defaults to 1, as the official
+code's --sample-weight does (its forward's own default is 10); at τ = 0.2 a weight of 10 makes each lesion key's
+term exp(50 cos), and on the corpus that unlearns what lesion slices share (docs/results.md, "Learning curves").
 
 Across processes (pretrain.py starts them under torchrun): keys and lesion flags are all-gathered, so each
 process contrasts its N queries with all M = world · N keys (its own at offset rank · N); the heads' BatchNorm
@@ -25,7 +27,8 @@ C window channels, S input size, F BatchNorm features.
 
 Departures from MoCo v3 and the official code (KatherLab/CLEAR, a MoCo v3 fork): w = 0 drops the lesion term
 (the formula as written would add exp(0) = 1 per lesion key); the two views share one encoder call (the
-encoders normalise per sample, so this equals two calls), the heads see each view alone; MoCo v3 freezes its
+LayerNorm encoders normalise per sample, so this equals two calls; cnn's BatchNorm takes its statistics over both
+views' 2N slices, the official code's over each view's N), the heads see each view alone; MoCo v3 freezes its
 ViT's random patch projection (a stability trick, its Sec. 5), here every encoder trains whole by default, and
 pretrain.py's `freeze_stem` freezes the first layer of any of the three families alike (models.stem).
 """
@@ -38,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def lecl_loss(q, k, lesion, weight=10.0, temperature=1.0, offset=0):
+def lecl_loss(q, k, lesion, weight=1.0, temperature=1.0, offset=0):
     """LeCL's contrastive loss of queries q (N, d) against keys k (M, d), M >= N the keys of all processes with
     this one's at rows offset .. offset + N; lesion (M,) bool marks keys of lesion slices. Returns the scalar
 
@@ -143,7 +146,7 @@ def mlp(num_layers, in_dim, hidden, out_dim, last_bn):
 class MoCo(nn.Module):
     """Base encoder + projector + predictor, and their momentum copies (encoder + projector); forward -> loss."""
 
-    def __init__(self, encoder, proj_dim=256, mlp_dim=4096, temperature=0.2, lesion_weight=10.0):
+    def __init__(self, encoder, proj_dim=256, mlp_dim=4096, temperature=0.2, lesion_weight=1.0):
         super().__init__()
         self.temperature, self.lesion_weight = temperature, lesion_weight
         self.encoder = encoder

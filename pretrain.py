@@ -62,7 +62,9 @@ class PretrainConfig:
     warmup: float = 0.1  # share of the steps spent warming the lr up (MoCo v3: 40 of 300 epochs)
     momentum: float = 0.99  # m_0, rising to 1 on a cosine: MoCo v3's ViT value
     temperature: float = 0.2  # τ: MoCo v3's ViT recipe (its code's default 1.0 is for ResNets)
-    lesion_weight: float = 10.0  # w: how strongly lesion keys count again as hard negatives
+    lesion_weight: float = 1.0  # w: how strongly lesion keys count again as hard negatives; 1 is the official
+    #                             code's default (KatherLab/CLEAR main_moco.py --sample-weight). Larger w unlearns
+    #                             what lesion slices share, such as ground glass (docs/results.md, "Learning curves")
     lesion_fraction: float | None = 0.5  # share of lesion slices per batch; None: as often as in the cohort
     lesion_labels: tuple | None = None  # mask labels that are lesions; None: any non-zero label
     proj_dim: int = 256  # d: MoCo v3's --moco-dim
