@@ -3,6 +3,7 @@ check that each finishes and writes well-formed results (every table cell presen
 itself: at this size every AUROC is noise, and the real figures come from the full commands (README)."""
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -66,6 +67,8 @@ def test_the_shipped_checkpoints_are_checked_and_are_the_recipes_runs(tmp_path, 
     assert "state" not in ck and ck["step"] == ck["steps"] == 600 and ck["data"]["scans"] == 600
     assert run_settings(ck["config"]) == run_settings(LearningConfig().pretrain_config(method))
     demo.check_shipped(shipped)
+    readme = (demo.HERE / "README.md").read_text()  # the README names each file with the hash it is checked against
+    assert re.search(rf"{re.escape(shipped.name)}\s+{demo.CHECKPOINT_SHA256[method]}\b", readme)
     changed = tmp_path / shipped.name
     changed.write_bytes(shipped.read_bytes()[:-1] + b"x")
     monkeypatch.setitem(demo.CHECKPOINTS, method, changed)
