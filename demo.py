@@ -85,9 +85,9 @@ def command_lines(out, n, corpus, steps, batch_size, pretrain, contrast, lesion_
     bags = {"lecl": out / "bags", "supervised": out / "bags-supervised", "random": out / "bags-random",
             "histogram": out / "bags-histogram"}
     commands += [["extract", "--data", cohort, "--out", bags[m], "--checkpoint", ckpt[m]] for m in PRETRAINED]
-    commands += [["extract", "--data", cohort, "--out", out / "bags-random", *ENCODER, "--random-init",
+    commands += [["extract", "--data", cohort, "--out", bags["random"], *ENCODER, "--random-init",
                   "--img-size", IMG_SIZE],
-                 ["extract", "--data", cohort, "--out", out / "bags-histogram", "--img-size", IMG_SIZE,
+                 ["extract", "--data", cohort, "--out", bags["histogram"], "--img-size", IMG_SIZE,
                   "--encoder-module", f"{HERE / 'models' / 'reference.py'}:HUHistogram"]]
     commands += [["fit", "--bags", bags[col], "--labels", cohort / "labels.csv", "--target", target, "--out", out / run,
                   *extra] for col, _ in COLUMNS for task, target, extra in TASKS if (run := RUNS.get((task, col)))]
