@@ -9,6 +9,7 @@
     python benchmark.py probe --data COHORT --bags BAGS   # does an encoder see the lesions of the masks?
     python benchmark.py twin --checkpoint E.pt  # ... and with anatomy and noise held fixed (synthetic twins)?
     python benchmark.py learning    # twin test against pre-training steps: LeCL, MoCo, supervised ceiling
+    python benchmark.py readout --bags BAGS --labels L.csv --target T  # the MIL beside a pooled linear readout
 
 The experiments are bench/ (bench/README.md: what each command measures and where its results go); this file
 only reads the options and hands them to bench/commands.py.
@@ -16,7 +17,7 @@ only reads the options and hands them to bench/commands.py.
 import argparse
 import sys
 
-from bench import commands, learning
+from bench import commands, learning, readout
 from bench.config import AccuracyConfig
 from cli import run_command
 from models import SIZES
@@ -120,6 +121,12 @@ def build_parser():
     p_learn.add_argument("--methods", nargs="+", choices=METHODS, help="default all three")
     p_learn.add_argument("--device", help="auto | cpu | cuda (default auto)")
     p_learn.set_defaults(func=learning.command)
+    p_read = sub.add_parser("readout", help="does the MIL keep what a linear readout of mean/max-pooled bags finds? "
+                                            "both on the folds of clear.py fit")
+    p_read.add_argument("--bags", required=True, help="bag folder from clear.py extract")
+    p_read.add_argument("--labels", required=True, help="labels.csv of the bags' scans")
+    p_read.add_argument("--target", required=True, help="a binary label column, e.g. lung_disease")
+    p_read.set_defaults(func=readout.command)
     return parser
 
 
