@@ -40,6 +40,22 @@ def lesion_slice_flags(cohort, bags, labels=None):
     return tuple(out)
 
 
+def logistic(x, y, l2, iters=200):
+    """argmin_w,b  mean_i BCE(x_i . w + b, y_i) + l2 |w|^2  by L-BFGS: x (N, F), y (N,) 0/1 -> (w (F,), b). The
+    objective is strictly convex, so L-BFGS reaches its one minimum (tests/test_readout.py checks the gradient)."""
+    x, y = x.double(), y.double()
+    wb = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)  # (F + 1,): w, then b
+    opt = torch.optim.LBFGS([wb], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ wb[:-1] + wb[-1], y) + l2 * wb[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(objective)
+    return wb[:-1].detach(), wb[-1].detach()
+
+
 def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
     """Does the encoder see lesions? A linear probe: L2-regularised logistic regression (LBFGS) of the per-slice
     lesion flags on the standardised slice embeddings, in `folds` patient folds stratified by whether a patient
@@ -57,18 +73,8 @@ def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
         if len(set(y[test].tolist())) < 2 or len(set(y[~test].tolist())) < 2:
             continue
         z = (x - x[~test].mean(0)) / (x[~test].std(0) + 1e-6)  # (T, D), training slices' statistics
-        w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)  # weights and bias
-        opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            logits = z[~test] @ w[:-1] + w[-1]
-            loss = F.binary_cross_entropy_with_logits(logits, y[~test]) + l2 * (w[:-1] ** 2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        aucs.append(auroc(y[test].numpy(), (z[test] @ w[:-1]).detach().numpy()))
+        w, _ = logistic(z[~test], y[~test], l2)
+        aucs.append(auroc(y[test].numpy(), (z[test] @ w).numpy()))
     return float(np.mean(aucs)) if aucs else float("nan")
 
 

@@ -17,32 +17,15 @@ Shapes: N labelled scans, L slices of a scan, D feature width, F pooled width (D
 """
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import cv
 import metrics
+from bench.probe import logistic
 from files import ClearError
 
 POOLS = {"mean": lambda x: x.mean(0), "max": lambda x: x.amax(0),
          "mean+max": lambda x: torch.cat([x.mean(0), x.amax(0)])}  # (L, D) -> (F,)
 L2 = (1e-3, 1e-2, 1e-1)  # penalty l2 * |w|^2 beside the mean log-loss: weak, moderate, strong for ~100 scans
-
-
-def logistic(x, y, l2, iters=500):
-    """argmin_w,b  mean_i BCE(x_i . w + b, y_i) + l2 |w|^2  by L-BFGS: x (N, F), y (N,) 0/1 -> (w (F,), b).
-    The objective is strictly convex, so L-BFGS reaches its one minimum (a test checks the gradient there)."""
-    x, y = x.double(), y.double()
-    wb = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)  # (F + 1,): w, then b
-    opt = torch.optim.LBFGS([wb], max_iter=iters, tolerance_grad=1e-10, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-
-    def objective():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(x @ wb[:-1] + wb[-1], y) + l2 * wb[:-1].pow(2).sum()
-        loss.backward()
-        return loss
-    opt.step(objective)
-    return wb[:-1].detach(), wb[-1].detach()
 
 
 def linear_readout(bags, labels, cfg, pool, l2):

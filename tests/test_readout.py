@@ -1,4 +1,4 @@
-"""bench/readout.py: the logistic regression reaches its minimum (the gradient worked by hand vanishes there), and
+"""bench/readout.py: the logistic regression (bench/probe.py's) reaches its minimum (the gradient worked by hand vanishes there), and
 the pooled readout scores on the folds of clear.py fit and reads a planted focal signal through max pooling."""
 import dataclasses
 import sys
@@ -10,7 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv  # noqa: E402
 import mil  # noqa: E402
-from bench.readout import linear_readout, logistic  # noqa: E402
+from bench.probe import logistic  # noqa: E402
+from bench.readout import linear_readout  # noqa: E402
 from test_cv import FAST, cohort  # noqa: E402
 from test_mil import one_thread  # noqa: E402, F401  (autouse fixture)
 
@@ -23,7 +24,7 @@ def test_logistic_gradient_vanishes_at_its_result():
         w, b = logistic(x, y, l2)
         r = torch.sigmoid(x @ w + b) - y  # (N,) d(BCE)/d(logit)
         grad_w = x.T @ r / len(y) + 2 * l2 * w  # d/dw of mean BCE + l2 |w|^2, by hand
-        assert grad_w.abs().max() < 1e-6 and abs(float(r.mean())) < 1e-6
+        assert grad_w.abs().max() < 1e-5 and abs(float(r.mean())) < 1e-5  # ~0.3 at the start
         assert w[0] > 0.5  # the informative feature carries the weight
 
 
