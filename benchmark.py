@@ -105,6 +105,9 @@ def build_parser():
                         "(default: the accuracy benchmark's 64)")
     p_twin.add_argument("--n", type=int, default=60, help="patients drawn (those with each finding are used)")
     p_twin.add_argument("--seed", type=int, default=0, help="the cohort's seed (0: the accuracy benchmark's)")
+    p_twin.add_argument("--bags", help="also read each finding's twin direction on these bags (same encoder) of "
+                        "another cohort's scans: does it find the scans with the finding? needs --data")
+    p_twin.add_argument("--data", help="the bags' cohort folder, with masks/")
     p_twin.set_defaults(func=commands.bench_twin, resumes=False)
     p_learn = sub.add_parser("learning", help="learning curves: the twin test against pre-training steps, for LeCL, "
                                               "MoCo v3 and the supervised ceiling, on a corpus apart from the cohort")

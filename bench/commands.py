@@ -266,15 +266,23 @@ def bench_probe(args):
 
 
 def bench_twin(args):
-    """The twin test (probe.twin_probe) of one encoder on the accuracy benchmark's cohort, one row per finding."""
+    """The twin test (probe.twin_probe) of one encoder on the accuracy benchmark's cohort, one row per finding;
+    with --bags, each finding's twin direction read on those bags' scans (probe.scan_reading)."""
     from bench.config import TUMOUR_LABELS, AccuracyConfig
-    from bench.probe import twin_probe, twin_slices
+    from bench.probe import lesion_slice_flags, scan_reading, twin_direction, twin_probe, twin_slices
+    from cohort import Cohort
     from extract import EncoderSpec, load_encoder
+    from mil import load_bags
     from phantom import LUNG_EMPHYSEMA, LUNG_GGO
 
     spec = EncoderSpec(checkpoint=args.checkpoint, name=args.encoder, module=args.encoder_module,
                        img_size=args.img_size)
     encoder, identity, slices = load_encoder(spec)
+    bags = load_bags(args.bags) if args.bags else None
+    if bags and (bags.encoder != identity or not args.data):
+        raise ClearError(f"{args.bags}: bags of encoder {bags.encoder}, not of {identity}" if args.data else
+                         "--bags: needs --data, the bags' cohort folder with masks/")
+    data = Cohort(args.data) if bags else None
     slices = dataclasses.replace(slices, thickness_mm=None)
     cohort = dataclasses.replace(AccuracyConfig().cohort, seed=args.seed)
     findings = {f"ground glass (mask {LUNG_GGO})": (LUNG_GGO,), f"emphysema ({LUNG_EMPHYSEMA})": (LUNG_EMPHYSEMA,),
@@ -282,8 +290,15 @@ def bench_twin(args):
     twins = twin_slices(cohort, range(args.n), findings, slices)
     print(f"twin test of {identity['name']}, {identity['source']}, at {slices.img_size} px, on patients "
           f"0-{args.n - 1} of the synthetic cohort (seed {args.seed}, {cohort.size} px): each slice with a finding "
-          f"against the same slice of its twin without it\n")
-    print("| finding | patients | slice pairs | twin probe AUROC | consistency |\n|---|---:|---:|---:|---:|")
-    for name, pairs in twins.items():
+          f"against the same slice of its twin without it" + (f"; its direction read on {args.bags}'s scans of "
+                                                              f"other patients (highest slice)" if bags else "") + "\n")
+    print("| finding | patients | slice pairs | twin probe AUROC | consistency |" + (" scans |" if bags else "")
+          + "\n|---|---:|---:|---:|---:|" + ("---:|" if bags else ""))
+    skip = {f"P{p:04d}" for p in range(args.n)}  # synth.py's patient names
+    for (name, pairs), labels in zip(twins.items(), findings.values()):
         auc, cons = twin_probe(encoder, pairs, args.seed)
-        print(f"| {name} | {len(pairs)} | {sum(len(w) for _, w, _ in pairs)} | {auc:.3f} | {cons:.2f} |")
+        read = ""
+        if bags:
+            found = lesion_slice_flags(data, bags, labels)  # (L_i,) per scan
+            read = f" {scan_reading(twin_direction(encoder, pairs), bags, found, skip):.3f} |"
+        print(f"| {name} | {len(pairs)} | {sum(len(w) for _, w, _ in pairs)} | {auc:.3f} | {cons:.2f} |{read}")

@@ -115,6 +115,28 @@ def twin_probe(encoder, twins, seed=0, batch_size=64, folds=4):
     return auc, float((change.sum(0).pow(2).sum() - T) / max(T * (T - 1), 1))
 
 
+def twin_direction(encoder, twins, batch_size=64, l2=1e-3):
+    """The twin probe fitted on every pair of `twins` (twin_slices' list of one finding) -> score, a function of
+    slice embeddings (L, D) -> (L,) logits, high with the finding."""
+    x = torch.cat([embed_slices(encoder, torch.cat([w, wo]), batch_size) for _, w, wo in twins]).double()  # (2T, D)
+    y = torch.cat([torch.arange(2 * len(w)) < len(w) for _, w, _ in twins]).double()  # (2T,) 1: with the finding
+    shift, scale = x.mean(0), x.std(0) + 1e-6  # (D,)
+    w, b = logistic((x - shift) / scale, y, l2)
+    return lambda f: ((f.double() - shift) / scale) @ w + b
+
+
+def scan_reading(score, bags, flags, skip=()):
+    """Does a slice direction find the scans with the finding? AUROC over the scans of `bags` (but those of
+    patients `skip`, e.g. the twins' own) of each scan's highest slice score, scans with a finding slice (flags:
+    per scan (L,) bool, lesion_slice_flags') against those without. The twin probe reads a finding among lung
+    slices of the same anatomy; a scan-level head must find it among every slice of every patient. NaN when a
+    class is empty."""
+    keep = [i for i, s in enumerate(bags.scans) if s.split("_")[0] not in skip]
+    y = np.array([bool(flags[i].any()) for i in keep])
+    top = np.array([float(score(bags.features[i]).max()) for i in keep])
+    return auroc(y, top) if 0 < y.sum() < len(y) else math.nan
+
+
 def first_axis(bags, most=20000):
     """The first principal axis of the bags' slice embeddings (up to `most` slices, evenly spaced): (its share of
     the variance, |Pearson correlation| of the slices' coordinates on it with their height in the scan, 0 at the

@@ -66,4 +66,5 @@ def command(args):
     print(f"| attention-MIL (clear.py fit) | {headline(cv.fit_cv(bags, args.labels, cfg).metrics['rows'])} |")
     for pool in POOLS:
         for l2 in L2:
-            print(f"| linear, {pool}-pooled, L2 {l2:g} | {headline(linear_readout(bags, args.labels, cfg, pool, l2)[0])} |")
+            rows, _ = linear_readout(bags, args.labels, cfg, pool, l2)
+            print(f"| linear, {pool}-pooled, L2 {l2:g} | {headline(rows)} |")

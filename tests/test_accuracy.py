@@ -196,6 +196,21 @@ def test_twin_probe_finds_what_an_encoder_reads_and_not_what_it_is_blind_to():
     # fewer patients than the probe's folds: no figure, rather than one from a fold with no test patient
     assert all(math.isnan(v) for v in probe.twin_probe(HUHistogram(), twins["ggo"][:3]))
     assert not any(math.isnan(v) for v in probe.twin_probe(HUHistogram(), twins["ggo"][:3], folds=3))
+    score = probe.twin_direction(HUHistogram(), twins["ggo"])  # fitted on every pair: each slice above its twin
+    with_, without = (torch.cat([pair[i] for pair in twins["ggo"]]) for i in (1, 2))
+    assert (score(HUHistogram()(with_)) > score(HUHistogram()(without))).double().mean() > 0.9
+
+
+def test_scan_reading_ranks_scans_by_their_highest_slice_worked_by_hand():
+    feats = [torch.tensor([[0.0], [3.0]]), torch.tensor([[1.0], [0.0]]), torch.tensor([[2.0]]), torch.tensor([[5.0]])]
+    bags = Bags(Path("."), {}, 1, ("P0000_S1", "P0001_S1", "P0002_S1", "P0003_S1"), tuple(feats),
+                tuple(torch.zeros(len(f)) for f in feats), ())
+    flags = [torch.tensor([False, True]), torch.tensor([False, False]), torch.tensor([True]), torch.tensor([False])]
+    # highest slices 3, 1, 2, 5; scans 0 and 2 hold the finding: of the pairs (3, 1) (3, 5) (2, 1) (2, 5) two are
+    # ordered, so 2 / 4; without patient P0003, all of them
+    assert probe.scan_reading(lambda f: f[:, 0], bags, flags) == 0.5
+    assert probe.scan_reading(lambda f: f[:, 0], bags, flags, skip={"P0003"}) == 1.0
+    assert math.isnan(probe.scan_reading(lambda f: f[:, 0], bags, flags, skip={"P0000", "P0002"}))
 
 
 def test_twin_command_prints_one_row_per_finding_and_refuses_a_bad_checkpoint(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""bench/readout.py: the logistic regression (bench/probe.py's) reaches its minimum (the gradient worked by hand vanishes there), and
-the pooled readout scores on the folds of clear.py fit and reads a planted focal signal through max pooling."""
+"""bench/readout.py: the logistic regression (bench/probe.py's) reaches its minimum (the gradient worked by hand
+vanishes there), and the pooled readout scores on the folds of clear.py fit and reads a planted focal signal through
+max pooling."""
 import dataclasses
 import sys
 from pathlib import Path
