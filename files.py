@@ -4,7 +4,8 @@ and torch.load with weights_only=True.
     ClearError            a problem with the user's input or files: the CLI prints it as one line, exit code 2
     atomic_path(path)     write to a temporary file beside `path`, renamed onto it only when the write finished
     load_untrusted(path)  torch.load that reads tensors and plain data only, never a pickled object's code
-    forked_pool(workers)  the worker processes of parallel work (the cohort's scans, the folds), quiet on Ctrl-C
+    forked_map(fn, items, workers, what)  parallel work in forked processes (the cohort's scans, the folds): quiet on
+                          Ctrl-C, one error if a worker dies
     map_folds(job, n, ...)  the folds of a fit, in this process or side by side in forked ones
     write_csv(path, rows) a list of dicts as CSV, atomically
     pick_device(name)     the torch.device for a --device option: "auto" is the GPU when there is one
@@ -102,12 +103,25 @@ def load_untrusted(path, refusal):
         raise ClearError(f"{path}: {refusal} ({cause(e)})") from None
 
 
-def forked_pool(workers):
-    """A multiprocessing Pool of `workers` forked processes that ignore Ctrl-C. A terminal sends SIGINT to every
-    process of its group; only the parent answers it (its `with` block terminates the pool), so Ctrl-C ends in the
-    CLI's one line, not in a traceback from every worker as well."""
-    return multiprocessing.get_context("fork").Pool(workers, initializer=signal.signal,
-                                                    initargs=(signal.SIGINT, signal.SIG_IGN))
+def forked_map(fn, items, workers, what, ordered=True):
+    """Yield fn(item) for `items`, computed in `workers` forked processes that ignore Ctrl-C (a terminal sends
+    SIGINT to every process of its group; only the parent answers it, and leaving this generator terminates the
+    pool, so Ctrl-C ends in the CLI's one line, not in a traceback from every worker as well). In order, or as
+    they finish (ordered=False). A worker that dies (killed, out of memory) is one ClearError naming `what`:
+    multiprocessing.Pool would quietly start another and wait forever for the lost item."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+        started = {p.pid for p in pool._pool}  # Pool's own list of its workers: a dead one is replaced within 0.1 s
+        results = (pool.imap if ordered else pool.imap_unordered)(fn, items)
+        for _ in range(len(items)):
+            while True:
+                try:
+                    yield results.next(timeout=1.0)
+                    break
+                except multiprocessing.TimeoutError:
+                    if {p.pid for p in pool._pool} != started:
+                        raise ClearError(f"{what}: a worker process died (killed, or out of memory?); "
+                                         "nothing of its work was kept") from None
 
 
 def pick_device(name="auto"):
@@ -160,11 +174,10 @@ def map_folds(job, n, workers, epochs, bar=None):
         return [job(k, bar.update if bar else lambda _: None) for k in range(n)]
     _FOLD_JOB, done = job, {}
     try:
-        with forked_pool(workers) as pool:
-            for k, result in pool.imap_unordered(_forked_fold, range(n)):
-                done[k] = result
-                if bar:
-                    bar.update(epochs)
+        for k, result in forked_map(_forked_fold, range(n), workers, "fit", ordered=False):
+            done[k] = result
+            if bar:
+                bar.update(epochs)
     finally:
         _FOLD_JOB = None
     return [done[k] for k in range(n)]

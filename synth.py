@@ -12,7 +12,7 @@ import numpy as np
 
 from data import save_nifti
 from cohort import Cohort
-from files import ClearError, atomic_path, forked_pool
+from files import ClearError, atomic_path, forked_map
 from phantom import ENDPOINTS, make_phantom
 
 
@@ -59,8 +59,7 @@ def write_cohort(cfg, out, progress=lambda it, total: it):
     plan = cohort_plan(cfg)
     jobs = [(cfg, out, p, k) for p, k in plan]
     if cfg.workers > 1:
-        with forked_pool(cfg.workers) as pool:
-            rows = list(progress(pool.imap(_write_job, jobs), len(jobs)))
+        rows = list(progress(forked_map(_write_job, jobs, cfg.workers, f"synth {out}"), len(jobs)))
     else:
         rows = list(progress(map(_write_job, jobs), len(jobs)))
     with atomic_path(out / "labels.csv") as tmp:

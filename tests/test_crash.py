@@ -1,4 +1,4 @@
-"""Crash safety (issue 8), on real processes: `python clear.py pretrain` and `python clear.py extract` killed
+"""Crash safety, on real processes: `python clear.py pretrain` and `python clear.py extract` killed
 with SIGKILL mid-run, then run again (`--resume` / the same command), end with what an uninterrupted run
 writes, bit for bit (CPU, same seed). While they run, every file under a final name in the output folder is
 read back as soon as it appears or changes: each one must load (writes go to ".<name>.<host>-<pid>.<random>.tmp",
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import clear
-from files import UMASK
+from files import UMASK, ClearError, forked_map
 from test_hostile import shown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,3 +230,24 @@ def test_ctrl_c_to_the_whole_process_group_is_still_one_line(tmp_path):
     assert proc.wait(timeout=60) == 130
     assert shown(log.read_text()) == ["clear.py synth: interrupted"]  # a re-run draws it again, with --force
     assert len(list((out / "images").glob("*.nii.gz"))) < 60
+
+
+def _dies_on_two(i):
+    if i == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    return -i
+
+
+def test_a_worker_killed_mid_map_is_one_error_not_a_wait_forever():
+    def hung(*_):
+        raise TimeoutError("forked_map waited 60 s for a dead worker's item")
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        assert list(forked_map(_dies_on_two, [0, 1, 3], 2, "synth OUT")) == [0, -1, -3]  # in order
+        with pytest.raises(ClearError) as e:
+            list(forked_map(_dies_on_two, range(5), 2, "synth OUT", ordered=False))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    assert str(e.value).startswith("synth OUT: a worker process died") and "\n" not in str(e.value)
