@@ -101,6 +101,7 @@ def build_parser():
     src.add_argument("--checkpoint", help="a clear.py pretrain checkpoint")
     src.add_argument("--encoder", choices=ENCODERS, help="this encoder at random init")
     src.add_argument("--encoder-module", metavar="FILE.py:FACTORY", help="e.g. models/reference.py:HUHistogram")
+    p_twin.add_argument("--size", choices=ENCODER_SIZES, default="tiny", help="--encoder's size (default tiny)")
     p_twin.add_argument("--img-size", type=int, default=64, help="input size for --encoder/--encoder-module "
                         "(default: the accuracy benchmark's 64)")
     p_twin.add_argument("--n", type=int, default=60, help="patients drawn (those with each finding are used)")

@@ -275,7 +275,7 @@ def bench_twin(args):
     from mil import load_bags
     from phantom import LUNG_EMPHYSEMA, LUNG_GGO
 
-    spec = EncoderSpec(checkpoint=args.checkpoint, name=args.encoder, module=args.encoder_module,
+    spec = EncoderSpec(checkpoint=args.checkpoint, name=args.encoder, size=args.size, module=args.encoder_module,
                        img_size=args.img_size)
     encoder, identity, slices = load_encoder(spec)
     bags = load_bags(args.bags) if args.bags else None
