@@ -17,7 +17,7 @@ only reads the options and hands them to bench/commands.py.
 import argparse
 import sys
 
-from bench import commands, learning, readout
+from bench import commands, learning, probe, readout
 from bench.config import AccuracyConfig
 from cli import run_command
 from models import SIZES
@@ -109,7 +109,7 @@ def build_parser():
     p_twin.add_argument("--bags", help="also read each finding's twin direction on these bags (same encoder) of "
                         "another cohort's scans: does it find the scans with the finding? needs --data")
     p_twin.add_argument("--data", help="the bags' cohort folder, with masks/")
-    p_twin.set_defaults(func=commands.bench_twin, resumes=False)
+    p_twin.set_defaults(func=probe.twin_command, resumes=False)
     p_learn = sub.add_parser("learning", help="learning curves: the twin test against pre-training steps, for LeCL, "
                                               "MoCo v3 and the supervised ceiling, on a corpus apart from the cohort")
     p_learn.add_argument("--out", help="where learning.md/.json/.svg/.png go (default results)")

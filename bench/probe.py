@@ -10,9 +10,12 @@ and columns of `benchmark.py accuracy`.
   same scan without the finding (phantom.make_phantom(findings=False): same anatomy, acquisition and noise): a
   linear probe of "with or without" on the twin slices' embeddings, in held-out patients. Unlike slice_probe,
   no other property of the slice (its height in the body, above all) can stand in for the finding.
+- twin_direction + scan_reading: does that finding's direction find the scans with the finding, among every
+  slice of other patients? What a scan-level head needs, and the twin probe alone does not show.
 
-The reference encoders that learn nothing, HU histograms and pixel grids, are models/reference.py.
+`benchmark.py twin` is twin_command, here; `benchmark.py probe` is bench/commands.py's. The reference encoders that learn nothing, HU histograms and pixel grids, are models/reference.py.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -167,3 +170,42 @@ def probe_bags(cohort, bags, labels=None, seed=0, cache=None):
         cache[key] = lesion_slice_flags(cohort, bags, labels)
     patient = {s.scan: s.patient for s in cohort.scans}
     return slice_probe(bags.features, cache[key], [patient[s] for s in bags.scans], seed), cache[key]
+
+
+def twin_command(args):
+    """The twin test (twin_probe) of one encoder on the accuracy benchmark's cohort, one row per finding;
+    with --bags, each finding's twin direction read on those bags' scans (scan_reading)."""
+    from bench.config import TUMOUR_LABELS, AccuracyConfig
+    from cohort import Cohort
+    from extract import EncoderSpec, load_encoder
+    from files import ClearError
+    from mil import load_bags
+    from phantom import LUNG_EMPHYSEMA, LUNG_GGO
+
+    spec = EncoderSpec(checkpoint=args.checkpoint, name=args.encoder, size=args.size, module=args.encoder_module,
+                       img_size=args.img_size)
+    encoder, identity, slices = load_encoder(spec)
+    bags = load_bags(args.bags) if args.bags else None
+    if bags and (bags.encoder != identity or not args.data):
+        raise ClearError(f"{args.bags}: bags of encoder {bags.encoder}, not of {identity}" if args.data else
+                         "--bags: needs --data, the bags' cohort folder with masks/")
+    data = Cohort(args.data) if bags else None
+    slices = dataclasses.replace(slices, thickness_mm=None)
+    cohort = dataclasses.replace(AccuracyConfig().cohort, seed=args.seed)
+    findings = {f"ground glass (mask {LUNG_GGO})": (LUNG_GGO,), f"emphysema ({LUNG_EMPHYSEMA})": (LUNG_EMPHYSEMA,),
+                f"tumours ({TUMOUR_LABELS[0]}-{TUMOUR_LABELS[-1]})": TUMOUR_LABELS}
+    twins = twin_slices(cohort, range(args.n), findings, slices)
+    print(f"twin test of {identity['name']}, {identity['source']}, at {slices.img_size} px, on patients "
+          f"0-{args.n - 1} of the synthetic cohort (seed {args.seed}, {cohort.size} px): each slice with a finding "
+          f"against the same slice of its twin without it" + (f"; its direction read on {args.bags}'s scans of "
+                                                              f"other patients (highest slice)" if bags else "") + "\n")
+    print("| finding | patients | slice pairs | twin probe AUROC | consistency |" + (" scans |" if bags else "")
+          + "\n|---|---:|---:|---:|---:|" + ("---:|" if bags else ""))
+    skip = {f"P{p:04d}" for p in range(args.n)}  # synth.py's patient names
+    for (name, pairs), labels in zip(twins.items(), findings.values()):
+        auc, cons = twin_probe(encoder, pairs, args.seed)
+        read = ""
+        if bags:
+            found = lesion_slice_flags(data, bags, labels)  # (L_i,) per scan
+            read = f" {scan_reading(twin_direction(encoder, pairs), bags, found, skip):.3f} |"
+        print(f"| {name} | {len(pairs)} | {sum(len(w) for _, w, _ in pairs)} | {auc:.3f} | {cons:.2f} |{read}")
