@@ -4,12 +4,12 @@ CLEAR (arXiv 2411.16803) claims that LeCL pre-training plus attention-MIL poolin
 tumour location, lung disease and staging, at a fraction of the compute and data of end-to-end 3D networks.
 On a synthetic cohort (phantom.py) with known findings this module runs, with the project's own pipeline:
 
-    encoder {vit, gcnn, ssm} x pre-training {lecl, moco, random init, supervised}:
+    encoder {cnn, vit, gcnn, ssm} x pre-training {lecl, moco, random init, supervised}:
         pretrain on the corpus (other patients, as DeepLesion in the paper) -> extract the cohort -> fit (5-fold)
         supervised: the ceiling, the encoder trained on the corpus's mask labels per slice
     the reference: HU-histogram bags (models.reference.HUHistogram), nothing learnt -> fit: what intensities alone give
     the end-to-end 3D baseline (bench/baseline3d.py) on the same folds
-    data efficiency: MIL (on the first row's bags, LeCL ViT by default) and 3D baseline on 10-100 % of the
+    data efficiency: MIL (on the first row's bags, LeCL cnn by default) and 3D baseline on 10-100 % of the
                      training patients
 
 and writes `results/accuracy.json` and `.md`: AUROC with patient-bootstrap 95 % CIs per task (location: macro
