@@ -13,7 +13,8 @@ and columns of `benchmark.py accuracy`.
 - twin_direction + scan_reading: does that finding's direction find the scans with the finding, among every
   slice of other patients? What a scan-level head needs, and the twin probe alone does not show.
 
-`benchmark.py twin` is twin_command, here; `benchmark.py probe` is bench/commands.py's. The reference encoders that learn nothing, HU histograms and pixel grids, are models/reference.py.
+`benchmark.py twin` is twin_command, here; `benchmark.py probe` is bench/commands.py's. The reference encoders
+that learn nothing, HU histograms and pixel grids, are models/reference.py.
 """
 import dataclasses
 import math
