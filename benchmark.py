@@ -12,7 +12,8 @@
     python benchmark.py readout --bags BAGS --labels L.csv --target T  # the MIL beside a pooled linear readout
 
 The experiments are bench/ (bench/README.md: what each command measures and where its results go); this file
-only reads the options and hands them to bench/commands.py.
+only reads the options and hands them to bench/commands.py, or to an experiment's own command (learning, probe's
+twin, readout).
 """
 import argparse
 import sys
@@ -130,7 +131,7 @@ def build_parser():
     p_read.add_argument("--bags", required=True, help="bag folder from clear.py extract")
     p_read.add_argument("--labels", required=True, help="labels.csv of the bags' scans")
     p_read.add_argument("--target", required=True, help="a binary label column, e.g. lung_disease")
-    p_read.set_defaults(func=readout.command)
+    p_read.set_defaults(func=readout.command, resumes=False)
     return parser
 
 
