@@ -240,18 +240,11 @@ def bench_ablate(args):
 
 def bench_probe(args):
     """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (probe.slice_probe)."""
-    from bench.probe import bags_rank, first_axis, probe_bags
-    from cohort import Cohort
+    from bench.probe import bags_rank, first_axis, masked_cohort, probe_bags
     from mil import load_bags
 
-    cohort, bags = Cohort(args.data), load_bags(args.bags)
-    missing = [s.scan for s in cohort.scans if s.scan in bags.scans and s.mask is None]
-    if not cohort.has_masks or missing:
-        raise ClearError(f"{args.data}: the probe needs a lesion mask for every bag's scan (none for "
-                         f"{', '.join(missing[:3]) or 'any scan'})")
-    unknown = sorted(set(bags.scans) - {s.scan for s in cohort.scans})
-    if unknown:
-        raise ClearError(f"{args.bags}: bags of scans not in {args.data}: {', '.join(unknown[:3])}")
+    bags = load_bags(args.bags)
+    cohort = masked_cohort(args.data, bags)
     auc, flags = probe_bags(cohort, bags, tuple(args.labels) if args.labels else None, args.seed)
     n = sum(len(f) for f in flags)
     score = "undefined (too few lesion slices)" if math.isnan(auc) else f"{auc:.3f}"

@@ -24,11 +24,26 @@ import torch
 import torch.nn.functional as F
 
 import cv
+from cohort import Cohort
 from data import canonical_grid, load_mask, nearest_slices, prepare_slices, voxel_spacing
 from extract import embed_slices
+from files import ClearError
 from metrics import auroc
 from models.common import effective_rank, evenly_spaced
 from phantom import make_phantom
+
+
+def masked_cohort(data, bags):
+    """The cohort at folder `data` (cohort.Cohort), checked to hold a lesion mask for every scan of `bags`."""
+    cohort = Cohort(data)
+    missing = [s.scan for s in cohort.scans if s.scan in bags.scans and s.mask is None]
+    if not cohort.has_masks or missing:
+        raise ClearError(f"{data}: the probe needs a lesion mask for every bag's scan (none for "
+                         f"{', '.join(missing[:3]) or 'any scan'})")
+    unknown = sorted(set(bags.scans) - {s.scan for s in cohort.scans})
+    if unknown:
+        raise ClearError(f"{bags.folder}: bags of scans not in {data}: {', '.join(unknown[:3])}")
+    return cohort
 
 
 def lesion_slice_flags(cohort, bags, labels=None):
@@ -177,9 +192,7 @@ def twin_command(args):
     """The twin test (twin_probe) of one encoder on the accuracy benchmark's cohort, one row per finding;
     with --bags, each finding's twin direction read on those bags' scans (scan_reading)."""
     from bench.config import TUMOUR_LABELS, AccuracyConfig
-    from cohort import Cohort
     from extract import EncoderSpec, load_encoder
-    from files import ClearError
     from mil import load_bags
     from phantom import LUNG_EMPHYSEMA, LUNG_GGO
 
@@ -190,7 +203,7 @@ def twin_command(args):
     if bags and (bags.encoder != identity or not args.data):
         raise ClearError(f"{args.bags}: bags of encoder {bags.encoder}, not of {identity}" if args.data else
                          "--bags: needs --data, the bags' cohort folder with masks/")
-    data = Cohort(args.data) if bags else None
+    data = masked_cohort(args.data, bags) if bags else None
     slices = dataclasses.replace(slices, thickness_mm=None)
     cohort = dataclasses.replace(AccuracyConfig().cohort, seed=args.seed)
     findings = {f"ground glass (mask {LUNG_GGO})": (LUNG_GGO,), f"emphysema ({LUNG_EMPHYSEMA})": (LUNG_EMPHYSEMA,),

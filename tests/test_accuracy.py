@@ -222,6 +222,13 @@ def test_twin_command_prints_one_row_per_finding_and_refuses_a_bad_checkpoint(tm
     assert benchmark.main(["twin", "--checkpoint", str(tmp_path / "bad.pt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("benchmark.py twin: error: ") and "bad.pt" in err
+    (tmp_path / "bags").mkdir()  # bags of another encoder than the one tested: refused before any twin is drawn
+    torch.save({"features": torch.randn(3, 4), "z_mm": torch.arange(3.0), "encoder": {"name": "x"}, "image": "s"},
+               tmp_path / "bags" / "s.pt")
+    assert benchmark.main(["twin", "--encoder-module", hist, "--bags", str(tmp_path / "bags"),
+                           "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bags of encoder {'name': 'x'}" in err
 
 
 def test_first_axis_finds_a_height_code_and_its_share():
