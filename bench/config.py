@@ -22,6 +22,7 @@ from models import build_encoder, count_flops
 from models.reference import HUHistogram
 from phantom import SITES, SynthConfig
 from pretrain import PretrainConfig
+from synth import SYNTH_FORMAT
 
 TUMOUR_LABELS = tuple(range(1, len(SITES) + 1))  # phantom.py's mask labels of tumours (9, 10: lung disease)
 TASKS = {"location": (tuple(f"loc_{s}" for s in SITES), None), "lung_disease": (("lung_disease",), None),
@@ -159,8 +160,9 @@ def settings_3d(cfg):
 
 def cohort_settings(cfg, which="cohort"):
     """The cohort's (or the corpus's) settings without its worker processes (the same scans come out for any
-    number)."""
-    return asdict(replace(getattr(cfg, which), workers=0))
+    number), and synth.SYNTH_FORMAT: a version of synth that draws other scans from the same settings makes
+    other rows."""
+    return {**asdict(replace(getattr(cfg, which), workers=0)), "format": SYNTH_FORMAT}
 
 
 def fingerprint(settings):

@@ -114,6 +114,17 @@ def test_a_kept_row_belongs_to_its_own_settings(change, slices, net):
         is net
 
 
+def test_a_kept_row_follows_the_synthetic_scans_format(monkeypatch):
+    """A row made on scans that another version of synth drew (the same settings, other files) is not reused:
+    every row's fingerprint, the 3D baseline's and the histogram's included, holds synth.SYNTH_FORMAT."""
+    base = config.AccuracyConfig()
+    rows = [lambda: config.settings_3d(base)] + [lambda e=e, m=m: config.encoder_settings(base, e, m)
+                                                 for e, m in [("cnn", "lecl"), ("cnn", "random"), ("hist", "none")]]
+    before = [config.fingerprint(r()) for r in rows]
+    monkeypatch.setattr(config, "SYNTH_FORMAT", config.SYNTH_FORMAT + 1)
+    assert all(config.fingerprint(r()) != b for r, b in zip(rows, before))
+
+
 def test_a_kept_pretrained_row_follows_the_views():
     """The crops and augmentations are part of a row's pre-training (they used to be missed by the fingerprint):
     PretrainConfig's whole settings, views included, enter it."""
