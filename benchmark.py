@@ -5,7 +5,7 @@
     python benchmark.py encoders    # slices/s and achieved GFLOP/s of the three encoders vs matmul peak
     python benchmark.py speed       # one table: scan, encoders, extraction, MIL fit, peak memory
     python benchmark.py accuracy    # the paper's claim on the synthetic cohort: results/accuracy.md
-    python benchmark.py ablate      # LeCL's settings one at a time on its ViT row: results/ablation.md
+    python benchmark.py ablate      # LeCL's settings one at a time on its cnn row: results/ablation.md
     python benchmark.py probe --data COHORT --bags BAGS   # does an encoder see the lesions of the masks?
     python benchmark.py twin --checkpoint E.pt  # ... and with anatomy and noise held fixed (synthetic twins)?
     python benchmark.py learning    # twin test against pre-training steps: LeCL, MoCo, supervised ceiling
@@ -81,7 +81,7 @@ def build_parser():
                        help="likewise for pre-training")
     add_scale(p_acc, 600)
     p_acc.set_defaults(func=commands.bench_accuracy)
-    p_abl = sub.add_parser("ablate", help="why LeCL does not beat MoCo here: its settings one at a time (ViT row)")
+    p_abl = sub.add_parser("ablate", help="why LeCL does not beat MoCo here: its settings one at a time (cnn row)")
     p_abl.add_argument("--quick", action="store_true", help="a tiny version (a smoke test)")
     p_abl.add_argument("--out", help="where ablation.md and ablation.json go (default as for accuracy)")
     p_abl.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); benchmark.py accuracy's "

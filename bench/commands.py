@@ -230,7 +230,7 @@ def ablation_config(args):
 
 
 def bench_ablate(args):
-    """LeCL's settings one at a time on the accuracy benchmark's ViT row (bench/ablation.py): results/ablation.md, .json
+    """LeCL's settings one at a time on the accuracy benchmark's cnn row (bench/ablation.py): results/ablation.md, .json
     (another scale as for accuracy)."""
     from bench import ablation
 

@@ -265,22 +265,23 @@ def _flat(cfg):
 
 
 def test_ablation_variants_change_only_what_they_say():
-    """Each of ablation.py's variants pre-trains the table's ViT row with exactly its own changes (moco: its method),
-    so no two share a fingerprint; random init shares the table's, so its bags are the table's."""
-    base = ablation.AblationConfig().base
-    table = _flat(config.pretrain_config(base, "vit", "lecl"))
+    """Each of ablation.py's variants pre-trains the ablation's row with exactly its own changes (moco and
+    supervised: their method), so no two share a fingerprint; random init shares the table's, so its bags are the
+    table's."""
+    base, encoder = ablation.AblationConfig().base, ablation.AblationConfig().encoder
+    table = _flat(config.pretrain_config(base, encoder, "lecl"))
     prints = set()
     for key, _, method, changes in ablation.VARIANTS:
         cfg = replace(base, pretrain_changes=changes)
         if method != "random":
-            got = _flat(config.pretrain_config(cfg, "vit", method))
-            assert {k for k in got if got[k] != table[k]} == {k for k, _ in changes} | ({"method"} if method == "moco"
+            got = _flat(config.pretrain_config(cfg, encoder, method))
+            assert {k for k in got if got[k] != table[k]} == {k for k, _ in changes} | ({"method"} if method != "lecl"
                                                                                        else set()), key
             assert all(got[k] == v for k, v in changes), key
-        prints.add(config.fingerprint(config.encoder_settings(cfg, "vit", method)))
+        prints.add(config.fingerprint(config.encoder_settings(cfg, encoder, method)))
     assert len(prints) == len(ablation.VARIANTS)
-    assert config.fingerprint(config.encoder_settings(base, "vit", "random")) == \
-        config.fingerprint(config.encoder_settings(config.AccuracyConfig(), "vit", "random"))
+    assert config.fingerprint(config.encoder_settings(base, encoder, "random")) == \
+        config.fingerprint(config.encoder_settings(config.AccuracyConfig(), encoder, "random"))
 
 
 def test_training_flops_follow_the_rows_settings_worked_by_formula():

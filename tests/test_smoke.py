@@ -268,10 +268,11 @@ def test_ablation_writes_a_complete_report_and_trains_each_variant_as_asked(tmp_
         assert set(r["tasks"]) == set(config.TASKS) and all(well_formed(t) for t in r["tasks"].values())
         assert (r["probe"] is None or 0 <= r["probe"] <= 1) and 1 <= r["effective_rank"] <= 192
     rows = sorted(p.stem for p in (tmp_path / "results" / "rows").glob("*.json"))
-    assert rows == ["ablation-vit-crop03", "ablation-vit-tau1", "vit-random"]  # random init: the table's own row
-    assert not list((tmp_path / "work").glob("vit-random-*.pt"))  # and it never pre-trains
+    e = cfg.encoder
+    assert rows == [f"ablation-{e}-crop03", f"ablation-{e}-tau1", f"{e}-random"]  # random init: the table's own row
+    assert not list((tmp_path / "work").glob(f"{e}-random-*.pt"))  # and it never pre-trains
     temps = sorted((c["temperature"], c["views"]["crop_min"]) for c in
-                   (torch.load(p, weights_only=True)["config"] for p in (tmp_path / "work").glob("vit-lecl-*.pt")))
+                   (torch.load(p, weights_only=True)["config"] for p in (tmp_path / "work").glob(f"{e}-lecl-*.pt")))
     assert temps == [(0.2, 0.3), (1.0, 0.08)]  # the table's τ 0.2 and crop-min 0.08, each changed once
     md = (tmp_path / "results" / "ablation.md").read_text()
     assert all(f"| {key} | {v[1]} | " in md for key, v in picked.items())
