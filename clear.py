@@ -87,7 +87,7 @@ def add_extract(sub):
     p.add_argument("--out", required=True, help="bag folder")
     src = p.add_argument_group("encoder (one of)")
     src.add_argument("--checkpoint", help="a clear.py pretrain checkpoint")
-    src.add_argument("--encoder", help="vit | gcnn | ssm, with --random-init")
+    src.add_argument("--encoder", help="vit | gcnn | ssm | cnn, with --random-init")
     src.add_argument("--random-init", action="store_true", help="random weights (a baseline)")
     src.add_argument("--encoder-module", metavar="FILE.py:FACTORY",
                      help="your own nn.Module mapping (B, C, H, W) to (B, D)")
@@ -131,15 +131,16 @@ def add_demo(sub):
     from phantom import SynthConfig
 
     p = sub.add_parser("demo", help="synth -> extract -> fit with the shipped LeCL encoder, beside random init and a "
-                                    "control (about 5 min on CPU); --pretrain makes the encoder too",
+                                    "control (about 2 min on 2 CPU cores); --pretrain makes the encoders too",
                        description="The whole method on a synthetic cohort: draw it, extract bags with the LeCL "
                                    "encoder pre-trained on a corpus of other patients (shipped; --pretrain makes it "
                                    "again), with the same encoder at random init and with HU histograms (nothing "
                                    "learnt), and fit the MIL on the paper's three tasks.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); re-running continues")
     p.add_argument("--n", type=int, default=120, help="scans in the cohort (default 120)")
-    p.add_argument("--pretrain", action="store_true", help="pre-train the encoder here instead of using the shipped "
-                   "checkpoint: draw the corpus and run LeCL on it (about 8 min more on 2 CPU cores)")
+    p.add_argument("--pretrain", action="store_true", help="pre-train the encoders here instead of using the shipped "
+                   "checkpoints: draw the corpus and pre-train LeCL and the supervised reference on it (about 16 min "
+                   "more on 2 CPU cores)")
     p.add_argument("--corpus", type=int, default=600, help="scans in the pre-training corpus (default 600)")
     p.add_argument("--steps", type=int, default=600, help="pre-training steps with --pretrain (default 600)")
     p.add_argument("--batch-size", type=int, default=128, help="pre-training batch with --pretrain (default 128)")

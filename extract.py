@@ -32,7 +32,7 @@ from models import build_encoder
 class EncoderSpec:
     """Where the encoder comes from: exactly one of checkpoint, name (random init) or module."""
     checkpoint: str | None = None  # a `clear.py pretrain` checkpoint: architecture, weights, slice settings
-    name: str | None = None  # vit | gcnn | ssm with random weights: the baseline LeCL must beat
+    name: str | None = None  # vit | gcnn | ssm | cnn with random weights: the baseline LeCL must beat
     size: str = "tiny"
     module: str | None = None  # "file.py:factory": any nn.Module mapping (B, C, H, W) -> (B, D)
     img_size: int = 224  # input size for name/module encoders (a checkpoint brings its own)

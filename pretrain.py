@@ -51,7 +51,7 @@ METHODS = ("lecl", "moco", "supervised")
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    encoder: str = "vit"  # vit | gcnn | ssm: the paper's three encoder families (models/)
+    encoder: str = "vit"  # vit | gcnn | ssm, the paper's three families | cnn (models/cnn.py)
     size: str = "tiny"  # micro | tiny | small | base: the paper's are tiny to base; micro learns on a laptop CPU
     method: str = "lecl"  # lecl; moco: without lesion crops and lesion term (ablation); supervised: a reference
     steps: int = 1000  # optimizer steps: enough to see the loss fall on a small cohort

@@ -126,8 +126,8 @@ def test_a_kept_row_follows_the_synthetic_scans_format(monkeypatch):
 
 
 def test_a_kept_pretrained_row_follows_the_views():
-    """The crops and augmentations are part of a row's pre-training (they used to be missed by the fingerprint):
-    PretrainConfig's whole settings, views included, enter it."""
+    """The crops and augmentations are part of a row's pre-training: PretrainConfig's whole settings, views
+    included, enter its fingerprint."""
     base = config.AccuracyConfig()
     settings = config.encoder_settings(base, "vit", "lecl")
     assert settings["encoder"]["views"] == plain(asdict(ViewConfig()))

@@ -1,4 +1,4 @@
-"""Hostile and malformed input (issue 8): a catalogue, one row per case, each run through `clear.main` as a user
+"""Hostile and malformed input: a catalogue, one row per case, each run through `clear.main` as a user
 would type it. Every row must end with
 
     exit code 2;

@@ -158,7 +158,7 @@ def test_fold_mean_equals_the_mean_of_per_fold_pair_counts():
 
 
 def test_macro_rows_are_the_means_of_their_own_metric():
-    # multilabel: the macro AUROC once read the balanced accuracies (a closure bound after its list was replaced)
+    # multilabel: each macro row must average its own metric's per-label values, not another metric's
     rng = np.random.default_rng(4)
     y = rng.integers(0, 2, (80, 3))
     s = rng.random((80, 3)) + 0.4 * y
