@@ -118,11 +118,13 @@ def test_a_kept_row_follows_the_synthetic_scans_format(monkeypatch):
     """A row made on scans that another version of synth drew (the same settings, other files) is not reused:
     every row's fingerprint, the 3D baseline's and the histogram's included, holds synth.SYNTH_FORMAT."""
     base = config.AccuracyConfig()
-    rows = [lambda: config.settings_3d(base)] + [lambda e=e, m=m: config.encoder_settings(base, e, m)
-                                                 for e, m in [("cnn", "lecl"), ("cnn", "random"), ("hist", "none")]]
-    before = [config.fingerprint(r()) for r in rows]
+
+    def prints():
+        rows = [config.encoder_settings(base, e, m) for e, m in [("cnn", "lecl"), ("cnn", "random"), ("hist", "none")]]
+        return [config.fingerprint(s) for s in [config.settings_3d(base), *rows]]
+    before = prints()
     monkeypatch.setattr(config, "SYNTH_FORMAT", config.SYNTH_FORMAT + 1)
-    assert all(config.fingerprint(r()) != b for r, b in zip(rows, before))
+    assert all(now != then for now, then in zip(prints(), before))
 
 
 def test_a_kept_pretrained_row_follows_the_views():
