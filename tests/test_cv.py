@@ -16,7 +16,9 @@ import metrics  # noqa: E402
 import mil  # noqa: E402
 from files import write_csv  # noqa: E402
 from files import ClearError  # noqa: E402
-from test_mil import ENCODER, error, one_thread, write_bags  # noqa: E402, F401  (one_thread: autouse fixture)
+from test_mil import ENCODER, error, write_bags  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these tensors are tiny
 
 FAST = dict(epochs=4, patience=2, hidden=16, att_dim=8, batch_size=8, n_bootstrap=50, folds=3)
 

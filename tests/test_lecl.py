@@ -10,13 +10,7 @@ import lecl
 from models import build_encoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: a second thread costs more in sync than it gives, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these tensors are tiny
 
 
 # ------------------------------------------------------------------------------------------------ the loss

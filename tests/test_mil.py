@@ -13,13 +13,7 @@ from files import ClearError  # noqa: E402
 ENCODER = {"name": "toy", "size": "s", "sha256": "0" * 64}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread only adds synchronisation, which stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these tensors are tiny
 
 
 def write_bags(folder, n, dim=16, seed=0, labels=None, encoder=ENCODER, signal=0.0, lengths=(6, 30)):

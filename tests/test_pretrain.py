@@ -22,7 +22,8 @@ from data import SliceConfig, lesion_boxes, load_ct, load_mask, prepare_slices
 from metrics import auroc
 from models import build_encoder
 from pretrain import PretrainConfig, lr_at, pretrain
-from test_lecl import one_thread  # noqa: F401  (autouse fixture: one thread for these tiny tensors)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these tensors are tiny
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast: vit/tiny at 32 px (2 x 2 patches), narrow heads, a global batch of 16.

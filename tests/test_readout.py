@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -14,7 +15,8 @@ import mil  # noqa: E402
 from bench.probe import logistic  # noqa: E402
 from bench.readout import linear_readout  # noqa: E402
 from test_cv import FAST, cohort  # noqa: E402
-from test_mil import one_thread  # noqa: E402, F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these tensors are tiny
 
 
 def test_logistic_gradient_vanishes_at_its_result():
