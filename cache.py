@@ -27,9 +27,20 @@ from files import ClearError, atomic_path
 CACHE_VERSION = 2  # of the folder's layout: a cache of another version is rebuilt
 
 
+def slice_levels(scan):
+    """(T,) scan number of each slice, each scan's slices together and in z order (as open_cache writes them) ->
+    (T,) float, each slice's height in its scan: 0 for its first slice, 1 for its last (0.5 for a single slice).
+    Where scans cover the same body region, equal heights are roughly equal anatomy (views.batch_ids uses it)."""
+    _, count = torch.unique_consecutive(scan.long(), return_counts=True)  # (n_scans,) slices per scan
+    first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)  # (T,) index of its scan's first slice
+    n = torch.repeat_interleave(count, count)  # (T,) its scan's slice count
+    place = (torch.arange(len(scan)) - first).float()  # (T,) 0 .. n - 1
+    return torch.where(n > 1, place / (n - 1).clamp(min=1), 0.5)
+
+
 class SliceCache:
     """A built cache folder, read-only: slices (T, C, Sc, Sc) uint8 memmap, lesion flags (T,), boxes per slice,
-    mask labels per slice."""
+    mask labels per slice, and the height of each slice in its scan."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -46,6 +57,7 @@ class SliceCache:
             self.labels = torch.from_numpy(z["labels"])  # (T, L) bool: slice t holds label_values[l]
         self.lesion_ids = self.flags.nonzero()[:, 0]  # (T_lesion,)
         self.other_ids = (~self.flags).nonzero()[:, 0]  # (T - T_lesion,)
+        self.level = slice_levels(self.scan)  # (T,) height of each slice in its scan, 0 first to 1 last
 
     def __len__(self):
         return self.slices.shape[0]

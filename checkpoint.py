@@ -37,9 +37,10 @@ def plain(x):
 
 def run_settings(cfg):
     """The settings that define a run (a PretrainConfig, or the config as a checkpoint stores it): all but
-    RUNTIME_FIELDS."""
+    RUNTIME_FIELDS, and but the switches that are off (freeze_stem, matched_levels): turning one on makes another
+    run, adding one to PretrainConfig leaves every earlier run, checkpoint and kept result what it was."""
     d = cfg if isinstance(cfg, dict) else plain(asdict(cfg))
-    return {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}
+    return {k: v for k, v in d.items() if k not in RUNTIME_FIELDS and v is not False}
 
 
 def rng_state(device):
@@ -96,10 +97,11 @@ def check_resume(ck, path, encoder_config, cfg):
         raise ClearError(f"{path}: a checkpoint of encoder {have['name']}/{have['size']} at {have['img_size']} "
                          f"px; this command asks for {want['name']}/{want['size']} at {want['img_size']} px")
     have, want = run_settings(ck["config"]), run_settings(cfg)
-    for k, w in want.items():
-        if have.get(k) != w:
-            raise ClearError(f"{path}: trained with {k}={have.get(k)!r}, this command has {k}={w!r}; resume with "
-                             "the same settings")
+    for k in sorted(have.keys() | want.keys()):
+        h, w = have.get(k, False), want.get(k, False)  # a setting left out is a switch that is off
+        if h != w:
+            raise ClearError(f"{path}: trained with {k}={h!r}, this command has {k}={w!r}; resume with the same "
+                             "settings")
 
 
 def restore(ck, model, optimizer, scaler, device):

@@ -67,7 +67,8 @@ def add_pretrain(sub):
     add_options(p.add_mutually_exclusive_group(), PretrainConfig, ("steps", "epochs"))
     add_options(p, PretrainConfig, ("encoder", "size", "method", "batch_size", "lr", "img_size", "thickness",
                                     "lesion_fraction", "lesion_weight", "lesion_labels", "temperature", "mlp_dim",
-                                    "proj_dim", "freeze_stem", "cache_size", "seed", "device", "checkpoint_every"),
+                                    "proj_dim", "freeze_stem", "matched_levels", "cache_size", "seed", "device",
+                                    "checkpoint_every"),
                 lesion_fraction={"type": lesion_fraction, "help": "share of lesion slices per batch, or 'cohort' "
                                  "to sample slices as they come (default 0.5)"},
                 lesion_labels={"type": int})

@@ -23,7 +23,8 @@ lecl.GlobalBatchNorm1d.
 
 Departures from the official code (KatherLab/CLEAR, a MoCo v3 fork): its `--sampling Lesion` path crashes on
 undefined arguments, so this follows the paper's description and is tested instead; slices come from a cache
-with a set share of lesion slices per batch; the lr warm-up starts at lr/warm-up steps (MoCo v3: at 0).
+with a set share of lesion slices per batch (and, as an option, all from one height of the scans,
+`matched_levels`); the lr warm-up starts at lr/warm-up steps (MoCo v3: at 0).
 """
 import math
 import os
@@ -67,6 +68,8 @@ class PretrainConfig:
     #                             what lesion slices share, such as ground glass (docs/results.md, "Learning curves")
     lesion_fraction: float | None = 0.5  # share of lesion slices per batch; None: as often as in the cohort
     lesion_labels: tuple | None = None  # mask labels that are lesions; None: any non-zero label
+    matched_levels: bool = False  # draw each batch from one height of the scans (views.batch_ids), so negatives
+    #                               share their anatomy; off: uniform batches, as the paper and MoCo v3
     proj_dim: int = 256  # d: MoCo v3's --moco-dim
     mlp_dim: int = 4096  # hidden width of projector and predictor: MoCo v3's --moco-mlp-dim
     img_size: int = 224  # S: the encoder's input, so extraction makes slices this size
@@ -243,7 +246,8 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             lr, m = lr_at(step, total, cfg), momentum_at(step, total, cfg.momentum)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ids = batch_ids(sc, step, cfg.batch_size, cfg.seed, cfg.lesion_fraction)[rank * n:(rank + 1) * n]
+            ids = batch_ids(sc, step, cfg.batch_size, cfg.seed, cfg.lesion_fraction, cfg.matched_levels)
+            ids = ids[rank * n:(rank + 1) * n]  # this process's share of the global batch
             seeds = [mix(cfg.seed, step, i) for i in range(rank * n, (rank + 1) * n)]  # by place in global batch
             x1, x2, lesion = make_views(sc, ids, seeds, views, device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):

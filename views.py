@@ -59,17 +59,30 @@ def mix(*keys):
 # ------------------------------------------------------------------------------------------------ sampler
 
 
-def batch_ids(cache, step, batch, seed, lesion_fraction):
+LEVEL_WINDOW = 0.05  # matched levels: ± this share of a scan's height (about 2 cm of a 40-cm scan), a tenth of
+#                      the corpus's slices to draw each batch from
+
+
+def batch_ids(cache, step, batch, seed, lesion_fraction, matched_levels=False):
     """The global batch of step `step`: (batch,) slice ids, distinct, a function of (seed, step) alone.
-    With `lesion_fraction` f (and lesion slices in the cache) round(f·batch) of them are lesion slices."""
+    With `lesion_fraction` f (and lesion slices in the cache) round(f·batch) of them are lesion slices.
+    matched_levels: all drawn from slices within ±LEVEL_WINDOW of one height (cache.level), drawn per step, so that
+    a slice's negatives share its anatomy and what tells them apart is the patient and the pathology. The nearest
+    slices to that height stand in where the window holds too few."""
     g = torch.Generator().manual_seed(mix(seed, step))
-    if lesion_fraction is None or len(cache.lesion_ids) == 0:
-        return torch.randperm(len(cache), generator=g)[:batch]  # (batch,)
-    n = round(lesion_fraction * batch)
-    les = cache.lesion_ids[torch.randperm(len(cache.lesion_ids), generator=g)[:n]]  # (n,)
-    other = cache.other_ids[torch.randperm(len(cache.other_ids), generator=g)[:batch - n]]  # (batch - n,)
+    pool = torch.arange(len(cache))  # (T,) the slices this step draws from
+    if matched_levels:
+        far = (cache.level - torch.rand((), generator=g)).abs()  # (T,) distance from this step's height
+        pool = far.argsort()[:batch] if (far <= LEVEL_WINDOW).sum() < batch else (far <= LEVEL_WINDOW).nonzero()[:, 0]
+    lesion = cache.flags[pool]  # (P,)
+    if lesion_fraction is None or not lesion.any():
+        return pool[torch.randperm(len(pool), generator=g)[:batch]]  # (batch,)
+    les, other = pool[lesion], pool[~lesion]
+    n = min(max(round(lesion_fraction * batch), batch - len(other)), len(les))  # f·batch, unless the pool is short
+    les = les[torch.randperm(len(les), generator=g)[:n]]  # (n,)
+    other = other[torch.randperm(len(other), generator=g)[:batch - n]]  # (batch - n,)
     ids = torch.cat([les, other])  # (batch,)
-    return ids[torch.randperm(batch, generator=g)]  # shuffled, so every process gets its share of lesions
+    return ids[torch.randperm(len(ids), generator=g)]  # shuffled, so every process gets its share of lesions
 
 
 # -------------------------------------------------------------------------------------------------- crops

@@ -129,8 +129,7 @@ def encoder_making(cfg, encoder, method):
     elif method == "none":
         made = {"histogram": cfg.histogram_bins, "img_size": cfg.img_size}
     else:
-        made = {k: v for k, v in run_settings(pretrain_config(cfg, encoder, method)).items() if v is not False}
-        #      a switch that is off (freeze_stem) is left out: turning one on makes other rows, adding one does not
+        made = run_settings(pretrain_config(cfg, encoder, method))  # a switch that is off is left out (checkpoint.py)
     making = {"cohort": cohort_settings(cfg), "thickness": cfg.thickness, "encoder": made}
     if method not in ("random", "none"):
         making["corpus"] = cohort_settings(cfg, "corpus")

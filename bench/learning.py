@@ -51,6 +51,7 @@ class LearningConfig:
     views: ViewConfig = ViewConfig()
     lesion_weight: float = PretrainConfig.lesion_weight  # LeCL's w (lecl.py): --lesion-weight 0 and 10 are the
     #                                                      curves of docs/results.md's "What LeCL's two parts do"
+    matched_levels: bool = False  # each batch from one height of the scans (views.batch_ids): results/levels
     methods: tuple = METHODS
     seed: int = 0
     device: str = "auto"
@@ -59,6 +60,7 @@ class LearningConfig:
         return PretrainConfig(encoder=self.encoder, size=self.size, method=method, steps=self.steps,
                               batch_size=self.batch_size, lr=self.lr, mlp_dim=self.mlp_dim, img_size=self.img_size,
                               views=self.views, lesion_weight=self.lesion_weight, seed=self.seed,
+                              matched_levels=self.matched_levels,
                               device=self.device, checkpoint_every=self.every)
 
 
@@ -239,8 +241,8 @@ def write_report(curves, cfg, out, command):
 # ------------------------------------------------------------------------------------------------- command
 
 
-OPTIONS = ("encoder", "size", "img_size", "steps", "every", "batch_size", "lesion_weight", "seed", "device")  # the
-#          LearningConfig fields that benchmark.py learning's options set
+OPTIONS = ("encoder", "size", "img_size", "steps", "every", "batch_size", "lesion_weight", "matched_levels", "seed",
+           "device")  # the LearningConfig fields that benchmark.py learning's options set
 
 
 def config_from(args):
@@ -255,8 +257,8 @@ def command_line(cfg, out):
     --work, where the files of the run go), so what makes the whole table is the command without them."""
     default, parts = LearningConfig(), ["python", "benchmark.py", "learning"]
     for k in OPTIONS:
-        if getattr(cfg, k) != getattr(default, k):
-            parts += [f"--{k.replace('_', '-')}", str(getattr(cfg, k))]
+        if (value := getattr(cfg, k)) != getattr(default, k):
+            parts += [f"--{k.replace('_', '-')}"] + ([] if value is True else [str(value)])  # True: a flag
     return shlex.join(parts + (["--out", str(out)] if str(out) != "results" else []))
 
 

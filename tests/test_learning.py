@@ -61,7 +61,8 @@ def test_curves_stop_and_resume_into_the_uninterrupted_run_and_the_report_shows_
 @pytest.mark.parametrize("cfg, out", [(LearningConfig(), "results"),
                                       (replace(LearningConfig(), encoder="gcnn", steps=300), "results/gcnn"),
                                       (replace(LearningConfig(), lesion_weight=0.0, seed=1), "results/lecl-w0"),
-                                      (replace(LearningConfig(), img_size=128, every=300), "results/cnn-128")])
+                                      (replace(LearningConfig(), img_size=128, every=300), "results/cnn-128"),
+                                      (replace(LearningConfig(), matched_levels=True), "results/levels")])
 def test_the_report_s_command_makes_the_curves_it_shows(cfg, out):
     """learning.md names the command that makes its curves, whichever runs (--methods, --work) filled it: read back
     through benchmark.py's own parser, it gives the same settings and the same folder."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cache
+import checkpoint
 import clear
 import commands
 import lecl
@@ -87,6 +88,7 @@ def test_cache_holds_prepare_slices_and_lesion_boxes_and_is_reused(cohort, tmp_p
         assert (got - slices).abs().max() <= 0.5 / 255 + 1e-6
         part = slice(start, start + len(slices))
         assert torch.equal(sc.flags[part], flags) and (sc.scan[part] == i).all()
+        assert torch.allclose(sc.level[part], torch.linspace(0, 1, len(slices)))  # first slice 0, last 1
         assert sc.labels[part].tolist() == [[bool((m == v).any()) for v in sc.label_values] for m in mask]
         t = start + int(flags.nonzero()[0]) if flags.any() else start
         got_boxes = sc.boxes[sc.box_start[t]:sc.box_start[t + 1]]  # (K, 4)
@@ -113,6 +115,51 @@ def test_views_do_not_depend_on_how_the_batch_is_split(cohort, tmp_path):
     b1, b2, _ = views.make_views(sc, ids[5:], seeds[5:], cfg, cpu)
     assert torch.equal(x1, torch.cat([a1, b1])) and torch.equal(x2, torch.cat([a2, b2]))
     assert x1.shape == (12, 3, 32, 32) and 0 <= x1.min() and x1.max() <= 1 and les.sum() == 6
+
+
+class ToyCache:
+    """What views.batch_ids reads of a cache: `scans` scans of `n` slices each, about a third lesion slices."""
+
+    def __init__(self, scans, n):
+        self.scan = torch.arange(scans * n) // n  # (T,)
+        self.flags = torch.rand(scans * n, generator=torch.Generator().manual_seed(0)) < 0.3  # (T,)
+        self.level = cache.slice_levels(self.scan)  # (T,)
+
+    def __len__(self):
+        return len(self.scan)
+
+
+def test_matched_levels_draw_each_batch_from_one_height_of_the_scans():
+    """--matched-levels: each step's batch is distinct slices within ±LEVEL_WINDOW of one height, a height drawn per
+    step, with f·batch lesion slices; where the window holds too few slices, the batch still fills."""
+    sc, w = ToyCache(scans=60, n=50), views.LEVEL_WINDOW
+    centres = []
+    for step in range(8):
+        ids = views.batch_ids(sc, step, batch=32, seed=1, lesion_fraction=0.5, matched_levels=True)
+        level = sc.level[ids]
+        assert len(set(ids.tolist())) == 32 and sc.flags[ids].sum() == 16
+        assert level.max() - level.min() <= 2 * w and len(set(sc.scan[ids].tolist())) > 10  # one height, many scans
+        assert torch.equal(ids, views.batch_ids(sc, step, batch=32, seed=1, lesion_fraction=0.5, matched_levels=True))
+        centres.append(float(level.mean()))
+    assert max(centres) - min(centres) > 0.3  # the height changes from step to step
+    uniform = sc.level[views.batch_ids(sc, 0, batch=32, seed=1, lesion_fraction=0.5)]
+    assert uniform.max() - uniform.min() > 0.5  # without it, the whole height of the scans
+    few = ToyCache(scans=3, n=20)  # the window holds about 3 x 2 slices: the batch is the nearest 16
+    ids = views.batch_ids(few, 0, batch=16, seed=1, lesion_fraction=0.5, matched_levels=True)
+    assert len(set(ids.tolist())) == 16 and few.level[ids].max() - few.level[ids].min() < 0.5
+
+
+def test_matched_levels_are_part_of_the_run_and_of_its_checkpoint(cohort, tmp_path, capsys, monkeypatch):
+    """The switch reaches the sampler of every step and the checkpoint, and, being a setting of the run, refuses a
+    resume without it; the settings of a run without it hold no such key, as before the switch existed."""
+    out, asked = tmp_path / "levels.pt", []
+    monkeypatch.setattr(sys.modules["pretrain"], "batch_ids", lambda *a: asked.append(a[-1]) or views.batch_ids(*a))
+    assert cli_pretrain(cohort, out, "--steps", "2", "--matched-levels") == 0
+    assert asked == [True, True]
+    assert load(out)["config"]["matched_levels"] is True
+    assert cli_pretrain(cohort, out, "--steps", "2", "--resume", str(out)) == 2
+    assert "trained with matched_levels=True, this command has matched_levels=False" in capsys.readouterr().err
+    assert "matched_levels" not in checkpoint.run_settings(PretrainConfig())
 
 
 # ------------------------------------------------------------------------------------------- lr schedule
