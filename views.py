@@ -73,7 +73,8 @@ def batch_ids(cache, step, batch, seed, lesion_fraction, matched_levels=False):
     pool = torch.arange(len(cache))  # (T,) the slices this step draws from
     if matched_levels:
         far = (cache.level - torch.rand((), generator=g)).abs()  # (T,) distance from this step's height
-        pool = far.argsort()[:batch] if (far <= LEVEL_WINDOW).sum() < batch else (far <= LEVEL_WINDOW).nonzero()[:, 0]
+        near = far <= LEVEL_WINDOW  # (T,)
+        pool = near.nonzero()[:, 0] if near.sum() >= batch else far.argsort()[:batch]  # (P,)
     lesion = cache.flags[pool]  # (P,)
     if lesion_fraction is None or not lesion.any():
         return pool[torch.randperm(len(pool), generator=g)[:batch]]  # (batch,)
