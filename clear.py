@@ -55,6 +55,7 @@ def add_convert(sub):
 
 
 def add_pretrain(sub):
+    from data import WINDOWS
     from pretrain import PretrainConfig
 
     p = sub.add_parser("pretrain", help="pre-train a slice encoder with LeCL (or plain MoCo v3, or supervised)",
@@ -72,6 +73,9 @@ def add_pretrain(sub):
                 lesion_fraction={"type": lesion_fraction, "help": "share of lesion slices per batch, or 'cohort' "
                                  "to sample slices as they come (default 0.5)"},
                 lesion_labels={"type": int})
+    p.add_argument("--windows", nargs="+", choices=WINDOWS, metavar="NAME", help="HU windows, one input channel "
+                   f"each, from {', '.join(WINDOWS)} (data.WINDOWS; default lung soft bone); extract reads them "
+                   "from the checkpoint")
     p.add_argument("--cache", help="slice cache folder (default: OUT.cache); runs can share one")
     p.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint")
     p.add_argument("--slim", action="store_true", help="at the end, drop the training state from OUT: the encoder "

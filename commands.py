@@ -58,10 +58,12 @@ def cmd_convert(args):
 
 
 def cmd_pretrain(args):
+    from data import WINDOWS
     from pretrain import PretrainConfig, pretrain, rank_trend
 
     labels = tuple(args.lesion_labels) if args.lesion_labels else None
-    cfg = config_from(PretrainConfig, args, lesion_labels=labels)
+    windows = tuple(WINDOWS[name] for name in args.windows) if args.windows else PretrainConfig.windows
+    cfg = config_from(PretrainConfig, args, lesion_labels=labels, windows=windows)
     out = Path(args.out)
     if out.is_dir():
         raise ClearError(f"{out}: is a folder; --out names the checkpoint file to write")

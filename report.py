@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 import figures
 from cohort import NIFTI_SUFFIXES
-from data import SliceConfig, load_ct, load_mask, nearest_slices, save_overlay, window
+from data import WINDOWS as HU_WINDOWS, load_ct, load_mask, nearest_slices, save_overlay, window
 from files import ClearError, atomic_path
 
-WINDOWS = tuple(zip(("lung", "soft tissue"), SliceConfig().windows[:2]))  # (name, (level, width) in HU)
+WINDOWS = (("lung", HU_WINDOWS["lung"]), ("soft tissue", HU_WINDOWS["soft"]))  # (name, (level, width) in HU)
 THUMB = 128  # px, a thumbnail's longer side: four of them in two windows fit beside each other on a laptop screen
 N_THUMBS = 4  # most-attended slices shown per case (3-5 say where the model looked without filling the page)
 PER_KIND = 2  # cases of each kind (true/false positive/negative): up to 8 scans, a page that loads at once

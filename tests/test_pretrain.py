@@ -16,9 +16,11 @@ import cache
 import checkpoint
 import clear
 import commands
+import data
 import lecl
 import views
 from cohort import Cohort
+from extract import EncoderSpec, load_encoder
 from data import SliceConfig, lesion_boxes, load_ct, load_mask, prepare_slices
 from metrics import auroc
 from models import build_encoder
@@ -160,6 +162,23 @@ def test_matched_levels_are_part_of_the_run_and_of_its_checkpoint(cohort, tmp_pa
     assert cli_pretrain(cohort, out, "--steps", "2", "--resume", str(out)) == 2
     assert "trained with matched_levels=True, this command has matched_levels=False" in capsys.readouterr().err
     assert "matched_levels" not in checkpoint.run_settings(PretrainConfig())
+
+
+def test_windows_by_name_reach_the_checkpoint_and_extraction(cohort, tmp_path, capsys):
+    """--windows NAME...: one input channel per named window (data.WINDOWS), stored in the checkpoint, from which
+    extract rebuilds the same slices; the parenchyma window worked by hand; an unknown name is one line, exit 2."""
+    hu = torch.tensor([[-1100.0, -980.0, -850.0, -600.0]])  # (1, 4): air, emphysema, lung, ground glass
+    got = data.window(hu, (data.WINDOWS["parenchyma"],))[0, 0]  # level -850, width 500: (hu + 1100) / 500
+    assert torch.allclose(got, torch.tensor([0.0, 0.24, 0.5, 1.0]))
+    out = tmp_path / "w.pt"
+    assert cli_pretrain(cohort, out, "--steps", "1", "--windows", "lung", "parenchyma", "--cache", str(tmp_path)) == 0
+    assert load(out)["slice_config"]["windows"] == [[-600.0, 1500.0], [-850.0, 500.0]]
+    encoder, _, slices = load_encoder(EncoderSpec(checkpoint=str(out)))
+    assert slices.windows == ((-600.0, 1500.0), (-850.0, 500.0))
+    assert encoder(torch.zeros(1, 2, 32, 32)).shape[0] == 1  # a two-channel encoder
+    with pytest.raises(SystemExit) as e:
+        cli_pretrain(cohort, tmp_path / "x.pt", "--windows", "lung", "brain")
+    assert e.value.code == 2 and "invalid choice: 'brain'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- lr schedule
