@@ -57,13 +57,20 @@ def cmd_convert(args):
         print(f"  note: {note}")
 
 
-def cmd_pretrain(args):
+def pretrain_config(args):
+    """`clear.py pretrain`'s options as a PretrainConfig: window names become their (level, width) in HU."""
     from data import WINDOWS
-    from pretrain import PretrainConfig, pretrain, rank_trend
+    from pretrain import PretrainConfig
 
     labels = tuple(args.lesion_labels) if args.lesion_labels else None
     windows = tuple(WINDOWS[name] for name in args.windows) if args.windows else PretrainConfig.windows
-    cfg = config_from(PretrainConfig, args, lesion_labels=labels, windows=windows)
+    return config_from(PretrainConfig, args, lesion_labels=labels, windows=windows)
+
+
+def cmd_pretrain(args):
+    from pretrain import pretrain, rank_trend
+
+    cfg = pretrain_config(args)
     out = Path(args.out)
     if out.is_dir():
         raise ClearError(f"{out}: is a folder; --out names the checkpoint file to write")

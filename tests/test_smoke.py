@@ -105,15 +105,14 @@ def test_the_demo_pretrains_with_the_learning_curves_recipes():
     results/learning.md shows, and its corpus is those runs' corpus: the shipped checkpoints are their last points."""
     from bench.learning import LearningConfig
     from checkpoint import run_settings
-    from cli import config_from
-    from pretrain import PretrainConfig
+    from commands import pretrain_config
 
     lines = demo.command_lines("d", **{**SETTINGS, "n": 120, "pretrain": True})
     synth, *pretrains = (clear.build_parser().parse_args(c) for c in lines[1:2 + len(demo.PRETRAINED)])
     want = LearningConfig()
     for method, pretrain in zip(demo.PRETRAINED, pretrains, strict=True):
         assert pretrain.cmd == "pretrain"
-        assert run_settings(config_from(PretrainConfig, pretrain)) == run_settings(want.pretrain_config(method))
+        assert run_settings(pretrain_config(pretrain)) == run_settings(want.pretrain_config(method))
     corpus = want.corpus
     assert (synth.n, synth.size, tuple(synth.thickness), synth.seed) == (corpus.n, corpus.size, corpus.thickness,
                                                                          corpus.seed)
