@@ -11,7 +11,7 @@ to the encoder's input size S: the whole-slice view then starts from exactly the
 aliasing (σ = (shrink - 1) / 2, as skimage's resize).
 
 Each slice also records which mask labels it holds (`labels`, (T, L) bool over the cohort's label values
-`label_values`): the targets of the supervised ceiling (lecl.SliceClassifier).
+`label_values`): the targets of the supervised ceiling (supervised.py).
 
 Shapes: T slices in the cache, C window channels, Sc cache slice size, L mask label values, K boxes.
 """

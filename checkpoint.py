@@ -50,8 +50,8 @@ def rng_state(device):
 
 
 def make_checkpoint(model, optimizer, scaler, cfg, step, total, losses, ranks, data_info, seconds=0.0):
-    """The checkpoint of a lecl.MoCo (or lecl.SliceClassifier) `model` trained with PretrainConfig `cfg` to `step` of
-    `total` steps.
+    """The checkpoint of a lecl.MoCo (or supervised.SliceClassifier) `model` trained with PretrainConfig `cfg` to
+    `step` of `total` steps.
     `seconds`: training time of the run so far, over every process that resumed it."""
     sd = model.state_dict()
     rng = rng_state(next(model.parameters()).device)

@@ -150,7 +150,7 @@ def add_demo(sub):
     p.add_argument("--steps", type=int, default=600, help="pre-training steps with --pretrain (default 600)")
     p.add_argument("--batch-size", type=int, default=128, help="pre-training batch with --pretrain (default 128)")
     add_options(p, SynthConfig, ("contrast", "lesion_scale"))
-    p.set_defaults(func=commands.cmd_demo)
+    p.set_defaults(func=commands.cmd_demo, run_step=main)  # each of the demo's steps is a clear.py command
 
 
 def build_parser():

@@ -200,14 +200,12 @@ def cmd_demo(args):
     import report
 
     t0 = time.time()
-    from clear import main
-
     for command, done in demo.steps(args.out, {k: getattr(args, k) for k in demo.SETTINGS}):
         if done:  # a re-run continues where the last one stopped
             print(f"\n[demo] {done} exists, skipping: python clear.py {shlex.join(command)}")
             continue
         print(f"\n[demo] python clear.py {shlex.join(command)}", flush=True)
-        if main(command) != 0:
+        if args.run_step(command) != 0:
             raise ClearError(f"demo step '{command[0]}' failed (see above); fix it and run the demo again to continue")
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Outputs in {args.out}: cohort/ (CT + masks + labels.csv), "
           "bags*/ (slice embeddings: LeCL, supervised reference, random init, HU histograms), fit-*/ (metrics, "

@@ -189,20 +189,3 @@ class MoCo(nn.Module):
 def momentum_at(step, total, m0):
     """m_t = 1 - (1 - m_0)(1 + cos(π t / T)) / 2: m_0 at the start, 1 at the end (MoCo v3)."""
     return 1 - (1 - m0) * (1 + math.cos(math.pi * step / total)) / 2
-
-
-class SliceClassifier(nn.Module):
-    """The supervised reference, not part of LeCL: the same encoder trained on what the masks say about each slice,
-    a linear head and multi-label cross-entropy over the mask labels the slice holds (cache.py). It shows what
-    the tasks allow from these slices at this size and data; pretrain.py runs it as `method="supervised"`, in
-    place of MoCo, on view 1 of each slice (a random resized crop, no lesion crop)."""
-
-    def __init__(self, encoder, n_labels):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.embed_dim, n_labels)
-
-    def forward(self, x, targets):  # x: (N, C, S, S); targets: (N, L) 0/1
-        f = self.encoder(x)  # (N, D)
-        self.embeddings = f.detach()  # as MoCo's: pretrain.py watches their rank
-        return F.binary_cross_entropy_with_logits(self.head(f), targets.float())

@@ -10,7 +10,7 @@ loop, checkpoints and resume, and torchrun. The slice cache is cache.py, the sam
 
 `method="moco"` is the ablation: the same slices without lesion crops and with w = 0, i.e. MoCo v3's InfoNCE.
 `method="supervised"` is a supervised reference, not self-supervised: the encoder trained on the mask labels each
-slice holds (lecl.SliceClassifier); a "ceiling" of this recipe, not a bound on the slices (docs/results.md).
+slice holds (supervised.py); a "ceiling" of this recipe, not a bound on the slices (docs/results.md).
 
 Rank 0 writes a checkpoint (checkpoint.py: its format, and what --resume checks) to `out` atomically every
 `checkpoint_every` steps, at the end, and when asked to stop; a run continued with --resume ends with the weights
@@ -41,9 +41,10 @@ from cohort import Cohort
 from data import SliceConfig
 from checkpoint import check_resume, load_checkpoint, make_checkpoint, restore
 from files import ClearError, amp_dtype, atomic_path, pick_device
-from lecl import MoCo, SliceClassifier, gather, momentum_at
+from lecl import MoCo, gather, momentum_at
 from models import build_encoder, effective_rank, stem
 from cache import open_cache
+from supervised import SliceClassifier
 from views import ViewConfig, Views, batch_ids, make_views, mix
 
 

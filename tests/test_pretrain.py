@@ -18,6 +18,7 @@ import clear
 import commands
 import data
 import lecl
+import supervised
 import views
 from cohort import Cohort
 from extract import EncoderSpec, load_encoder
@@ -232,7 +233,7 @@ def test_the_supervised_ceiling_learns_the_mask_labels_of_its_slices(cohort, tmp
         return [auroc(sc.labels[:, j].numpy(), scores[:, j].numpy()) for j in disease]
 
     torch.manual_seed(1)
-    before = auc_of(lecl.SliceClassifier(build_encoder("gcnn", "tiny", 3, 32), len(sc.label_values)))
+    before = auc_of(supervised.SliceClassifier(build_encoder("gcnn", "tiny", 3, 32), len(sc.label_values)))
     result = pretrain(cfg, cohort / "c", tmp_path / "sup.pt", cache=cohort / "cache")
     after = auc_of(result.model)
     assert len(after) == 2 and min(after) > 0.8 and all(a > b + 0.15 for a, b in zip(after, before)), (before, after)
