@@ -10,7 +10,6 @@
     python benchmark.py twin --checkpoint E.pt  # ... and with anatomy and noise held fixed (synthetic twins)?
     python benchmark.py learning    # twin test against pre-training steps: LeCL, MoCo, supervised ceiling
     python benchmark.py readout --bags BAGS --labels L.csv --target T  # the MIL beside a pooled linear readout
-    python benchmark.py findings --data COHORT  # COHORT/findings.csv: lung disease split into its two findings
 
 The experiments are bench/ (bench/README.md: what each command measures and where its results go); this file
 only reads the options and hands them to bench/commands.py, or to an experiment's own command (learning, probe's
@@ -22,6 +21,7 @@ import sys
 from bench import commands, learning, probe, readout
 from bench.config import AccuracyConfig
 from cli import run_command
+from data import WINDOWS
 from models import SIZES
 from pretrain import METHODS
 
@@ -123,8 +123,11 @@ def build_parser():
     p_learn.add_argument("--every", type=int, help="steps between twin tests (default 100)")
     p_learn.add_argument("--batch-size", type=int, help="pre-training batch (default 128)")
     p_learn.add_argument("--lesion-weight", type=float, help="LeCL's w (default that of clear.py pretrain, 1)")
-    p_learn.add_argument("--matched-levels", action="store_true", help="draw each pre-training batch from one "
-                         "height of the scans, so negatives share their anatomy (clear.py pretrain --matched-levels)")
+    p_learn.add_argument("--matched-levels", action=argparse.BooleanOptionalAction, help="draw each pre-training "
+                         "batch from one height of the scans, so negatives share their anatomy (clear.py pretrain "
+                         "--matched-levels; default on; --no-matched-levels: uniform batches, as the paper)")
+    p_learn.add_argument("--windows", nargs="+", choices=WINDOWS, metavar="NAME", help="HU windows, one input "
+                         "channel each (clear.py pretrain --windows; default lung soft bone parenchyma)")
     p_learn.add_argument("--seed", type=int, help="initial weights, data order and views (default 0)")
     p_learn.add_argument("--methods", nargs="+", choices=METHODS, help="default all three")
     p_learn.add_argument("--device", help="auto | cpu | cuda (default auto)")
@@ -135,11 +138,6 @@ def build_parser():
     p_read.add_argument("--labels", required=True, help="labels.csv of the bags' scans")
     p_read.add_argument("--target", required=True, help="a binary label column, e.g. lung_disease")
     p_read.set_defaults(func=readout.command, resumes=False)
-    p_find = sub.add_parser("findings", help="a synthetic cohort's lung disease split into ground glass and "
-                                             "emphysema, from its masks: labels for clear.py fit --target ground_glass")
-    p_find.add_argument("--data", required=True, help="the cohort folder, with masks/")
-    p_find.add_argument("--out", help="the labels file to write (default DATA/findings.csv)")
-    p_find.set_defaults(func=readout.findings_command, resumes=False)
     return parser
 
 

@@ -85,6 +85,8 @@ def add_pretrain(sub):
 
 
 def add_extract(sub):
+    from data import WINDOWS
+
     p = sub.add_parser("extract", help="embed every slice of every scan with a frozen encoder (bags)",
                        description="Embed every axial slice of every scan of a cohort with a frozen encoder; "
                                    "one bag file per scan. Re-running continues where a run stopped.")
@@ -98,6 +100,8 @@ def add_extract(sub):
                      help="your own nn.Module mapping (B, C, H, W) to (B, D)")
     p.add_argument("--size", default="tiny", help="encoder size for --encoder (micro | tiny | small | base)")
     p.add_argument("--img-size", type=int, default=224, help="input size for --encoder/--encoder-module")
+    p.add_argument("--windows", nargs="+", choices=WINDOWS, metavar="NAME", help="HU windows for --encoder/"
+                   "--encoder-module, one input channel each (default lung soft bone); a checkpoint brings its own")
     p.add_argument("--thickness", type=float, help="resample slices to this spacing in mm (default: as stored)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard", metavar="K/N", help="process scans K, K+N, ... (default under torchrun: the rank's)")

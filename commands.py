@@ -33,7 +33,7 @@ def cmd_synth(args):
     print(f"wrote {len(rows)} scans of {len({r['patient'] for r in rows})} patients to {out} "
           f"in {time.time() - t0:.0f} s")
     print("label balance (positives / scans):  " + "  ".join(
-        f"{k}={sum(r[k] > 0 for r in rows)}" for k in ENDPOINTS))
+        f"{k}={sum((r[k] or 0) > 0 for r in rows)}" for k in ENDPOINTS))  # None: unknown, as blank in labels.csv
     print("stage counts 0-3: " + " ".join(str(sum(r["stage"] == s for r in rows)) for s in range(4)))
 
 
@@ -121,12 +121,13 @@ COLLAPSED = ("; the embeddings have collapsed onto a few directions, so they car
 
 def cmd_extract(args):
     from cohort import Cohort
+    from data import WINDOWS
     from extract import EncoderSpec, extract_bags, load_encoder, parse_shard, shard_from_env
     from files import pick_device
 
     spec = EncoderSpec(checkpoint=args.checkpoint, module=args.encoder_module, size=args.size,
-                       img_size=args.img_size, seed=args.seed,
-                       name=args.encoder if args.random_init else None)
+                       img_size=args.img_size, seed=args.seed, name=args.encoder if args.random_init else None,
+                       windows=tuple(WINDOWS[name] for name in args.windows) if args.windows else None)
     if args.encoder and not args.random_init:
         raise ClearError("--encoder NAME needs --random-init (or give --checkpoint CKPT)")
     if args.batch_size < 1 or args.thickness is not None and not args.thickness > 0:

@@ -8,9 +8,9 @@ It is nothing but the plain clear.py commands, in order (command_lines lists the
     extract the cohort's bags four times: the LeCL encoder and the supervised reference (the shipped CHECKPOINTS,
         or the ones just made), the same encoder at random init (the floor), and HU histograms
         (models/reference.py: nothing learnt)
-    fit the MIL on each of the paper's three tasks (arXiv 2411.16803: tumour location, lung disease, staging)
-        with the LeCL, the reference and the random-init bags, and on lung disease with the histogram bags (the
-        control)
+    fit the MIL on the paper's three tasks (arXiv 2411.16803: tumour location, lung disease, staging) and on lung
+        disease's two findings (ground glass, emphysema) with the LeCL, the reference and the random-init bags,
+        and on the three lung tasks with the histogram bags (the control)
 
 Pre-training on the corpus, not on the cohort it is then evaluated on, is the paper's split (DeepLesion, then
 other cohorts) and the way to use the tool on real data: pre-train on a large lesion-annotated set, fit on your
@@ -28,26 +28,33 @@ from files import ClearError, atomic_path
 from phantom import SITES
 
 HERE = Path(__file__).resolve().parent
-TASKS = (  # (run name, --target, extra fit options): the paper's three endpoints
+TASKS = (  # (run name, --target, extra fit options): the paper's three endpoints, and lung disease's two findings
     ("location", ",".join(f"loc_{s}" for s in SITES), ()),
     ("lung_disease", "lung_disease", ()),
+    ("ground_glass", "ground_glass", ()),  # against scans without lung disease (labels.csv: blank with emphysema)
+    ("emphysema", "emphysema", ()),
     ("stage", "stage", ("--task", "ordinal")),
 )
+LUNG = ("lung_disease", "ground_glass", "emphysema")  # the tasks of the control: intensities alone find them
 SIZE, IMG_SIZE = 128, 64  # the scans' in-plane grid, and the encoder's input: 64 px pre-trains on 2 cores
 ENCODER = ("--encoder", "cnn", "--size", "micro")  # the family and size that learn on a CPU budget (models/cnn.py)
-RECIPE = ("--lr", "0.002", "--mlp-dim", "1024", "--checkpoint-every", "100")  # with --method, --steps and
-#         --batch-size: bench/learning.py's runs, whose curves results/learning.md shows
+WINDOWS = ("lung", "soft", "bone", "parenchyma")  # data.WINDOWS, one input channel each: the narrow parenchyma
+#                                                 window is the one in which LeCL finds ground glass
+RECIPE = ("--lr", "0.002", "--mlp-dim", "1024", "--windows", *WINDOWS, "--checkpoint-every", "100")  # with
+#         --method, --steps and --batch-size: bench/learning.py's runs, whose curves results/learning.md shows
+CONTRASTIVE = ("--matched-levels",)  # LeCL's batches from one height of the scans, so negatives share their
+#                                      anatomy (views.batch_ids); not the supervised reference's, which has none
 PRETRAINED = ("lecl", "supervised")  # the demo's pre-trained encoders: the method, and the reference that shows
 #                                      what the encoder and the MIL can reach on these slices
 CORPUS_SEED = 7  # the corpus: as the cohort (seed 0), other patients
 CHECKPOINTS = {m: HERE / "checkpoints" / f"cnn-micro-{m}.pt" for m in PRETRAINED}  # what --pretrain makes
-CHECKPOINT_SHA256 = {"lecl": "922b4dd3677879d0321cda30fee40d932b75ac5fc5e4f443985ca67caae46edd",  # as shipped
-                     "supervised": "2d3162b5a4c8ba7ebf8aca5208f76181f4e39f1f1872b4046a307227db113a00"}
+CHECKPOINT_SHA256 = {"lecl": "7f48a8aa3194434ace4d0020972d9bab0589293d92bbf212d124fc7209069971",  # as shipped
+                     "supervised": "0743ad7ee0a8eacbbe9bb5edc546f60d50a8157ad61ce53ff9b9b90961058e7c"}
 COLUMNS = (("lecl", "LeCL, cnn-micro"), ("random", "random init, same encoder"),
            ("supervised", "reference: supervised"), ("histogram", "control: HU histograms"))  # the control
 #          learns nothing; the reference is trained on the corpus's mask labels, what the method could reach
 RUNS = {(task, col): f"fit-{task}" if col == "lecl" else f"fit-{col}-{task}"  # (task, column) -> its run folder
-        for task, _, _ in TASKS for col, _ in COLUMNS if col != "histogram" or task == "lung_disease"}
+        for task, _, _ in TASKS for col, _ in COLUMNS if col != "histogram" or task in LUNG}
 CONTROL = RUNS["lung_disease", "histogram"]
 SETTINGS = ("n", "corpus", "steps", "batch_size", "pretrain", "contrast", "lesion_scale")  # command_lines' options
 DONE = {"synth": "labels.csv", "pretrain": "", "fit": "metrics.json"}  # step -> what under its --out marks it
@@ -80,13 +87,14 @@ def command_lines(out, n, corpus, steps, batch_size, pretrain, contrast, lesion_
     if pretrain:
         commands += [["synth", "--out", out / "corpus", "--n", corpus, *grid, "--seed", CORPUS_SEED]]
         commands += [["pretrain", "--data", out / "corpus", "--out", ckpt[m], *ENCODER, "--img-size", IMG_SIZE,
-                      "--method", m, *RECIPE, "--steps", steps, "--batch-size", batch_size, "--slim"]
+                      "--method", m, *RECIPE, *(CONTRASTIVE if m != "supervised" else ()), "--steps", steps,
+                      "--batch-size", batch_size, "--slim"]
                      for m in PRETRAINED]
     bags = {"lecl": out / "bags", "supervised": out / "bags-supervised", "random": out / "bags-random",
             "histogram": out / "bags-histogram"}
     commands += [["extract", "--data", cohort, "--out", bags[m], "--checkpoint", ckpt[m]] for m in PRETRAINED]
     commands += [["extract", "--data", cohort, "--out", bags["random"], *ENCODER, "--random-init",
-                  "--img-size", IMG_SIZE],
+                  "--img-size", IMG_SIZE, "--windows", *WINDOWS],  # the same encoder, the same input
                  ["extract", "--data", cohort, "--out", bags["histogram"], "--img-size", IMG_SIZE,
                   "--encoder-module", f"{HERE / 'models' / 'reference.py'}:HUHistogram"]]
     commands += [["fit", "--bags", bags[col], "--labels", cohort / "labels.csv", "--target", target, "--out", out / run,
@@ -161,7 +169,7 @@ def verdict(out):
     text = (f"Above chance (the fold mean's 95 % CI above 0.5) with the LeCL encoder: {lecl}; at random init: "
             f"{', '.join(found['random']) or 'none'}; the supervised reference: "
             f"{', '.join(found['supervised']) or 'none'}; the HU-histogram control: "
-            f"{'lung disease' if found['histogram'] else 'at chance'}.")
+            f"{', '.join(found['histogram']) or 'at chance'}.")
     if not found["histogram"]:
         text += " With the control at chance, the cohort's findings are too faint for the table to say anything."
     return text + " docs/results.md reads the full table and results/learning.md what pre-training learns."

@@ -37,6 +37,8 @@ class EncoderSpec:
     module: str | None = None  # "file.py:factory": any nn.Module mapping (B, C, H, W) -> (B, D)
     img_size: int = 224  # input size for name/module encoders (a checkpoint brings its own)
     seed: int = 0  # random init is seeded, so shards and re-runs build the same encoder
+    windows: tuple | None = None  # HU (level, width) per channel for name/module encoders; None: SliceConfig's
+    #                               three. A checkpoint brings its own: the random init of a 4-window run needs 4
 
 
 def weights_sha256(module):
@@ -64,7 +66,7 @@ def _load_checkpoint(path):
     return encoder, {**ckpt["encoder_config"], "source": f"checkpoint {Path(path).name}"}, slices
 
 
-def _load_module(spec, img_size):
+def _load_module(spec, slices):
     file, _, factory = spec.rpartition(":")
     if not file or not factory or not Path(file).is_file():
         raise ClearError(f"{spec}: expected FILE.py:FACTORY naming an existing file")
@@ -76,25 +78,27 @@ def _load_module(spec, img_size):
     encoder = getattr(module, factory)()
     if not isinstance(encoder, torch.nn.Module):
         raise ClearError(f"{file}: {factory}() returned {type(encoder).__name__}, not a torch.nn.Module")
-    return encoder, {"name": f"{Path(file).name}:{factory}", "source": "module"}, SliceConfig(img_size=img_size)
+    return encoder, {"name": f"{Path(file).name}:{factory}", "source": "module"}, slices
 
 
 def load_encoder(spec):
     """(encoder in eval mode, identity dict, SliceConfig) for an EncoderSpec."""
     if sum(x is not None for x in (spec.checkpoint, spec.name, spec.module)) != 1:
         raise ClearError("give exactly one of --checkpoint, --encoder NAME --random-init, --encoder-module")
+    if spec.checkpoint is not None and spec.windows is not None:
+        raise ClearError("--windows is for --random-init and --encoder-module; a checkpoint brings its own")
+    slices = SliceConfig(img_size=spec.img_size, **({} if spec.windows is None else {"windows": spec.windows}))
     if spec.checkpoint is not None:
         encoder, identity, slices = _load_checkpoint(spec.checkpoint)
     elif spec.module is not None:
-        encoder, identity, slices = _load_module(spec.module, spec.img_size)
+        encoder, identity, slices = _load_module(spec.module, slices)
     else:
         torch.manual_seed(spec.seed)
         try:
-            encoder = build_encoder(spec.name, spec.size, img_size=spec.img_size)
+            encoder = build_encoder(spec.name, spec.size, in_chans=len(slices.windows), img_size=spec.img_size)
         except ValueError as e:
             raise ClearError(f"--encoder: {e}") from None
-        identity, slices = {**encoder.encoder_config, "source": f"random init, seed {spec.seed}"}, \
-            SliceConfig(img_size=spec.img_size)
+        identity = {**encoder.encoder_config, "source": f"random init, seed {spec.seed}"}
     return encoder.eval(), {**identity, "sha256": weights_sha256(encoder)}, slices
 
 

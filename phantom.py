@@ -28,7 +28,9 @@ SITES = ("bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tiss
 ORGAN_SITES = ("bone", "liver", "lung", "kidney", "soft_tissue", "pelvis")  # a second one = metastasis
 NODAL_SITES = ("mediastinum", "abdomen")
 LUNG_GGO, LUNG_EMPHYSEMA = 9, 10  # mask labels of lung disease; tumours of site i have label i + 1
-ENDPOINTS = ("lung_disease", "stage") + tuple(f"loc_{s}" for s in SITES)
+ENDPOINTS = ("lung_disease", "ground_glass", "emphysema", "stage") + tuple(f"loc_{s}" for s in SITES)  # labels.csv's
+#           columns; ground_glass and emphysema split lung disease: 1 with that finding, 0 without lung disease,
+#           blank (unknown, so left out of a fit) with the other one
 
 # Tissue ids of the organ map (returned, not written): where each site's lesions may lie.
 AIR, FAT, MUSCLE, LUNG, HEART, MEDIASTINUM, LIVER, SPLEEN, KIDNEY, BOWEL, BLADDER, BONE, PELVIS, AORTA, \
@@ -272,6 +274,8 @@ def make_phantom(cfg, patient, scan=0, findings=True):
     hu = cv.hu + rng_s.standard_normal(cv.hu.shape, dtype=np.float32) * noise
     hu = np.clip(np.rint(_blur(hu, 0.7)), -1024, 3071).astype(np.float32)
     labels = {"lung_disease": int(disease > 0), "stage": stage_of(placed)}
+    labels.update({name: int(disease == kind) if disease in (0, kind) else None  # None: the other finding
+                   for name, kind in (("ground_glass", LUNG_GGO), ("emphysema", LUNG_EMPHYSEMA))})
     labels.update({f"loc_{s}": int(any(p == s for p, _ in placed)) for s in SITES})
     affine = np.diag([pixel, pixel, dz, 1.0])
     affine[:3, 3] = origin[::-1]  # (x, y, z) of voxel 0

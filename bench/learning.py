@@ -21,7 +21,7 @@ from bench.probe import twin_probe, twin_slices
 from cache import open_cache
 from checkpoint import load_checkpoint, run_settings
 from cli import progress_bar
-from data import SliceConfig
+from data import WINDOWS, SliceConfig
 from extract import EncoderSpec, load_encoder
 from files import ClearError, atomic_path
 from phantom import LUNG_EMPHYSEMA, LUNG_GGO, SynthConfig
@@ -48,19 +48,28 @@ class LearningConfig:
     batch_size: int = 128
     lr: float = 2e-3  # at batch 256 (AdamW, pretrain.lr_at scales it): a small model takes a large rate
     mlp_dim: int = 1024  # MoCo heads' hidden width: 4096 costs more than the micro encoder itself
+    windows: tuple = ("lung", "soft", "bone", "parenchyma")  # data.WINDOWS by name, one input channel each: the
+    #                  narrow parenchyma window is the one in which LeCL finds ground glass (docs/results.md)
     views: ViewConfig = ViewConfig()
     lesion_weight: float = PretrainConfig.lesion_weight  # LeCL's w (lecl.py): --lesion-weight 0 and 10 are the
     #                                                      curves of docs/results.md's "What LeCL's two parts do"
-    matched_levels: bool = False  # each batch from one height of the scans (views.batch_ids): results/levels
+    matched_levels: bool = True  # each batch from one height of the scans (views.batch_ids), so negatives share
+    #                              their anatomy: LeCL finds ground glass with it (docs/results.md). Contrastive runs
+    #                              only: the supervised reference has no negatives, and batches of one height give
+    #                              its BatchNorm one anatomy's statistics (its emphysema fell, docs/results.md)
     methods: tuple = METHODS
     seed: int = 0
     device: str = "auto"
+
+    def hu_windows(self):
+        return tuple(WINDOWS[name] for name in self.windows)  # (level, width) in HU per channel
 
     def pretrain_config(self, method):
         return PretrainConfig(encoder=self.encoder, size=self.size, method=method, steps=self.steps,
                               batch_size=self.batch_size, lr=self.lr, mlp_dim=self.mlp_dim, img_size=self.img_size,
                               views=self.views, lesion_weight=self.lesion_weight, seed=self.seed,
-                              matched_levels=self.matched_levels,
+                              matched_levels=self.matched_levels and method != "supervised",
+                              windows=self.hu_windows(),
                               device=self.device, checkpoint_every=self.every)
 
 
@@ -110,7 +119,7 @@ def run(cfg, out, work, progress=None, log=lambda text: None):
     if not (corpus / "labels.csv").exists():
         log(f"drawing the corpus: {cfg.corpus.n} scans (seed {cfg.corpus.seed}) into {corpus}")
     corpus_scans = drawn(cfg.corpus, corpus, *([progress("corpus")] if progress else []))
-    twins = twin_slices(cfg.cohort, range(cfg.patients), FINDINGS, SliceConfig(img_size=cfg.img_size))
+    twins = twin_slices(cfg.cohort, range(cfg.patients), FINDINGS, SliceConfig(cfg.hu_windows(), cfg.img_size))
 
     def save():
         with atomic_path(record) as tmp:
@@ -121,7 +130,8 @@ def run(cfg, out, work, progress=None, log=lambda text: None):
         save()
         log(f"{method} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curves.points[f"{method}/{step}"].items()))
 
-    random_init = EncoderSpec(name=cfg.encoder, size=cfg.size, img_size=cfg.img_size, seed=cfg.seed)
+    random_init = EncoderSpec(name=cfg.encoder, size=cfg.size, img_size=cfg.img_size, seed=cfg.seed,
+                              windows=cfg.hu_windows())
     for method in cfg.methods:
         pcfg, ckpt = cfg.pretrain_config(method), work / f"{method}.pt"
         keys[method] = curve_key(cfg, method)
@@ -241,13 +251,14 @@ def write_report(curves, cfg, out, command):
 # ------------------------------------------------------------------------------------------------- command
 
 
-OPTIONS = ("encoder", "size", "img_size", "steps", "every", "batch_size", "lesion_weight", "matched_levels", "seed",
-           "device")  # the LearningConfig fields that benchmark.py learning's options set
+OPTIONS = ("encoder", "size", "img_size", "steps", "every", "batch_size", "lesion_weight", "matched_levels", "windows",
+           "seed", "device")  # the LearningConfig fields that benchmark.py learning's options set
 
 
 def config_from(args):
     """The LearningConfig of `benchmark.py learning`'s options: LearningConfig's defaults where none is given."""
     given = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
+    given |= {"windows": tuple(args.windows)} if args.windows else {}
     return replace(LearningConfig(), **given, **({"methods": tuple(args.methods)} if args.methods else {}))
 
 
@@ -258,7 +269,9 @@ def command_line(cfg, out):
     default, parts = LearningConfig(), ["python", "benchmark.py", "learning"]
     for k in OPTIONS:
         if (value := getattr(cfg, k)) != getattr(default, k):
-            parts += [f"--{k.replace('_', '-')}"] + ([] if value is True else [str(value)])  # True: a flag
+            flag = f"--{'no-' if value is False else ''}{k.replace('_', '-')}"  # a switch: --x or --no-x
+            parts += [flag] + ([] if isinstance(value, bool) else list(value) if isinstance(value, tuple)
+                               else [str(value)])
     return shlex.join(parts + (["--out", str(out)] if str(out) != "results" else []))
 
 

@@ -8,8 +8,8 @@ embeddings, and prints their fold-mean AUROCs [95 % patient-bootstrap CI] side b
     max       x = max_k x_k           per dimension, the most extreme slice (a focal finding in a few slices)
     mean+max  both, concatenated      (2D,)
 
-`python benchmark.py findings --data COHORT` (finding_labels, below) splits a synthetic cohort's lung disease into
-its two findings, read from the masks, so that `clear.py fit` and the readout can score each on its own.
+A synthetic cohort's labels.csv splits lung disease into its two findings (ground_glass, emphysema), so that
+`clear.py fit` and the readout can score each on its own.
 
 The readout is the classic baseline of multiple-instance learning; with ~100 training scans it has far fewer
 parameters than the MIL (D + 1 against ~100 000), so when the MIL scores below it, the MIL loses a signal the
@@ -18,8 +18,6 @@ each reported (none is picked on the test folds).
 
 Shapes: N labelled scans, L slices of a scan, D feature width, F pooled width (D or 2D).
 """
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -73,36 +71,3 @@ def command(args):
         for l2 in L2:
             rows, _ = linear_readout(bags, args.labels, cfg, pool, l2)
             print(f"| linear, {pool}-pooled, L2 {l2:g} | {headline(rows)} |")
-
-
-def finding_labels(data, out=None):
-    """A labels.csv for the synthetic cohort at `data` with one column per lung finding, read from its masks (phantom's
-    LUNG_GGO, LUNG_EMPHYSEMA): `ground_glass` is 1 for a scan with ground glass, 0 for one without lung disease and
-    blank, so left out of a fit, for one with emphysema instead; `emphysema` alike. Written to `out` (default
-    DATA/findings.csv); returns its path."""
-    from cohort import Cohort
-    from data import canonical_grid, load_mask
-    from files import write_csv
-    from phantom import LUNG_EMPHYSEMA, LUNG_GGO
-
-    cohort = Cohort(data)
-    if not cohort.has_masks:
-        raise ClearError(f"{data}: no masks/ to read the findings from")
-    rows = []
-    for scan in cohort.scans:
-        if scan.mask is None:
-            raise ClearError(f"{data}: scan {scan.scan} has no mask")
-        mask = load_mask(scan.mask, canonical_grid(scan.image)[1])  # (Z, Y, X)
-        has = {name: bool((mask == label).any()) for name, label in (("ground_glass", LUNG_GGO),
-                                                                      ("emphysema", LUNG_EMPHYSEMA))}
-        rows.append({"patient": scan.patient, "scan": scan.scan,
-                     **{name: int(hit) if hit or not any(has.values()) else "" for name, hit in has.items()}})
-    out = Path(out) if out else Path(data) / "findings.csv"
-    write_csv(out, rows)
-    return out
-
-
-def findings_command(args):
-    out = finding_labels(args.data, args.out)
-    print(f"{out}: ground_glass and emphysema per scan (blank: the other finding); fit with clear.py fit --labels "
-          f"{out} --target ground_glass")

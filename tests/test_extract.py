@@ -108,6 +108,32 @@ def test_checkpoint_and_module_encoders(cohort, tmp_path):
     assert bags[cohort.scans[0].scan]["encoder"]["name"] == "mine.py:make"
 
 
+def test_windows_give_the_random_init_one_channel_each(cohort, tmp_path, capsys):
+    """extract --random-init --windows NAME...: the floor of a run with other windows is the same encoder, built
+    for that many channels, on slices in those windows; a checkpoint brings its own, so --windows with it is one
+    line, exit 2."""
+    out = tmp_path / "bags"
+    assert clear.main(["extract", "--data", str(cohort.root), "--out", str(out), "--encoder", "cnn", "--size",
+                       "micro", "--random-init", "--img-size", "32", "--windows", "lung", "parenchyma"]) == 0
+    torch.manual_seed(0)
+    reference = build_encoder("cnn", "micro", in_chans=2, img_size=32).eval()  # the same seed, by hand
+    scan = cohort.scans[0]
+    volume, spacing = load_ct(scan.image)
+    x, _ = prepare_slices(volume, spacing, SliceConfig(windows=((-600.0, 1500.0), (-850.0, 500.0)), img_size=32))
+    with torch.no_grad():
+        want = reference(x)  # (Z, D) from 2-channel slices in the lung and parenchyma windows
+    torch.testing.assert_close(_bags(out)[scan.scan]["features"], want, rtol=1e-4, atol=1e-5)
+    assert json.loads((out / "manifest.json").read_text())["slices"]["windows"] == [[-600.0, 1500.0],
+                                                                                    [-850.0, 500.0]]
+    enc = build_encoder("cnn", "micro", img_size=32)
+    torch.save({"format": FORMAT, "encoder_config": enc.encoder_config, "encoder": enc.state_dict(),
+                "slice_config": {"windows": [[40, 400]] * 3, "img_size": 32, "thickness_mm": None}},
+               tmp_path / "ckpt.pt")
+    assert clear.main(["extract", "--data", str(cohort.root), "--out", str(tmp_path / "b2"), "--checkpoint",
+                       str(tmp_path / "ckpt.pt"), "--windows", "lung"]) == 2
+    assert "--windows is for --random-init and --encoder-module" in capsys.readouterr().err
+
+
 def test_a_pickled_payload_checkpoint_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
 

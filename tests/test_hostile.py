@@ -164,13 +164,13 @@ def write_bags(folder, n=6, encoder=ENCODER, dim=8):
     return folder
 
 
-def fit_with_labels(content):
-    """Row builder: `fit` on good bags with a labels.csv of `content` (bytes or str)."""
+def fit_with_labels(content, *options):
+    """Row builder: `fit` on good bags with a labels.csv of `content` (bytes or str), and `options`."""
     def build(tmp):
         bags, labels = write_bags(tmp / "bags"), tmp / "labels.csv"
         labels.write_bytes(content if isinstance(content, bytes) else content.encode())
         return ["fit", "--bags", bags, "--labels", labels, "--target", "y", "--out", tmp / "fit",
-                "--folds", "2", "--epochs", "1"], labels
+                "--folds", "2", "--epochs", "1", *options], labels
     return build
 
 
@@ -356,7 +356,8 @@ CATALOGUE = [  # case, command, build(tmp) -> (argv, the file the message must n
      "y='yes' is not a number"),
     ("labels.csv empty", "fit", fit_with_labels(""), "empty, expected a header line"),
     ("labels.csv in UTF-16", "fit", fit_with_labels(LABELS.encode("utf-16")), "not a UTF-8 CSV table"),
-    ("too few patients to hold some out", "fit", fit_with_labels(LABELS), "keeps no training scan"),
+    ("too few patients to hold some out", "fit", fit_with_labels(LABELS, "--val-fraction", "0.5"),
+     "keeps no training scan"),
     ("bag from another encoder", "fit", fit_with_bag(from_another_encoder),
      "bags from different encoders cannot be mixed"),
     ("bag is a code payload", "fit", fit_with_bag(payload), f"cannot read bag: {REFUSED}"),

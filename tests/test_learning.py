@@ -34,8 +34,10 @@ def test_curves_stop_and_resume_into_the_uninterrupted_run_and_the_report_shows_
     assert all(torch.equal(stepped[k], whole[k]) for k in whole)
     # step 0 is the encoder pretrain starts from: the same seed builds the same weights
     torch.manual_seed(TINY.seed)
-    built = build_encoder(TINY.encoder, TINY.size, 3, TINY.img_size).state_dict()
-    loaded = load_encoder(EncoderSpec(name=TINY.encoder, size=TINY.size, img_size=TINY.img_size))[0].state_dict()
+    built = build_encoder(TINY.encoder, TINY.size, len(TINY.windows), TINY.img_size).state_dict()  # 4 channels
+    loaded = load_encoder(EncoderSpec(name=TINY.encoder, size=TINY.size, img_size=TINY.img_size,
+                                      windows=TINY.hu_windows()))[0].state_dict()
+    assert built["stem.0.weight"].shape[1] == 4  # the first conv takes one channel per window
     assert all(torch.equal(built[k], loaded[k]) for k in built)
     # a re-run keeps every point and trains nothing; a point lost between a checkpoint and its twin test is made
     # again from that checkpoint; a run of one method keeps the other's curve
@@ -62,7 +64,8 @@ def test_curves_stop_and_resume_into_the_uninterrupted_run_and_the_report_shows_
                                       (replace(LearningConfig(), encoder="gcnn", steps=300), "results/gcnn"),
                                       (replace(LearningConfig(), lesion_weight=0.0, seed=1), "results/lecl-w0"),
                                       (replace(LearningConfig(), img_size=128, every=300), "results/cnn-128"),
-                                      (replace(LearningConfig(), matched_levels=True), "results/levels")])
+                                      (replace(LearningConfig(), matched_levels=False, windows=("lung", "soft", "bone"),
+                                               seed=2), "results/lecl-seed2")])
 def test_the_report_s_command_makes_the_curves_it_shows(cfg, out):
     """learning.md names the command that makes its curves, whichever runs (--methods, --work) filled it: read back
     through benchmark.py's own parser, it gives the same settings and the same folder."""

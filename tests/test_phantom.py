@@ -35,6 +35,9 @@ def test_labels_agree_with_the_mask_and_lie_in_their_organ(phantoms):
             assert np.all(ph.tissue[where] == P.SITE_TISSUE[site]), f"{site} lesion outside its organ"
         disease = np.isin(ph.mask, [P.LUNG_GGO, P.LUNG_EMPHYSEMA])
         assert ph.labels["lung_disease"] == int(disease.any())
+        for name, kind, other in (("ground_glass", P.LUNG_GGO, P.LUNG_EMPHYSEMA),
+                                  ("emphysema", P.LUNG_EMPHYSEMA, P.LUNG_GGO)):  # 1, 0, or unknown: the other one
+            assert ph.labels[name] == (None if (ph.mask == other).any() else int((ph.mask == kind).any())), name
         assert np.all(ph.tissue[disease] == P.LUNG)
 
 
@@ -93,7 +96,8 @@ def test_cohort_is_reproducible_and_loads_back(tmp_path):
         np.testing.assert_array_equal(hu, ph.hu)
         np.testing.assert_allclose(spacing, ph.spacing, rtol=1e-5)
         np.testing.assert_array_equal(load_mask(scan.mask, hu.shape), ph.mask)
-        assert scan.labels == {k: float(v) for k, v in ph.labels.items()}
+        assert scan.labels.keys() == ph.labels.keys()  # None (the other finding) is blank, read back as NaN
+        assert all(np.isnan(scan.labels[k]) if v is None else scan.labels[k] == v for k, v in ph.labels.items())
 
 
 @pytest.mark.parametrize("storage", S.STORAGE, ids=lambda s: f"{s[0]}-{np.dtype(s[1]).name}")

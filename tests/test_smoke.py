@@ -153,10 +153,13 @@ def fake_run(out, run, low):
 
 
 @pytest.mark.parametrize("lows, says", [
-    ({"lecl": (0.6, 0.7, 0.55), "random": (0.3, 0.4, 0.45), "supervised": (0.4, 0.8, 0.3), "histogram": (0.8,)},
-     "Above chance (the fold mean's 95 % CI above 0.5) with the LeCL encoder: location, lung_disease, stage; at "
-     "random init: none; the supervised reference: lung_disease; the HU-histogram control: lung disease."),
-    ({"lecl": (0.6, 0.5, None), "random": (0.55, 0.2, 0.3), "supervised": (0.3, 0.3, 0.3), "histogram": (0.45,)},
+    ({"lecl": (0.6, 0.7, 0.65, 0.4, 0.55), "random": (0.3, 0.4, 0.45, 0.2, 0.45),
+      "supervised": (0.4, 0.8, 0.9, 0.6, 0.3), "histogram": (0.8, 0.9, 0.45)},
+     "Above chance (the fold mean's 95 % CI above 0.5) with the LeCL encoder: location, lung_disease, ground_glass, "
+     "stage; at random init: none; the supervised reference: lung_disease, ground_glass, emphysema; the "
+     "HU-histogram control: lung_disease, ground_glass."),
+    ({"lecl": (0.6, 0.5, 0.5, 0.5, None), "random": (0.55, 0.2, 0.3, 0.3, 0.3), "supervised": (0.3,) * 5,
+      "histogram": (0.45, 0.4, 0.3)},
      "Above chance (the fold mean's 95 % CI above 0.5) with the LeCL encoder: location; at random init: location; "
      "the supervised reference: none; the HU-histogram control: at chance. With the control at chance"),
 ])
