@@ -59,11 +59,11 @@ def cmd_convert(args):
 
 def pretrain_config(args):
     """`clear.py pretrain`'s options as a PretrainConfig: window names become their (level, width) in HU."""
-    from data import WINDOWS
+    from data import named_windows
     from pretrain import PretrainConfig
 
     labels = tuple(args.lesion_labels) if args.lesion_labels else None
-    windows = tuple(WINDOWS[name] for name in args.windows) if args.windows else PretrainConfig.windows
+    windows = named_windows(args.windows) if args.windows else PretrainConfig.windows
     return config_from(PretrainConfig, args, lesion_labels=labels, windows=windows)
 
 
@@ -121,13 +121,13 @@ COLLAPSED = ("; the embeddings have collapsed onto a few directions, so they car
 
 def cmd_extract(args):
     from cohort import Cohort
-    from data import WINDOWS
+    from data import named_windows
     from extract import EncoderSpec, extract_bags, load_encoder, parse_shard, shard_from_env
     from files import pick_device
 
     spec = EncoderSpec(checkpoint=args.checkpoint, module=args.encoder_module, size=args.size,
                        img_size=args.img_size, seed=args.seed, name=args.encoder if args.random_init else None,
-                       windows=tuple(WINDOWS[name] for name in args.windows) if args.windows else None)
+                       windows=named_windows(args.windows) if args.windows else None)
     if args.encoder and not args.random_init:
         raise ClearError("--encoder NAME needs --random-init (or give --checkpoint CKPT)")
     if args.batch_size < 1 or args.thickness is not None and not args.thickness > 0:

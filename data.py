@@ -186,11 +186,16 @@ WINDOWS = {  # name -> (level, width) in HU: what `clear.py pretrain --windows` 
 }
 
 
+def named_windows(names):
+    """(level, width) in HU of each of WINDOWS' `names`, in order: one input channel each."""
+    return tuple(WINDOWS[name] for name in names)
+
+
 @dataclass(frozen=True)
 class SliceConfig:
     """How a CT volume becomes encoder input."""
     # (level, width) in HU per channel: lung, soft tissue, bone, the three windows radiologists read CT in
-    windows: tuple = tuple(WINDOWS[name] for name in ("lung", "soft", "bone"))
+    windows: tuple = named_windows(("lung", "soft", "bone"))
     img_size: int = 224  # in-plane size S the encoder sees; extraction takes it from the encoder
     thickness_mm: float | None = None  # None: every slice as stored; else resample along z to this spacing
 

@@ -21,7 +21,7 @@ from bench.probe import twin_probe, twin_slices
 from cache import open_cache
 from checkpoint import load_checkpoint, run_settings
 from cli import progress_bar
-from data import WINDOWS, SliceConfig
+from data import SliceConfig, named_windows
 from extract import EncoderSpec, load_encoder
 from files import ClearError, atomic_path
 from phantom import LUNG_EMPHYSEMA, LUNG_GGO, SynthConfig
@@ -62,7 +62,7 @@ class LearningConfig:
     device: str = "auto"
 
     def hu_windows(self):
-        return tuple(WINDOWS[name] for name in self.windows)  # (level, width) in HU per channel
+        return named_windows(self.windows)  # (level, width) in HU per channel
 
     def pretrain_config(self, method):
         return PretrainConfig(encoder=self.encoder, size=self.size, method=method, steps=self.steps,
