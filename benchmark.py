@@ -20,8 +20,7 @@ import sys
 
 from bench import commands, learning, probe, readout
 from bench.config import AccuracyConfig
-from cli import run_command
-from data import WINDOWS
+from cli import add_windows, run_command
 from models import SIZES
 from pretrain import METHODS
 
@@ -126,8 +125,7 @@ def build_parser():
     p_learn.add_argument("--matched-levels", action=argparse.BooleanOptionalAction, help="draw each pre-training "
                          "batch from one height of the scans, so negatives share their anatomy (clear.py pretrain "
                          "--matched-levels; default on; --no-matched-levels: uniform batches, as the paper)")
-    p_learn.add_argument("--windows", nargs="+", choices=WINDOWS, metavar="NAME", help="HU windows, one input "
-                         "channel each (clear.py pretrain --windows; default lung soft bone parenchyma)")
+    add_windows(p_learn, "lung soft bone parenchyma, the demo's")
     p_learn.add_argument("--seed", type=int, help="initial weights, data order and views (default 0)")
     p_learn.add_argument("--methods", nargs="+", choices=METHODS, help="default all three")
     p_learn.add_argument("--device", help="auto | cpu | cuda (default auto)")

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 import commands
-from cli import add_options, run_command
+from cli import add_options, add_windows, run_command
 
 
 def lesion_fraction(text):
@@ -55,7 +55,6 @@ def add_convert(sub):
 
 
 def add_pretrain(sub):
-    from data import WINDOWS
     from pretrain import PretrainConfig
 
     p = sub.add_parser("pretrain", help="pre-train a slice encoder with LeCL (or plain MoCo v3, or supervised)",
@@ -73,9 +72,7 @@ def add_pretrain(sub):
                 lesion_fraction={"type": lesion_fraction, "help": "share of lesion slices per batch, or 'cohort' "
                                  "to sample slices as they come (default 0.5)"},
                 lesion_labels={"type": int})
-    p.add_argument("--windows", nargs="+", choices=WINDOWS, metavar="NAME", help="HU windows, one input channel "
-                   f"each, from {', '.join(WINDOWS)} (data.WINDOWS; default lung soft bone); extract reads them "
-                   "from the checkpoint")
+    add_windows(p, "lung soft bone", "; extract reads them from the checkpoint")
     p.add_argument("--cache", help="slice cache folder (default: OUT.cache); runs can share one")
     p.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint")
     p.add_argument("--slim", action="store_true", help="at the end, drop the training state from OUT: the encoder "
@@ -85,8 +82,6 @@ def add_pretrain(sub):
 
 
 def add_extract(sub):
-    from data import WINDOWS
-
     p = sub.add_parser("extract", help="embed every slice of every scan with a frozen encoder (bags)",
                        description="Embed every axial slice of every scan of a cohort with a frozen encoder; "
                                    "one bag file per scan. Re-running continues where a run stopped.")
@@ -100,8 +95,7 @@ def add_extract(sub):
                      help="your own nn.Module mapping (B, C, H, W) to (B, D)")
     p.add_argument("--size", default="tiny", help="encoder size for --encoder (micro | tiny | small | base)")
     p.add_argument("--img-size", type=int, default=224, help="input size for --encoder/--encoder-module")
-    p.add_argument("--windows", nargs="+", choices=WINDOWS, metavar="NAME", help="HU windows for --encoder/"
-                   "--encoder-module, one input channel each (default lung soft bone); a checkpoint brings its own")
+    add_windows(p, "lung soft bone", "; for --encoder and --encoder-module: a checkpoint brings its own")
     p.add_argument("--thickness", type=float, help="resample slices to this spacing in mm (default: as stored)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard", metavar="K/N", help="process scans K, K+N, ... (default under torchrun: the rank's)")

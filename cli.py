@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data import WINDOWS
 from files import ClearError
 
 BARS = []  # the progress bars this process drew; end_bars() closes those left open
@@ -154,3 +155,10 @@ def add_options(parser, cls, names, **changes):
         else:
             kw = {"type": kinds[0], "default": f.default}
         parser.add_argument(f"--{name.replace('_', '-')}", **{"help": help.strip(), **kw, **changes.get(name, {})})
+
+
+def add_windows(parser, default, note=""):
+    """--windows: HU windows by name (data.WINDOWS), one input channel each; `default` as the help shows it."""
+    parser.add_argument("--windows", nargs="+", choices=WINDOWS, metavar="NAME",
+                        help=f"HU windows, one input channel each, from {', '.join(WINDOWS)} (data.WINDOWS; default "
+                             f"{default}){note}")
