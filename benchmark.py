@@ -122,6 +122,8 @@ def build_parser():
     p_learn.add_argument("--every", type=int, help="steps between twin tests (default 100)")
     p_learn.add_argument("--batch-size", type=int, help="pre-training batch (default 128)")
     p_learn.add_argument("--lesion-weight", type=float, help="LeCL's w (default that of clear.py pretrain, 1)")
+    p_learn.add_argument("--temperature", type=float, help="τ of the contrastive loss (default that of clear.py "
+                         "pretrain, 0.2)")
     p_learn.add_argument("--matched-levels", action=argparse.BooleanOptionalAction, help="draw each pre-training "
                          "batch from one height of the scans, so negatives share their anatomy (clear.py pretrain "
                          "--matched-levels; default on; --no-matched-levels: uniform batches, as the paper)")

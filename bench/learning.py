@@ -53,6 +53,7 @@ class LearningConfig:
     views: ViewConfig = ViewConfig()
     lesion_weight: float = PretrainConfig.lesion_weight  # LeCL's w (lecl.py): --lesion-weight 0 and 10 are the
     #                                                      curves of docs/results.md's "What LeCL's two parts do"
+    temperature: float = PretrainConfig.temperature  # τ of the InfoNCE loss (lecl.py), LeCL and MoCo v3 alike
     matched_levels: bool = True  # each batch from one height of the scans (views.batch_ids), so negatives share
     #                              their anatomy: LeCL finds ground glass with it (docs/results.md). Contrastive runs
     #                              only: the supervised reference has no negatives, and batches of one height give
@@ -67,7 +68,8 @@ class LearningConfig:
     def pretrain_config(self, method):
         return PretrainConfig(encoder=self.encoder, size=self.size, method=method, steps=self.steps,
                               batch_size=self.batch_size, lr=self.lr, mlp_dim=self.mlp_dim, img_size=self.img_size,
-                              views=self.views, lesion_weight=self.lesion_weight, seed=self.seed,
+                              views=self.views, lesion_weight=self.lesion_weight, temperature=self.temperature,
+                              seed=self.seed,
                               matched_levels=self.matched_levels and method != "supervised",
                               windows=self.hu_windows(),
                               device=self.device, checkpoint_every=self.every)
@@ -251,8 +253,8 @@ def write_report(curves, cfg, out, command):
 # ------------------------------------------------------------------------------------------------- command
 
 
-OPTIONS = ("encoder", "size", "img_size", "steps", "every", "batch_size", "lesion_weight", "matched_levels", "windows",
-           "seed", "device")  # the LearningConfig fields that benchmark.py learning's options set
+OPTIONS = ("encoder", "size", "img_size", "steps", "every", "batch_size", "lesion_weight", "temperature",
+           "matched_levels", "windows", "seed", "device")  # the LearningConfig fields that benchmark.py learning's options set
 
 
 def config_from(args):
