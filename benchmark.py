@@ -105,6 +105,7 @@ def build_parser():
     p_twin.add_argument("--size", choices=ENCODER_SIZES, default="tiny", help="--encoder's size (default tiny)")
     p_twin.add_argument("--img-size", type=int, default=64, help="input size for --encoder/--encoder-module "
                         "(default: the accuracy benchmark's 64)")
+    add_windows(p_twin, "lung soft bone", "; for --encoder and --encoder-module: a checkpoint brings its own")
     p_twin.add_argument("--n", type=int, default=60, help="patients drawn (those with each finding are used)")
     p_twin.add_argument("--seed", type=int, default=0, help="the cohort's seed (0: the accuracy benchmark's)")
     p_twin.add_argument("--bags", help="also read each finding's twin direction on these bags (same encoder) of "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import cv
 from cohort import Cohort
-from data import canonical_grid, load_mask, nearest_slices, prepare_slices, voxel_spacing
+from data import canonical_grid, load_mask, named_windows, nearest_slices, prepare_slices, voxel_spacing
 from extract import embed_slices
 from files import ClearError
 from metrics import auroc
@@ -197,7 +197,7 @@ def twin_command(args):
     from phantom import LUNG_EMPHYSEMA, LUNG_GGO
 
     spec = EncoderSpec(checkpoint=args.checkpoint, name=args.encoder, size=args.size, module=args.encoder_module,
-                       img_size=args.img_size)
+                       img_size=args.img_size, windows=named_windows(args.windows) if args.windows else None)
     encoder, identity, slices = load_encoder(spec)
     bags = load_bags(args.bags) if args.bags else None
     if bags and (bags.encoder != identity or not args.data):

@@ -1,16 +1,20 @@
 """The ad hoc encoders of the twin test's variants (docs/results.md, 'With anatomy and noise held fixed'), kept so
 that its figures can be made again: variants of the random-init ViT-tiny (seed 0, the draw of `benchmark.py twin
---encoder vit`) and pixel grids of other sizes than models.reference.PixelGrid's default. Each name is a factory for
+--encoder vit`), pixel grids of other sizes than models.reference.PixelGrid's default, and the shipped LeCL encoder
+cut short (docs/results.md, 'Levers for emphysema'). Each name is a factory for
 
     python benchmark.py twin --encoder-module bench/twin_variants.py:NAME --img-size 64
+    (the LeCL cuts: ... --windows lung soft bone parenchyma, the checkpoint's)
 
 Measurements, not part of the method: nothing else imports this file.
 """
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from extract import EncoderSpec, load_encoder
 from models import build_encoder
 from models.reference import PixelGrid
 
@@ -66,3 +70,31 @@ def grid2():
 
 def grid8():
     return PixelGrid(3, 8)
+
+
+class CutCNN(nn.Module):
+    """A models.cnn.PlainCNN's stem and first `k` stage layers, mean-pooled: (B, C, H, W) -> (B, D_k). Its earlier
+    features, before the later layers have made them invariant to what the contrastive task did not need."""
+
+    def __init__(self, cnn, k):
+        super().__init__()
+        self.stem, self.stages = cnn.stem, cnn.stages[:k]
+        self.embed_dim = self.stages[-1][1].num_features  # the last conv-BN-ReLU's BatchNorm width
+
+    def forward(self, x):  # x: (B, C, H, W)
+        return self.stages(self.stem(x)).mean(dim=(2, 3))  # (B, D_k)
+
+
+def lecl_cut(k):
+    """The demo's LeCL encoder (checkpoints/cnn-micro-lecl.pt, 7 stage layers) cut after `k` of them."""
+    encoder, _, _ = load_encoder(EncoderSpec(checkpoint=str(Path(__file__).parents[1] / "checkpoints" /
+                                                           "cnn-micro-lecl.pt")))
+    return CutCNN(encoder, k).eval()
+
+
+def lecl_cut3():
+    return lecl_cut(3)
+
+
+def lecl_cut4():
+    return lecl_cut(4)

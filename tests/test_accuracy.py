@@ -244,6 +244,28 @@ def test_twin_command_prints_one_row_per_finding_and_refuses_a_bad_checkpoint(tm
     assert err.count("\n") == 1 and "bags of encoder {'name': 'x'}" in err
 
 
+def test_twin_windows_reach_the_slices_and_a_cut_cnn_is_its_encoder_s_first_layers(monkeypatch):
+    """--windows sets the twin slices' channels for an --encoder-module (the LeCL cut takes the checkpoint's four),
+    and twin_variants.lecl_cut(k) with every stage layer is the shipped encoder itself."""
+    from bench import twin_variants
+    from data import named_windows
+    from extract import EncoderSpec, load_encoder
+
+    seen, real = [], probe.twin_slices
+    monkeypatch.setattr(probe, "twin_slices", lambda cfg, patients, findings, slices: seen.append(slices.windows)
+                        or real(cfg, patients, findings, slices))
+    cut = f"{Path(benchmark.__file__).parent / 'bench' / 'twin_variants.py'}:lecl_cut3"
+    four = ["lung", "soft", "bone", "parenchyma"]
+    assert benchmark.main(["twin", "--encoder-module", cut, "--n", "1", "--img-size", "32", "--windows", *four]) == 0
+    assert seen == [named_windows(four)]
+    full, _, _ = load_encoder(EncoderSpec(checkpoint=str(Path(benchmark.__file__).parent / "checkpoints" /
+                                                         "cnn-micro-lecl.pt")))
+    x = torch.rand(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))  # (B, C, H, W)
+    with torch.no_grad():
+        assert torch.allclose(twin_variants.lecl_cut(len(full.stages))(x), full(x), atol=1e-6)
+        assert twin_variants.lecl_cut(3)(x).shape == (2, full.stages[2][1].num_features)
+
+
 def test_first_axis_finds_a_height_code_and_its_share():
     g = torch.Generator().manual_seed(0)
     z = [torch.arange(0.0, 300.0, 5.0, dtype=torch.float64) for _ in range(20)]  # 60 slices per scan
