@@ -254,7 +254,8 @@ def write_report(curves, cfg, out, command):
 
 
 OPTIONS = ("encoder", "size", "img_size", "steps", "every", "batch_size", "lesion_weight", "temperature",
-           "matched_levels", "windows", "seed", "device")  # the LearningConfig fields that benchmark.py learning's options set
+           "matched_levels", "windows", "seed", "device")  # the LearningConfig fields that benchmark.py learning's
+#                                                             options set
 
 
 def config_from(args):
