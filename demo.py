@@ -26,6 +26,7 @@ from pathlib import Path
 from checkpoint import load_checkpoint
 from files import ClearError, atomic_path
 from phantom import SITES
+from pretrain import contrastive
 
 HERE = Path(__file__).resolve().parent
 TASKS = (  # (run name, --target, extra fit options): the paper's three endpoints, and lung disease's two findings
@@ -43,7 +44,7 @@ WINDOWS = ("lung", "soft", "bone", "parenchyma")  # data.WINDOWS, one input chan
 RECIPE = ("--lr", "0.002", "--mlp-dim", "1024", "--windows", *WINDOWS, "--checkpoint-every", "100")  # with
 #         --method, --steps and --batch-size: bench/learning.py's runs, whose curves results/learning.md shows
 CONTRASTIVE = ("--matched-levels",)  # LeCL's batches from one height of the scans, so negatives share their
-#                                      anatomy (views.batch_ids); not the supervised reference's, which has none
+#                                      anatomy (views.batch_ids); for contrastive methods alone (pretrain.contrastive)
 PRETRAINED = ("lecl", "supervised")  # the demo's pre-trained encoders: the method, and the reference that shows
 #                                      what the encoder and the MIL can reach on these slices
 CORPUS_SEED = 7  # the corpus: as the cohort (seed 0), other patients
@@ -87,7 +88,7 @@ def command_lines(out, n, corpus, steps, batch_size, pretrain, contrast, lesion_
     if pretrain:
         commands += [["synth", "--out", out / "corpus", "--n", corpus, *grid, "--seed", CORPUS_SEED]]
         commands += [["pretrain", "--data", out / "corpus", "--out", ckpt[m], *ENCODER, "--img-size", IMG_SIZE,
-                      "--method", m, *RECIPE, *(CONTRASTIVE if m != "supervised" else ()), "--steps", steps,
+                      "--method", m, *RECIPE, *(CONTRASTIVE if contrastive(m) else ()), "--steps", steps,
                       "--batch-size", batch_size, "--slim"]
                      for m in PRETRAINED]
     bags = {"lecl": out / "bags", "supervised": out / "bags-supervised", "random": out / "bags-random",

@@ -51,6 +51,13 @@ from views import ViewConfig, Views, batch_ids, make_views, mix
 METHODS = ("lecl", "moco", "supervised")
 
 
+def contrastive(method):
+    """Whether `method` contrasts each slice with negatives (LeCL, MoCo v3): what --matched-levels is for. The
+    supervised reference has none, and batches of one height would give its BatchNorm one anatomy's statistics
+    (its emphysema fell from 0.94 to 0.60 on the twins, docs/results.md)."""
+    return method != "supervised"
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     encoder: str = "vit"  # vit | gcnn | ssm, the paper's three families | cnn (models/cnn.py)

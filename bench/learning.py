@@ -25,7 +25,7 @@ from data import SliceConfig, named_windows
 from extract import EncoderSpec, load_encoder
 from files import ClearError, atomic_path
 from phantom import LUNG_EMPHYSEMA, LUNG_GGO, SynthConfig
-from pretrain import METHODS, PretrainConfig, pretrain
+from pretrain import METHODS, PretrainConfig, contrastive, pretrain
 from synth import drawn
 from views import ViewConfig
 
@@ -56,8 +56,7 @@ class LearningConfig:
     temperature: float = PretrainConfig.temperature  # τ of the InfoNCE loss (lecl.py), LeCL and MoCo v3 alike
     matched_levels: bool = True  # each batch from one height of the scans (views.batch_ids), so negatives share
     #                              their anatomy: LeCL finds ground glass with it (docs/results.md). Contrastive runs
-    #                              only: the supervised reference has no negatives, and batches of one height give
-    #                              its BatchNorm one anatomy's statistics (its emphysema fell, docs/results.md)
+    #                              only (pretrain.contrastive says why)
     methods: tuple = METHODS
     seed: int = 0
     device: str = "auto"
@@ -70,7 +69,7 @@ class LearningConfig:
                               batch_size=self.batch_size, lr=self.lr, mlp_dim=self.mlp_dim, img_size=self.img_size,
                               views=self.views, lesion_weight=self.lesion_weight, temperature=self.temperature,
                               seed=self.seed,
-                              matched_levels=self.matched_levels and method != "supervised",
+                              matched_levels=self.matched_levels and contrastive(method),
                               windows=self.hu_windows(),
                               device=self.device, checkpoint_every=self.every)
 
