@@ -6,14 +6,14 @@ cut short (docs/results.md, 'Levers for emphysema'). Each name is a factory for
     python benchmark.py twin --encoder-module bench/twin_variants.py:NAME --img-size 64
     (the LeCL cuts: ... --windows lung soft bone parenchyma, the checkpoint's)
 
-Measurements, not part of the method: nothing else imports this file.
+Measurements, not part of the method: the library never imports this file.
 """
 import dataclasses
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from demo import CHECKPOINTS
 from extract import EncoderSpec, load_encoder
 from models import build_encoder
 from models.reference import PixelGrid
@@ -86,9 +86,8 @@ class CutCNN(nn.Module):
 
 
 def lecl_cut(k):
-    """The demo's LeCL encoder (checkpoints/cnn-micro-lecl.pt, 7 stage layers) cut after `k` of them."""
-    encoder, _, _ = load_encoder(EncoderSpec(checkpoint=str(Path(__file__).parents[1] / "checkpoints" /
-                                                           "cnn-micro-lecl.pt")))
+    """The demo's shipped LeCL encoder (demo.CHECKPOINTS, 7 stage layers) cut after `k` of them."""
+    encoder, _, _ = load_encoder(EncoderSpec(checkpoint=str(CHECKPOINTS["lecl"])))
     return CutCNN(encoder, k).eval()
 
 

@@ -249,6 +249,7 @@ def test_twin_windows_reach_the_slices_and_a_cut_cnn_is_its_encoder_s_first_laye
     and twin_variants.lecl_cut(k) with every stage layer is the shipped encoder itself."""
     from bench import twin_variants
     from data import named_windows
+    from demo import CHECKPOINTS
     from extract import EncoderSpec, load_encoder
 
     seen, real = [], probe.twin_slices
@@ -258,8 +259,7 @@ def test_twin_windows_reach_the_slices_and_a_cut_cnn_is_its_encoder_s_first_laye
     four = ["lung", "soft", "bone", "parenchyma"]
     assert benchmark.main(["twin", "--encoder-module", cut, "--n", "1", "--img-size", "32", "--windows", *four]) == 0
     assert seen == [named_windows(four)]
-    full, _, _ = load_encoder(EncoderSpec(checkpoint=str(Path(benchmark.__file__).parent / "checkpoints" /
-                                                         "cnn-micro-lecl.pt")))
+    full, _, _ = load_encoder(EncoderSpec(checkpoint=str(CHECKPOINTS["lecl"])))
     x = torch.rand(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))  # (B, C, H, W)
     with torch.no_grad():
         assert torch.allclose(twin_variants.lecl_cut(len(full.stages))(x), full(x), atol=1e-6)
