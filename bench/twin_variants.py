@@ -4,7 +4,7 @@ that its figures can be made again: variants of the random-init ViT-tiny (seed 0
 cut short (docs/results.md, 'Levers for emphysema'). Each name is a factory for
 
     python benchmark.py twin --encoder-module bench/twin_variants.py:NAME --img-size 64
-    (the LeCL cuts: ... --windows lung soft bone parenchyma, the checkpoint's)
+    (the cnn cuts: ... --windows lung soft bone parenchyma, the shipped checkpoint's)
 
 Measurements, not part of the method: the library never imports this file.
 """
@@ -93,6 +93,13 @@ def lecl_cut(k):
 
 def lecl_cut3():
     return lecl_cut(3)
+
+
+def random_cut3():
+    """The control of lecl_cut3: the same architecture (cnn-micro, the four windows) at random init, cut the same
+    way, so what pre-training added to those layers shows."""
+    torch.manual_seed(0)
+    return CutCNN(build_encoder("cnn", size="micro", in_chans=4, img_size=64), 3).eval()
 
 
 def lecl_cut4():

@@ -246,7 +246,8 @@ def test_twin_command_prints_one_row_per_finding_and_refuses_a_bad_checkpoint(tm
 
 def test_twin_windows_reach_the_slices_and_a_cut_cnn_is_its_encoder_s_first_layers(monkeypatch):
     """--windows sets the twin slices' channels for an --encoder-module (the LeCL cut takes the checkpoint's four),
-    and twin_variants.lecl_cut(k) with every stage layer is the shipped encoder itself."""
+    and twin_variants.lecl_cut(k) with every stage layer is the shipped encoder itself; random_cut3 is lecl_cut3's
+    architecture at random init."""
     from bench import twin_variants
     from data import named_windows
     from demo import CHECKPOINTS
@@ -264,6 +265,9 @@ def test_twin_windows_reach_the_slices_and_a_cut_cnn_is_its_encoder_s_first_laye
     with torch.no_grad():
         assert torch.allclose(twin_variants.lecl_cut(len(full.stages))(x), full(x), atol=1e-6)
         assert twin_variants.lecl_cut(3)(x).shape == (2, full.stages[2][1].num_features)
+    trained, control = twin_variants.lecl_cut(3).state_dict(), twin_variants.random_cut3().state_dict()
+    assert {k: v.shape for k, v in control.items()} == {k: v.shape for k, v in trained.items()}  # its control
+    assert not torch.equal(control["stem.0.weight"], trained["stem.0.weight"])
 
 
 def test_first_axis_finds_a_height_code_and_its_share():
