@@ -31,7 +31,8 @@ from .ssm import SSMConfig, VisionMamba
 from .vit import VisionTransformer, ViTConfig
 
 ENCODERS = {"vit": VisionTransformer, "gcnn": GatedCNN, "ssm": VisionMamba, "cnn": PlainCNN}
-STEMS = {"vit": "patch_embed", "gcnn": "stem", "ssm": "patch_embed", "cnn": "stem"}  # each family's first layer: pixels -> features
+# each family's first layer: pixels -> features
+STEMS = {"vit": "patch_embed", "gcnn": "stem", "ssm": "patch_embed", "cnn": "stem"}
 
 # name -> size -> architecture (in_chans and img_size are filled in by build_encoder).
 SIZES = {
@@ -117,4 +118,5 @@ def count_flops(module, *inputs) -> int:
 
 
 __all__ = ["ENCODERS", "SIZES", "STEMS", "build_encoder", "stem", "count_flops", "count_parameters", "effective_rank",
-           "CNNConfig", "PlainCNN", "GCNNConfig", "SSMConfig", "ViTConfig", "GatedCNN", "VisionMamba", "VisionTransformer"]
+           "CNNConfig", "PlainCNN", "GCNNConfig", "SSMConfig", "ViTConfig", "GatedCNN", "VisionMamba",
+           "VisionTransformer"]
