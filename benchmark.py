@@ -125,6 +125,8 @@ def build_parser():
     p_learn.add_argument("--lesion-weight", type=float, help="LeCL's w (default that of clear.py pretrain, 1)")
     p_learn.add_argument("--temperature", type=float, help="τ of the contrastive loss (default that of clear.py "
                          "pretrain, 0.2)")
+    p_learn.add_argument("--lesion-labels", type=int, nargs="+", help="mask labels that are lesions for LeCL "
+                         "(clear.py pretrain --lesion-labels; default any non-zero label)")
     p_learn.add_argument("--matched-levels", action=argparse.BooleanOptionalAction, help="draw each pre-training "
                          "batch from one height of the scans, so negatives share their anatomy (clear.py pretrain "
                          "--matched-levels; default on; --no-matched-levels: uniform batches, as the paper)")

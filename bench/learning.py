@@ -54,6 +54,8 @@ class LearningConfig:
     lesion_weight: float = PretrainConfig.lesion_weight  # LeCL's w (lecl.py): --lesion-weight 0 and 10 are the
     #                                                      curves of docs/results.md's "What LeCL's two parts do"
     temperature: float = PretrainConfig.temperature  # τ of the InfoNCE loss (lecl.py), LeCL and MoCo v3 alike
+    lesion_labels: tuple | None = PretrainConfig.lesion_labels  # mask labels that LeCL takes for lesions (its
+    #                                                                 crops and hard negatives); None: any
     matched_levels: bool = True  # each batch from one height of the scans (views.batch_ids), so negatives share
     #                              their anatomy: LeCL finds ground glass with it (docs/results.md). Contrastive runs
     #                              only (pretrain.contrastive says why)
@@ -68,6 +70,7 @@ class LearningConfig:
         return PretrainConfig(encoder=self.encoder, size=self.size, method=method, steps=self.steps,
                               batch_size=self.batch_size, lr=self.lr, mlp_dim=self.mlp_dim, img_size=self.img_size,
                               views=self.views, lesion_weight=self.lesion_weight, temperature=self.temperature,
+                              lesion_labels=self.lesion_labels,
                               seed=self.seed,
                               matched_levels=self.matched_levels and contrastive(method),
                               windows=self.hu_windows(),
@@ -252,15 +255,15 @@ def write_report(curves, cfg, out, command):
 # ------------------------------------------------------------------------------------------------- command
 
 
+# the LearningConfig fields that benchmark.py learning's options set
 OPTIONS = ("encoder", "size", "img_size", "steps", "every", "batch_size", "lesion_weight", "temperature",
-           "matched_levels", "windows", "seed", "device")  # the LearningConfig fields that benchmark.py learning's
-#                                                             options set
+           "lesion_labels", "matched_levels", "windows", "seed", "device")
 
 
 def config_from(args):
     """The LearningConfig of `benchmark.py learning`'s options: LearningConfig's defaults where none is given."""
     given = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
-    given |= {"windows": tuple(args.windows)} if args.windows else {}
+    given |= {k: tuple(getattr(args, k)) for k in ("windows", "lesion_labels") if getattr(args, k)}
     return replace(LearningConfig(), **given, **({"methods": tuple(args.methods)} if args.methods else {}))
 
 
@@ -272,7 +275,7 @@ def command_line(cfg, out):
     for k in OPTIONS:
         if (value := getattr(cfg, k)) != getattr(default, k):
             flag = f"--{'no-' if value is False else ''}{k.replace('_', '-')}"  # a switch: --x or --no-x
-            parts += [flag] + ([] if isinstance(value, bool) else list(value) if isinstance(value, tuple)
+            parts += [flag] + ([] if isinstance(value, bool) else [str(v) for v in value] if isinstance(value, tuple)
                                else [str(value)])
     return shlex.join(parts + (["--out", str(out)] if str(out) != "results" else []))
 
