@@ -73,22 +73,29 @@ def grid8():
 
 
 class CutCNN(nn.Module):
-    """A models.cnn.PlainCNN's stem and first `k` stage layers, mean-pooled: (B, C, H, W) -> (B, D_k). Its earlier
-    features, before the later layers have made them invariant to what the contrastive task did not need."""
+    """A models.cnn.PlainCNN's stem and first `k` stage layers, pooled over the grid: (B, C, H, W) -> (B, D_k). Its
+    earlier features, before the later layers have made them invariant to what the contrastive task did not need.
+    pool: "mean" (the encoder's own), "max", or "gem" (generalised mean, p = 3: Radenović et al. 2018), which
+    weigh a finding that covers a few cells of the grid more than the mean does."""
 
-    def __init__(self, cnn, k):
+    def __init__(self, cnn, k, pool="mean"):
         super().__init__()
-        self.stem, self.stages = cnn.stem, cnn.stages[:k]
+        self.stem, self.stages, self.pool = cnn.stem, cnn.stages[:k], pool
         self.embed_dim = self.stages[-1][1].num_features  # the last conv-BN-ReLU's BatchNorm width
 
     def forward(self, x):  # x: (B, C, H, W)
-        return self.stages(self.stem(x)).mean(dim=(2, 3))  # (B, D_k)
+        f = self.stages(self.stem(x))  # (B, D_k, h, w), >= 0 after the ReLU
+        if self.pool == "max":
+            return f.amax(dim=(2, 3))  # (B, D_k)
+        if self.pool == "gem":
+            return f.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)  # (B, D_k)
+        return f.mean(dim=(2, 3))  # (B, D_k)
 
 
-def lecl_cut(k):
+def lecl_cut(k, pool="mean"):
     """The demo's shipped LeCL encoder (demo.CHECKPOINTS, 7 stage layers) cut after `k` of them."""
     encoder, _, _ = load_encoder(EncoderSpec(checkpoint=str(CHECKPOINTS["lecl"])))
-    return CutCNN(encoder, k).eval()
+    return CutCNN(encoder, k, pool).eval()
 
 
 def lecl_cut3():
@@ -104,3 +111,16 @@ def random_cut3():
 
 def lecl_cut4():
     return lecl_cut(4)
+
+
+def lecl_max():
+    """The whole shipped LeCL encoder, max-pooled instead of mean-pooled."""
+    return lecl_cut(7, "max")
+
+
+def lecl_gem():
+    return lecl_cut(7, "gem")
+
+
+def lecl_cut3_max():
+    return lecl_cut(3, "max")

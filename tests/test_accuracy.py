@@ -1,5 +1,6 @@
 """The pieces of benchmark.py accuracy and ablate that their smoke tests cannot check for values: the tumour-slice
 probe and the slice flags it is trained on, the HU histogram, and which settings each kept row depends on."""
+import functools
 import math
 import shutil
 from dataclasses import asdict, replace
@@ -268,6 +269,13 @@ def test_twin_windows_reach_the_slices_and_a_cut_cnn_is_its_encoder_s_first_laye
     trained, control = twin_variants.lecl_cut(3).state_dict(), twin_variants.random_cut3().state_dict()
     assert {k: v.shape for k, v in control.items()} == {k: v.shape for k, v in trained.items()}  # its control
     assert not torch.equal(control["stem.0.weight"], trained["stem.0.weight"])
+    with torch.no_grad():  # max and GeM pooling against the stage grid reduced cell by cell
+        grid = full.stages(full.stem(x))  # (B, D, h, w)
+        cells = [grid[:, :, i, j] for i in range(grid.shape[2]) for j in range(grid.shape[3])]  # h·w of (B, D)
+        peak = functools.reduce(torch.maximum, cells)
+        gem = (sum(c.clamp(min=1e-6) ** 3 for c in cells) / len(cells)) ** (1 / 3)
+        assert torch.allclose(twin_variants.lecl_max()(x), peak) and not torch.allclose(peak, full(x))
+        assert torch.allclose(twin_variants.lecl_gem()(x), gem, atol=1e-6)
 
 
 def test_first_axis_finds_a_height_code_and_its_share():
