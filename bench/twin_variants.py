@@ -92,9 +92,10 @@ class CutCNN(nn.Module):
         return f.mean(dim=(2, 3))  # (B, D_k)
 
 
-def lecl_cut(k, pool="mean"):
-    """The demo's shipped LeCL encoder (demo.CHECKPOINTS, 7 stage layers) cut after `k` of them."""
-    encoder, _, _ = load_encoder(EncoderSpec(checkpoint=str(CHECKPOINTS["lecl"])))
+def lecl_cut(k, pool="mean", which="lecl"):
+    """The demo's shipped LeCL encoder (demo.CHECKPOINTS, 7 stage layers; `which`: or the supervised one) cut after
+    `k` of them."""
+    encoder, _, _ = load_encoder(EncoderSpec(checkpoint=str(CHECKPOINTS[which])))
     return CutCNN(encoder, k, pool).eval()
 
 
@@ -124,3 +125,8 @@ def lecl_gem():
 
 def lecl_cut3_max():
     return lecl_cut(3, "max")
+
+
+def supervised_max():
+    """The shipped supervised reference, max-pooled: does max pooling keep what it finds?"""
+    return lecl_cut(7, "max", which="supervised")
