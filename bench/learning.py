@@ -55,7 +55,7 @@ class LearningConfig:
     #                                                      curves of docs/results.md's "What LeCL's two parts do"
     temperature: float = PretrainConfig.temperature  # τ of the InfoNCE loss (lecl.py), LeCL and MoCo v3 alike
     lesion_labels: tuple | None = PretrainConfig.lesion_labels  # mask labels that LeCL takes for lesions (its
-    #                                                                 crops and hard negatives); None: any
+    #                                                           crops and hard negatives); None: any non-zero
     matched_levels: bool = True  # each batch from one height of the scans (views.batch_ids), so negatives share
     #                              their anatomy: LeCL finds ground glass with it (docs/results.md). Contrastive runs
     #                              only (pretrain.contrastive says why)

@@ -92,11 +92,15 @@ class CutCNN(nn.Module):
         return f.mean(dim=(2, 3))  # (B, D_k)
 
 
-def lecl_cut(k, pool="mean", which="lecl"):
-    """The demo's shipped LeCL encoder (demo.CHECKPOINTS, 7 stage layers; `which`: or the supervised one) cut after
-    `k` of them."""
+def shipped(which):
+    """One of the demo's shipped cnn-micro encoders (demo.CHECKPOINTS: "lecl" or "supervised"; 7 stage layers)."""
     encoder, _, _ = load_encoder(EncoderSpec(checkpoint=str(CHECKPOINTS[which])))
-    return CutCNN(encoder, k, pool).eval()
+    return encoder
+
+
+def lecl_cut(k, pool="mean"):
+    """The shipped LeCL encoder cut after `k` of its stage layers."""
+    return CutCNN(shipped("lecl"), k, pool).eval()
 
 
 def lecl_cut3():
@@ -129,4 +133,4 @@ def lecl_cut3_max():
 
 def supervised_max():
     """The shipped supervised reference, max-pooled: does max pooling keep what it finds?"""
-    return lecl_cut(7, "max", which="supervised")
+    return CutCNN(shipped("supervised"), 7, "max").eval()
