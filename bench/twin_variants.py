@@ -73,12 +73,12 @@ def grid8():
 
 
 class CutCNN(nn.Module):
-    """A models.cnn.PlainCNN's stem and first `k` stage layers, pooled over the grid: (B, C, H, W) -> (B, D_k). Its
-    earlier features, before the later layers have made them invariant to what the contrastive task did not need.
-    pool: "mean" (the encoder's own), "max", or "gem" (generalised mean, p = 3: Radenović et al. 2018), which
+    """A models.cnn.PlainCNN's stem and first `k` stage layers (None: all), pooled over the grid: (B, C, H, W) ->
+    (B, D_k). Its earlier features, before the later layers have made them invariant to what the contrastive task
+    did not need. pool: "mean" (the encoder's own), "max", or "gem" (generalised mean, p = 3: Radenović et al. 2018), which
     weigh a finding that covers a few cells of the grid more than the mean does."""
 
-    def __init__(self, cnn, k, pool="mean"):
+    def __init__(self, cnn, k=None, pool="mean"):
         super().__init__()
         self.stem, self.stages, self.pool = cnn.stem, cnn.stages[:k], pool
         self.embed_dim = self.stages[-1][1].num_features  # the last conv-BN-ReLU's BatchNorm width
@@ -93,13 +93,13 @@ class CutCNN(nn.Module):
 
 
 def shipped(which):
-    """One of the demo's shipped cnn-micro encoders (demo.CHECKPOINTS: "lecl" or "supervised"; 7 stage layers)."""
+    """One of the demo's shipped cnn-micro encoders (demo.CHECKPOINTS: "lecl" or "supervised")."""
     encoder, _, _ = load_encoder(EncoderSpec(checkpoint=str(CHECKPOINTS[which])))
     return encoder
 
 
 def lecl_cut(k, pool="mean"):
-    """The shipped LeCL encoder cut after `k` of its stage layers."""
+    """The shipped LeCL encoder cut after `k` of its stage layers (None: uncut)."""
     return CutCNN(shipped("lecl"), k, pool).eval()
 
 
@@ -120,11 +120,11 @@ def lecl_cut4():
 
 def lecl_max():
     """The whole shipped LeCL encoder, max-pooled instead of mean-pooled."""
-    return lecl_cut(7, "max")
+    return lecl_cut(None, "max")
 
 
 def lecl_gem():
-    return lecl_cut(7, "gem")
+    return lecl_cut(None, "gem")
 
 
 def lecl_cut3_max():
@@ -133,4 +133,4 @@ def lecl_cut3_max():
 
 def supervised_max():
     """The shipped supervised reference, max-pooled: does max pooling keep what it finds?"""
-    return CutCNN(shipped("supervised"), 7, "max").eval()
+    return CutCNN(shipped("supervised"), pool="max").eval()

@@ -265,6 +265,7 @@ def test_twin_windows_reach_the_slices_and_a_cut_cnn_is_its_encoder_s_first_laye
     x = torch.rand(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))  # (B, C, H, W)
     with torch.no_grad():
         assert torch.allclose(twin_variants.lecl_cut(len(full.stages))(x), full(x), atol=1e-6)
+        assert torch.allclose(twin_variants.lecl_cut(None)(x), full(x), atol=1e-6)  # None: every stage layer
         assert twin_variants.lecl_cut(3)(x).shape == (2, full.stages[2][1].num_features)
     trained, control = twin_variants.lecl_cut(3).state_dict(), twin_variants.random_cut3().state_dict()
     assert {k: v.shape for k, v in control.items()} == {k: v.shape for k, v in trained.items()}  # its control
