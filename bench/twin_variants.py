@@ -75,8 +75,8 @@ def grid8():
 class CutCNN(nn.Module):
     """A models.cnn.PlainCNN's stem and first `k` stage layers (None: all), pooled over the grid: (B, C, H, W) ->
     (B, D_k). Its earlier features, before the later layers have made them invariant to what the contrastive task
-    did not need. pool: "mean" (the encoder's own), "max", or "gem" (generalised mean, p = 3: Radenović et al. 2018), which
-    weigh a finding that covers a few cells of the grid more than the mean does."""
+    did not need. pool: "mean" (the encoder's own), "max", or "gem" (generalised mean, p = 3: Radenović et al.
+    2018), which weigh a finding that covers a few cells of the grid more than the mean does."""
 
     def __init__(self, cnn, k=None, pool="mean"):
         super().__init__()
