@@ -130,6 +130,8 @@ def build_parser():
     p_learn.add_argument("--matched-levels", action=argparse.BooleanOptionalAction, help="draw each pre-training "
                          "batch from one height of the scans, so negatives share their anatomy (clear.py pretrain "
                          "--matched-levels; default on; --no-matched-levels: uniform batches, as the paper)")
+    p_learn.add_argument("--levels", type=float, nargs=2, metavar=("LO", "HI"), help="pre-train on the slices at "
+                         "these heights of the scans alone (clear.py pretrain --levels; default all)")
     add_windows(p_learn, "lung soft bone parenchyma, the demo's")
     p_learn.add_argument("--seed", type=int, help="initial weights, data order and views (default 0)")
     p_learn.add_argument("--methods", nargs="+", choices=METHODS, help="default all three")

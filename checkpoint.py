@@ -26,6 +26,7 @@ from files import ClearError, atomic_path, load_untrusted
 
 FORMAT = "clear-pretrain/2"
 RUNTIME_FIELDS = ("device", "checkpoint_every")  # may change on --resume; every other field defines the run
+OFF_WHEN_NONE = ("levels",)  # options that None turns off, as False turns off a switch (run_settings)
 
 
 def plain(x):
@@ -37,10 +38,11 @@ def plain(x):
 
 def run_settings(cfg):
     """The settings that define a run (a PretrainConfig, or the config as a checkpoint stores it): all but
-    RUNTIME_FIELDS, and but the switches that are off (freeze_stem, matched_levels): turning one on makes another
-    run, adding one to PretrainConfig leaves every earlier run, checkpoint and kept result what it was."""
+    RUNTIME_FIELDS, and but the options that are off (a switch False, OFF_WHEN_NONE None): turning one on makes
+    another run, adding one to PretrainConfig leaves every earlier run, checkpoint and kept result what it was."""
     d = cfg if isinstance(cfg, dict) else plain(asdict(cfg))
-    return {k: v for k, v in d.items() if k not in RUNTIME_FIELDS and v is not False}
+    return {k: v for k, v in d.items()
+            if k not in RUNTIME_FIELDS and v is not False and not (k in OFF_WHEN_NONE and v is None)}
 
 
 def rng_state(device):
@@ -98,7 +100,8 @@ def check_resume(ck, path, encoder_config, cfg):
                          f"px; this command asks for {want['name']}/{want['size']} at {want['img_size']} px")
     have, want = run_settings(ck["config"]), run_settings(cfg)
     for k in sorted(have.keys() | want.keys()):
-        h, w = have.get(k, False), want.get(k, False)  # a setting left out is a switch that is off
+        off = None if k in OFF_WHEN_NONE else False  # what a setting left out is: an option that is off
+        h, w = have.get(k, off), want.get(k, off)
         if h != w:
             raise ClearError(f"{path}: trained with {k}={h!r}, this command has {k}={w!r}; resume with the same "
                              "settings")

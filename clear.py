@@ -67,11 +67,11 @@ def add_pretrain(sub):
     add_options(p.add_mutually_exclusive_group(), PretrainConfig, ("steps", "epochs"))
     add_options(p, PretrainConfig, ("encoder", "size", "method", "batch_size", "lr", "img_size", "thickness",
                                     "lesion_fraction", "lesion_weight", "lesion_labels", "temperature", "mlp_dim",
-                                    "proj_dim", "freeze_stem", "matched_levels", "cache_size", "seed", "device",
-                                    "checkpoint_every"),
+                                    "proj_dim", "freeze_stem", "matched_levels", "levels", "cache_size", "seed",
+                                    "device", "checkpoint_every"),
                 lesion_fraction={"type": lesion_fraction, "help": "share of lesion slices per batch, or 'cohort' "
                                  "to sample slices as they come (default 0.5)"},
-                lesion_labels={"type": int})
+                lesion_labels={"type": int}, levels={"type": float, "nargs": 2, "metavar": ("LO", "HI")})
     add_windows(p, "lung soft bone", "; extract reads them from the checkpoint")
     p.add_argument("--cache", help="slice cache folder (default: OUT.cache); runs can share one")
     p.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint")

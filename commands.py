@@ -64,7 +64,8 @@ def pretrain_config(args):
 
     labels = tuple(args.lesion_labels) if args.lesion_labels else None
     windows = named_windows(args.windows) if args.windows else PretrainConfig.windows
-    return config_from(PretrainConfig, args, lesion_labels=labels, windows=windows)
+    levels = tuple(args.levels) if args.levels else None
+    return config_from(PretrainConfig, args, lesion_labels=labels, windows=windows, levels=levels)
 
 
 def cmd_pretrain(args):

@@ -45,7 +45,7 @@ from lecl import MoCo, gather, momentum_at
 from models import build_encoder, effective_rank, stem
 from cache import open_cache
 from supervised import SliceClassifier
-from views import ViewConfig, Views, batch_ids, make_views, mix
+from views import ViewConfig, Views, batch_ids, level_pool, make_views, mix
 
 
 METHODS = ("lecl", "moco", "supervised")
@@ -78,6 +78,8 @@ class PretrainConfig:
     lesion_labels: tuple | None = None  # mask labels that are lesions; None: any non-zero label
     matched_levels: bool = False  # draw each batch from one height of the scans (views.batch_ids), so negatives
     #                               share their anatomy; off: uniform batches, as the paper and MoCo v3
+    levels: tuple | None = None  # (lo, hi): pre-train on the slices at these heights of their scans alone, 0 the
+    #                              first slice and 1 the last (views.level_pool); None: every slice
     proj_dim: int = 256  # d: MoCo v3's --moco-dim
     mlp_dim: int = 4096  # hidden width of projector and predictor: MoCo v3's --moco-mlp-dim
     img_size: int = 224  # S: the encoder's input, so extraction makes slices this size
@@ -101,7 +103,9 @@ class PretrainConfig:
                  "--lesion-fraction in [0, 1]": self.lesion_fraction is None or 0 <= self.lesion_fraction <= 1,
                  "--device auto, cpu or cuda": self.device in ("auto", "cpu", "cuda"),
                  "--cache-size >= --img-size": (self.cache_size or self.img_size) >= self.img_size,
-                 "--thickness > 0": self.thickness is None or self.thickness > 0}
+                 "--thickness > 0": self.thickness is None or self.thickness > 0,
+                 "--levels LO HI with 0 <= LO < HI <= 1": self.levels is None or len(self.levels) == 2
+                 and 0 <= self.levels[0] < self.levels[1] <= 1}
         for rule, ok in rules.items():
             if not ok:
                 name = rule.split()[0].lstrip("-").replace("-", "_")
@@ -177,6 +181,9 @@ def _open_data(cfg, cohort, folder, rank, world, progress, should_stop):
     if cfg.method != "moco" and not len(sc.lesion_ids):
         raise ClearError(f"{cohort.root}: the masks mark no lesion"
                          f"{'' if cfg.lesion_labels is None else ' of --lesion-labels'}; use --method moco")
+    if cfg.levels and cfg.batch_size > len(pool := level_pool(sc, cfg.levels)):
+        raise ClearError(f"{cohort.root}: --levels {' '.join(map(str, cfg.levels))} holds {len(pool)} slices, "
+                         f"fewer than a batch of {cfg.batch_size}; widen it or lower --batch-size")
     mixed = cfg.lesion_fraction is not None and len(sc.lesion_ids)  # else slices are drawn as they come
     n_les = round(cfg.lesion_fraction * cfg.batch_size) if mixed else 0
     if cfg.batch_size > len(sc) or mixed and (n_les > len(sc.lesion_ids)
@@ -254,7 +261,7 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             lr, m = lr_at(step, total, cfg), momentum_at(step, total, cfg.momentum)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ids = batch_ids(sc, step, cfg.batch_size, cfg.seed, cfg.lesion_fraction, cfg.matched_levels)
+            ids = batch_ids(sc, step, cfg.batch_size, cfg.seed, cfg.lesion_fraction, cfg.matched_levels, cfg.levels)
             ids = ids[rank * n:(rank + 1) * n]  # this process's share of the global batch
             seeds = [mix(cfg.seed, step, i) for i in range(rank * n, (rank + 1) * n)]  # by place in global batch
             x1, x2, lesion = make_views(sc, ids, seeds, views, device)

@@ -63,18 +63,30 @@ LEVEL_WINDOW = 0.05  # matched levels: ± this share of a scan's height (about 2
 #                      the corpus's slices to draw each batch from
 
 
-def batch_ids(cache, step, batch, seed, lesion_fraction, matched_levels=False):
+def level_pool(cache, levels=None):
+    """(P,) ids of the slices at heights lo <= level <= hi of their scans (cache.level), `levels` = (lo, hi); all
+    slices where it is None."""
+    if levels is None:
+        return torch.arange(len(cache))  # (T,)
+    lo, hi = levels
+    return ((cache.level >= lo) & (cache.level <= hi)).nonzero()[:, 0]  # (P,)
+
+
+def batch_ids(cache, step, batch, seed, lesion_fraction, matched_levels=False, levels=None):
     """The global batch of step `step`: (batch,) slice ids, distinct, a function of (seed, step) alone.
     With `lesion_fraction` f (and lesion slices in the cache) round(f·batch) of them are lesion slices.
     matched_levels: all drawn from slices within ±LEVEL_WINDOW of one height (cache.level), drawn per step, so that
     a slice's negatives share its anatomy and what tells them apart is the patient and the pathology. The nearest
-    slices to that height stand in where the window holds too few."""
+    slices to that height stand in where the window holds too few.
+    levels (lo, hi): only slices at those heights of their scans (level_pool), e.g. the chest of neck-to-pelvis
+    scans; with matched_levels each step's height is drawn in [lo, hi]."""
     g = torch.Generator().manual_seed(mix(seed, step))
-    pool = torch.arange(len(cache))  # (T,) the slices this step draws from
+    pool = level_pool(cache, levels)  # (P,) the slices this step draws from
     if matched_levels:
-        far = (cache.level - torch.rand((), generator=g)).abs()  # (T,) distance from this step's height
-        near = far <= LEVEL_WINDOW  # (T,)
-        pool = near.nonzero()[:, 0] if near.sum() >= batch else far.argsort()[:batch]  # (P,)
+        lo, hi = levels or (0.0, 1.0)
+        far = (cache.level[pool] - (lo + (hi - lo) * torch.rand((), generator=g))).abs()  # (P,) from this height
+        near = far <= LEVEL_WINDOW  # (P,)
+        pool = pool[near] if near.sum() >= batch else pool[far.argsort()[:batch]]  # (P',)
     lesion = cache.flags[pool]  # (P,)
     if lesion_fraction is None or not lesion.any():
         return pool[torch.randperm(len(pool), generator=g)[:batch]]  # (batch,)

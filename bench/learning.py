@@ -59,6 +59,9 @@ class LearningConfig:
     matched_levels: bool = True  # each batch from one height of the scans (views.batch_ids), so negatives share
     #                              their anatomy: LeCL finds ground glass with it (docs/results.md). Contrastive runs
     #                              only (pretrain.contrastive says why)
+    levels: tuple | None = None  # (lo, hi): contrastive runs pre-train on the slices at these heights of the scans
+    #                              alone (clear.py pretrain --levels; 0.52 0.88: the chest); None: every slice. The
+    #                              supervised reference keeps every slice: its labels name tumours of every region
     methods: tuple = METHODS
     seed: int = 0
     device: str = "auto"
@@ -70,8 +73,8 @@ class LearningConfig:
         return PretrainConfig(encoder=self.encoder, size=self.size, method=method, steps=self.steps,
                               batch_size=self.batch_size, lr=self.lr, mlp_dim=self.mlp_dim, img_size=self.img_size,
                               views=self.views, lesion_weight=self.lesion_weight, temperature=self.temperature,
-                              lesion_labels=self.lesion_labels,
-                              seed=self.seed,
+                              lesion_labels=self.lesion_labels, seed=self.seed,
+                              levels=self.levels if contrastive(method) else None,
                               matched_levels=self.matched_levels and contrastive(method),
                               windows=self.hu_windows(),
                               device=self.device, checkpoint_every=self.every)
@@ -257,13 +260,13 @@ def write_report(curves, cfg, out, command):
 
 # the LearningConfig fields that benchmark.py learning's options set
 OPTIONS = ("encoder", "size", "img_size", "steps", "every", "batch_size", "lesion_weight", "temperature",
-           "lesion_labels", "matched_levels", "windows", "seed", "device")
+           "lesion_labels", "matched_levels", "levels", "windows", "seed", "device")
 
 
 def config_from(args):
     """The LearningConfig of `benchmark.py learning`'s options: LearningConfig's defaults where none is given."""
     given = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
-    given |= {k: tuple(getattr(args, k)) for k in ("windows", "lesion_labels") if getattr(args, k)}
+    given |= {k: tuple(getattr(args, k)) for k in ("windows", "lesion_labels", "levels") if getattr(args, k)}
     return replace(LearningConfig(), **given, **({"methods": tuple(args.methods)} if args.methods else {}))
 
 

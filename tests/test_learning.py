@@ -67,6 +67,8 @@ def test_curves_stop_and_resume_into_the_uninterrupted_run_and_the_report_shows_
                                       (replace(LearningConfig(), temperature=0.1, every=200), "results/lecl-tau01"),
                                       (replace(LearningConfig(), lesion_labels=(10,), lesion_weight=0.0, every=200),
                                        "results/lecl-emphysema-w0"),
+                                      (replace(LearningConfig(), levels=(0.52, 0.88), every=200),
+                                       "results/lecl-chest"),
                                       (replace(LearningConfig(), matched_levels=False, windows=("lung", "soft", "bone"),
                                                seed=2), "results/lecl-seed2")])
 def test_the_report_s_command_makes_the_curves_it_shows(cfg, out):

@@ -152,17 +152,50 @@ def test_matched_levels_draw_each_batch_from_one_height_of_the_scans():
     assert len(set(ids.tolist())) == 16 and few.level[ids].max() - few.level[ids].min() < 0.5
 
 
-def test_matched_levels_are_part_of_the_run_and_of_its_checkpoint(cohort, tmp_path, capsys, monkeypatch):
-    """The switch reaches the sampler of every step and the checkpoint, and, being a setting of the run, refuses a
-    resume without it; the settings of a run without it hold no such key, as before the switch existed."""
+def test_levels_draw_every_batch_from_that_range_of_heights():
+    """--levels LO HI: every slice of every batch lies at a height in [LO, HI] of its scan, uniform or matched (then
+    the steps' heights spread over the range); (0, 1) draws the very batches of no range."""
+    sc = ToyCache(scans=60, n=50)
+    centres = []
+    for step in range(20):
+        for matched in (False, True):
+            ids = views.batch_ids(sc, step, batch=32, seed=1, lesion_fraction=0.5, matched_levels=matched,
+                                  levels=(0.5, 0.9))
+            level = sc.level[ids]
+            assert len(set(ids.tolist())) == 32 and sc.flags[ids].sum() == 16
+            assert level.min() >= 0.5 and level.max() <= 0.9
+            assert torch.equal(views.batch_ids(sc, step, 32, 1, 0.5, matched),
+                               views.batch_ids(sc, step, 32, 1, 0.5, matched, levels=(0.0, 1.0)))
+        centres.append(float(level.mean()))
+    assert max(centres) - min(centres) > 0.25  # matched heights drawn over the range, not one height
+    assert torch.equal(views.level_pool(sc, (0.5, 0.9)),
+                       torch.tensor([t for t in range(len(sc)) if 0.5 <= sc.level[t] <= 0.9]))
+
+
+@pytest.mark.parametrize("option, value, key", [("--matched-levels", (), "matched_levels"),
+                                                ("--levels", ("0.25", "1"), "levels")])
+def test_batch_options_are_part_of_the_run_and_of_its_checkpoint(cohort, tmp_path, capsys, monkeypatch, option,
+                                                                 value, key):
+    """--matched-levels and --levels reach the sampler of every step and the checkpoint, and, being settings of the
+    run, refuse a resume without them; the settings of a run without them hold no such key, as before they
+    existed."""
     out, asked = tmp_path / "levels.pt", []
-    monkeypatch.setattr(sys.modules["pretrain"], "batch_ids", lambda *a: asked.append(a[-1]) or views.batch_ids(*a))
-    assert cli_pretrain(cohort, out, "--steps", "2", "--matched-levels") == 0
-    assert asked == [True, True]
-    assert load(out)["config"]["matched_levels"] is True
+    monkeypatch.setattr(sys.modules["pretrain"], "batch_ids", lambda *a: asked.append(a[5:]) or views.batch_ids(*a))
+    assert cli_pretrain(cohort, out, "--steps", "2", option, *value) == 0
+    given = {"matched_levels": (True, None), "levels": (False, (0.25, 1.0))}[key]
+    assert asked == [given, given]
+    stored = load(out)["config"][key]
+    assert stored == (True if key == "matched_levels" else [0.25, 1.0])
     assert cli_pretrain(cohort, out, "--steps", "2", "--resume", str(out)) == 2
-    assert "trained with matched_levels=True, this command has matched_levels=False" in capsys.readouterr().err
-    assert "matched_levels" not in checkpoint.run_settings(PretrainConfig())
+    default = {"matched_levels": False, "levels": None}[key]
+    assert f"trained with {key}={stored}, this command has {key}={default}" in capsys.readouterr().err
+    assert key not in checkpoint.run_settings(PretrainConfig())
+
+
+def test_a_range_of_levels_too_narrow_for_a_batch_is_one_line(cohort, tmp_path, capsys):
+    assert cli_pretrain(cohort, tmp_path / "x.pt", "--steps", "2", "--levels", "0.5", "0.51") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--levels 0.5 0.51 holds" in err and "fewer than a batch of 16" in err
 
 
 def test_windows_by_name_reach_the_checkpoint_and_extraction(cohort, tmp_path, capsys):
