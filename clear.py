@@ -115,8 +115,10 @@ def add_fit(sub):
     p.add_argument("--target", required=True, help="label column(s), comma-separated (several 0/1 = multi-label)")
     p.add_argument("--out", required=True, help="run folder to create")
     add_options(p, cv.FitConfig, ("task", "folds", "epochs", "patience", "batch_size", "max_slices", "seed", "lr",
-                                  "weight_decay", "dropout", "val_fraction", "train_fraction", "gated", "workers"),
-                task={"choices": ("binary", "multilabel", "multiclass", "ordinal")})
+                                  "weight_decay", "dropout", "val_fraction", "train_fraction", "gated", "pool",
+                                  "workers"),
+                task={"choices": ("binary", "multilabel", "multiclass", "ordinal")},
+                pool={"choices": ("attention", "mean")})
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.set_defaults(func=commands.cmd_fit)
 

@@ -14,8 +14,8 @@ across folds); the best epoch's weights are copied (the code kept a live referen
 the last epoch); patient-level stratified folds; multi-label BCE uses pos_weight = n_neg / n_pos (the code passed
 n_pos / n_neg as `weight`); AUROC on scores, not on thresholded labels.
 
-Shapes: N labelled scans, T target columns, S strata columns (one per target), P patients, L slices of a scan,
-K score columns, C classes.
+Shapes: N labelled scans, T target columns, S strata columns (one per target), P patients, L slices of a scan, K score
+columns, C classes.
 """
 import json
 import math
@@ -105,6 +105,7 @@ class FitConfig:
     hidden: int = 256  # the CLEAR code's width
     att_dim: int = 128  # Ilse et al.'s attention width (the code's 256 costs a third more per slice)
     gated: bool = False  # the CLEAR code uses plain attention; gated is Ilse et al.'s Eq. 9
+    pool: str = "attention"  # attention: the MIL; mean: a linear model of the mean slice (with --lr 0.01, docs)
     dropout: float = 0.5  # the CLEAR code's nn.Dropout() default
     max_slices: int | None = 128  # random slices per bag in training (caps thin-slice scans); eval uses all
     val_fraction: float = 0.0  # patients held out to early-stop on; 0: all epochs (stopping lost up to 0.14, docs)
@@ -122,10 +123,10 @@ class FitConfig:
         for ok, why in [(self.targets, "--target: needs at least one column"),
                         (self.task in (None, "binary", "multilabel", "multiclass", "ordinal"),
                          "--task: must be binary, multilabel, multiclass or ordinal"),
-                        (self.folds >= 2, "--folds: must be at least 2"),
                         (0 <= self.val_fraction <= 0.5, "--val-fraction: must be in [0, 0.5]"),
                         (0 < self.train_fraction <= 1, "--train-fraction: must be in (0, 1]"),
-                        (self.lr > 0, "--lr: must be positive"),
+                        (self.folds >= 2, "--folds: must be at least 2"), (self.lr > 0, "--lr: must be positive"),
+                        (self.pool in ("attention", "mean"), "--pool: must be attention or mean"),
                         (self.workers >= 0, "--workers: must be 0 (one per CPU core) or more"),
                         (0 <= self.dropout < 1, "--dropout: must be in [0, 1)"),
                         *[(v >= 1, f"--{k.replace('_', '-')}: must be at least 1") for k, v in sizes.items()]]:
@@ -150,7 +151,8 @@ def _train_fold(task, bags, y, train, val, cfg, seed, tick):
     ranking keeps improving."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = AttentionMIL(bags.dim, task.n_out, cfg.hidden, cfg.gated, cfg.dropout, cfg.att_dim, task.kind == "ordinal")
+    model = AttentionMIL(bags.dim, task.n_out, cfg.hidden, cfg.gated, cfg.dropout, cfg.att_dim, task.kind == "ordinal",
+                         cfg.pool)
     model.standardize([bags.features[i] for i in train])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pos_weight = None
@@ -226,8 +228,7 @@ def _check_folds(where, task, patients, strata, k):
 
 
 def fit_cv(bags, labels, cfg, progress=None):
-    """Patient-level stratified k-fold cross-validation of attention-MIL on `bags`, targets from the labels.csv
-    at path `labels` -> FitResult. progress: optional tqdm-like factory (total=, desc=), ticked per epoch."""
+    """Patient-level stratified k-fold cross-validation on `bags`, targets from the labels.csv `labels` -> FitResult."""
     with torch_threads(cfg.threads):
         return _fit_cv(bags, labels, cfg, progress)
 
@@ -238,8 +239,7 @@ def _fit_cv(bags, labels, cfg, progress):
     _check_folds(labels, task, patients, strata, cfg.folds)
     row = {s: i for i, s in enumerate(bags.scans)}
     index = np.array([row[s] for s in scans])  # (N,) bag of each labelled scan
-    y_bag = torch.zeros((len(bags.scans), *y.shape[1:]), dtype=y.dtype)
-    y_bag[index] = y
+    y_bag = torch.zeros((len(bags.scans), *y.shape[1:]), dtype=y.dtype).index_copy(0, torch.from_numpy(index), y)
     fold = patient_folds(patients, strata, cfg.folds, cfg.seed)
     bar = progress(total=cfg.folds * cfg.epochs, desc="fit") if progress else None
     splits = [fold_split(fold, k, patients, strata, cfg) for k in range(cfg.folds)]  # (train, val, test) each

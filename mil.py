@@ -23,8 +23,8 @@ statistics (AttentionMIL.standardize); bags are padded to the longest of their b
 masked out of the softmax (the code pads every scan to 512 slices and lets the zero rows take attention);
 attention width 128 (Ilse et al.) instead of the code's 256. The departures in training are listed in cv.py.
 
-Shapes: B bags in a batch, L slices (padded), T real slices of a batch, D feature width, H hidden width,
-A attention width, N scans, K score columns, C classes.
+Shapes: B bags in a batch, L slices (padded), T real slices of a batch, D feature width, H hidden width, A attention
+width, N scans, K score columns, C classes.
 """
 import contextlib
 import math
@@ -63,21 +63,25 @@ class CumulativeLink(nn.Module):
 
 class AttentionMIL(nn.Module):
     """forward(x (B, L, D), mask (B, L) bool, True = real slice) -> (logits (B, n_out), attention (B, L)).
-    ordinal=True: n_out = C - 1 cumulative logits, logit P(y > k)."""
+    ordinal=True: n_out = C - 1 cumulative logits, logit P(y > k); pool="mean": a linear model of the mean slice."""
 
-    def __init__(self, in_dim, n_out, hidden=256, gated=False, dropout=0.5, att_dim=128, ordinal=False):
+    def __init__(self, in_dim, n_out, hidden=256, gated=False, dropout=0.5, att_dim=128, ordinal=False,
+                 pool="attention"):
         super().__init__()
         self.config = dict(in_dim=in_dim, n_out=n_out, hidden=hidden, gated=gated, dropout=dropout,
-                           att_dim=att_dim, ordinal=ordinal)
+                           att_dim=att_dim, ordinal=ordinal, pool=pool)
         self.register_buffer("shift", torch.zeros(in_dim))  # x -> (x - shift) / scale, see standardize()
         self.register_buffer("scale", torch.ones(in_dim))
+        self.link = CumulativeLink(n_out) if ordinal else nn.Identity()
+        if pool == "mean":  # logits = W mean_k x_k + b: the linear readout of a bag's mean slice, nothing else
+            self.head = nn.Linear(in_dim, 1 if ordinal else n_out)
+            return
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())  # h = ReLU(W x)
         self.V = nn.Linear(hidden, att_dim)
         self.U = nn.Linear(hidden, att_dim) if gated else None
         self.w = nn.Linear(att_dim, 1, bias=False)  # a bias would cancel in the softmax
         self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.Dropout(dropout), nn.SiLU(),
                                   nn.Linear(hidden, 1 if ordinal else n_out))
-        self.link = CumulativeLink(n_out) if ordinal else nn.Identity()
 
     @torch.no_grad()
     def standardize(self, features):
@@ -104,6 +108,9 @@ class AttentionMIL(nn.Module):
 
     def forward(self, x, mask=None):
         mask = torch.ones(x.shape[:2], dtype=torch.bool) if mask is None else mask
+        if self.config["pool"] == "mean":
+            a = mask / mask.sum(1, keepdim=True)  # (B, L): 1/L_i on a bag's real slices, 0 on padding
+            return self.link(self.head(torch.einsum("bl,bld->bd", a, (x - self.shift) / self.scale))), a
         z, a = self.pool(self.embed((x[mask] - self.shift) / self.scale), mask)  # x[mask]: (T, D) -> (B, H), (B, L)
         return self.link(self.head(z)), a  # (B, n_out), ordinal: (B, 1) -> (B, C-1)
 
@@ -243,8 +250,7 @@ def load_bags(folder, scans=None):
 
 @contextlib.contextmanager
 def torch_threads(n):
-    """Run a block with n torch CPU threads (None: unchanged), then restore the previous number. cv.fit_cv
-    and predict run inside it (why: cv.FitConfig.threads)."""
+    """Run a block with n torch CPU threads (None: unchanged), then restore them (why: cv.FitConfig.threads)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n or before)
     try:

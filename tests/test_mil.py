@@ -172,3 +172,24 @@ def test_standardisation_makes_the_head_blind_to_feature_scale():
     x, mask = mil.pad_bags(bags)
     xr, _ = mil.pad_bags(rescaled)
     torch.testing.assert_close(other(xr, mask)[0], model(x, mask)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ordinal", [False, True])
+def test_mean_pool_is_a_linear_model_of_the_mean_slice(ordinal):
+    """pool="mean": logits = W mean_k (x_k - shift) / scale + b per bag, written out by hand; attention 1/L on a
+    bag's slices and exactly 0 on padding; no hidden layer or attention weights to fit."""
+    torch.manual_seed(2)
+    model = mil.AttentionMIL(12, 3, ordinal=ordinal, pool="mean").eval()
+    model.standardize([torch.randn(9, 12) * 5 + 2])
+    bags = [torch.randn(n, 12) * 5 + 2 for n in (3, 7, 1)]
+    with torch.no_grad():
+        logits, att = model(*mil.pad_bags(bags))
+        for i, x in enumerate(bags):
+            z = ((x - model.shift) / model.scale).mean(0)  # (D,)
+            ref = z @ model.head.weight.T + model.head.bias  # (1,) ordinal score g, else (3,) logits
+            ref = ref - model.link.thresholds() if ordinal else ref  # ordinal: (2,) cumulative logits g - theta_k
+            torch.testing.assert_close(logits[i], ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(att[i, :len(x)], torch.full((len(x),), 1 / len(x)))
+            assert (att[i, len(x):] == 0).all()
+    k = 1 if ordinal else 3  # the head's outputs: one ordinal score, or a logit per class
+    assert sum(p.numel() for p in model.parameters()) == 12 * k + k + (3 if ordinal else 0)  # W, b, cut-points
