@@ -43,14 +43,16 @@ WINDOWS = ("lung", "soft", "bone", "parenchyma")  # data.WINDOWS, one input chan
 #                                                 window is the one in which LeCL finds ground glass
 RECIPE = ("--lr", "0.002", "--mlp-dim", "1024", "--windows", *WINDOWS, "--checkpoint-every", "100")  # with
 #         --method, --steps and --batch-size: bench/learning.py's runs, whose curves results/learning.md shows
-CONTRASTIVE = ("--matched-levels",)  # LeCL's batches from one height of the scans, so negatives share their
-#                                      anatomy (views.batch_ids); for contrastive methods alone (pretrain.contrastive)
+CHEST = ("0.52", "0.88")  # the heights of these neck-to-pelvis scans that hold the lungs (and 99.9 % of the corpus's
+#                          lung-finding slices): LeCL finds ground glass better there than on the whole body
+CONTRASTIVE = ("--matched-levels", "--levels", *CHEST)  # LeCL's batches from one height of the chest, so negatives
+#             share their anatomy (views.batch_ids); for contrastive methods alone (pretrain.contrastive)
 PRETRAINED = ("lecl", "supervised")  # the demo's pre-trained encoders: the method, and the reference that shows
 #                                      what the encoder and the MIL can reach on these slices
 CORPUS_SEED = 7  # the corpus: as the cohort (seed 0), other patients
 CHECKPOINTS = {m: HERE / "checkpoints" / f"cnn-micro-{m}.pt" for m in PRETRAINED}  # what --pretrain makes
-CHECKPOINT_SHA256 = {"lecl": "7f48a8aa3194434ace4d0020972d9bab0589293d92bbf212d124fc7209069971",  # as shipped
-                     "supervised": "0743ad7ee0a8eacbbe9bb5edc546f60d50a8157ad61ce53ff9b9b90961058e7c"}
+CHECKPOINT_SHA256 = {"lecl": "3d19d953af0ea7ff1c1527f69ca54661595f7c8db36ed7135c119e1005a68441",  # as shipped
+                     "supervised": "70cbaf5570fdf6fa44c0ba17ea04011b7cd04edc4b15c0970c97e3758855269f"}
 COLUMNS = (("lecl", "LeCL, cnn-micro"), ("random", "random init, same encoder"),
            ("supervised", "reference: supervised"), ("histogram", "control: HU histograms"))  # the control
 #          learns nothing; the reference is trained on the corpus's mask labels, what the method could reach

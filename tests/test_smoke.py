@@ -55,17 +55,25 @@ def test_demo_runs_end_to_end_and_continues(tmp_path, capsys, monkeypatch):
     assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
+def demo_recipe():
+    """The LearningConfig of the demo's pre-training: benchmark.py learning --levels 0.52 0.88 (demo.CHEST)."""
+    from dataclasses import replace
+
+    from bench.learning import LearningConfig
+
+    return replace(LearningConfig(), levels=tuple(map(float, demo.CHEST)))
+
+
 @pytest.mark.parametrize("method", demo.PRETRAINED)
 def test_the_shipped_checkpoints_are_checked_and_are_the_recipes_runs(tmp_path, monkeypatch, method):
     """Each shipped checkpoint is slim (no training state) and was made by the demo's --pretrain recipe: the same
     settings, 600 steps on the 600-scan corpus; a changed or missing copy is refused in one line."""
-    from bench.learning import LearningConfig
     from checkpoint import run_settings
 
     shipped = demo.CHECKPOINTS[method]
     ck = torch.load(shipped, weights_only=True)
     assert "state" not in ck and ck["step"] == ck["steps"] == 600 and ck["data"]["scans"] == 600
-    assert run_settings(ck["config"]) == run_settings(LearningConfig().pretrain_config(method))
+    assert run_settings(ck["config"]) == run_settings(demo_recipe().pretrain_config(method))
     demo.check_shipped(shipped)
     readme = (demo.HERE / "README.md").read_text()  # the README names each file with the hash it is checked against
     assert re.search(rf"{re.escape(shipped.name)}\s+{demo.CHECKPOINT_SHA256[method]}\b", readme)
@@ -101,15 +109,15 @@ def test_a_demo_pretraining_stopped_part_way_is_resumed_not_skipped(tmp_path):
 
 
 def test_the_demo_pretrains_with_the_learning_curves_recipes():
-    """The demo's --pretrain commands are the LeCL and supervised runs of benchmark.py learning, whose curves
-    results/learning.md shows, and its corpus is those runs' corpus: the shipped checkpoints are their last points."""
-    from bench.learning import LearningConfig
+    """The demo's --pretrain commands are the LeCL and supervised runs of benchmark.py learning --levels 0.52 0.88,
+    whose curves results/lecl-chest and results/learning.md show, and its corpus is those runs' corpus: the shipped
+    checkpoints are their last points."""
     from checkpoint import run_settings
     from commands import pretrain_config
 
     lines = demo.command_lines("d", **{**SETTINGS, "n": 120, "pretrain": True})
     synth, *pretrains = (clear.build_parser().parse_args(c) for c in lines[1:2 + len(demo.PRETRAINED)])
-    want = LearningConfig()
+    want = demo_recipe()
     for method, pretrain in zip(demo.PRETRAINED, pretrains, strict=True):
         assert pretrain.cmd == "pretrain"
         assert run_settings(pretrain_config(pretrain)) == run_settings(want.pretrain_config(method))
