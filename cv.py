@@ -1,6 +1,6 @@
 """Fitting the attention-MIL of mil.py with patient-level cross-validation: the patients are dealt into k folds
-stratified by class, each fold gets a fresh model early-stopped on an inner split of its training patients, and
-the held-out scores of all folds are pooled and scored with patient-bootstrap CIs (metrics.py).
+stratified by class, each fold gets a fresh model trained on its training patients (or early-stopped on an inner
+split of them), and the held-out scores of all folds are pooled and scored with patient-bootstrap CIs (metrics.py).
 
     bags = mil.load_bags("runs/bags")                               # every BAGS/<scan>.pt, one encoder
     cfg = cv.FitConfig(targets=("stage",), task="ordinal")          # fields = the fit options
