@@ -10,15 +10,16 @@
     python benchmark.py twin --checkpoint E.pt  # ... and with anatomy and noise held fixed (synthetic twins)?
     python benchmark.py learning    # twin test against pre-training steps: LeCL, MoCo, supervised ceiling
     python benchmark.py readout --bags BAGS --labels L.csv --target T  # the MIL beside a pooled linear readout
+    python benchmark.py holdout --moco M.pt  # the demo's table, with MoCo v3, on 300 scans that chose nothing
 
 The experiments are bench/ (bench/README.md: what each command measures and where its results go); this file
 only reads the options and hands them to bench/commands.py, or to an experiment's own command (learning, probe's
-twin, readout).
+twin, readout, holdout).
 """
 import argparse
 import sys
 
-from bench import commands, learning, probe, readout
+from bench import commands, holdout, learning, probe, readout
 from bench.config import AccuracyConfig
 from cli import add_windows, run_command
 from models import SIZES
@@ -143,6 +144,19 @@ def build_parser():
     p_read.add_argument("--labels", required=True, help="labels.csv of the bags' scans")
     p_read.add_argument("--target", required=True, help="a binary label column, e.g. lung_disease")
     p_read.set_defaults(func=readout.command, resumes=False)
+    p_hold = sub.add_parser("holdout", help="the demo's table, with MoCo v3 beside LeCL, on a cohort that no choice "
+                                            "has seen")
+    p_hold.add_argument("--moco", required=True, help="MoCo v3 checkpoint of the demo's recipe (benchmark.py "
+                        "learning --levels 0.52 0.88 --methods moco leaves it in its work folder as moco.pt)")
+    p_hold.add_argument("--lecl", default=holdout.SHIPPED["lecl"], help="LeCL checkpoint (default the demo's)")
+    p_hold.add_argument("--supervised", default=holdout.SHIPPED["supervised"],
+                        help="supervised reference (default the demo's)")
+    p_hold.add_argument("--n", type=int, default=holdout.N, help=f"scans in the cohort (default {holdout.N})")
+    p_hold.add_argument("--seed", type=int, default=holdout.SEED, help=f"the cohort's seed (default {holdout.SEED}: "
+                        "no patient of the corpus, the demo's or the dev cohort)")
+    p_hold.add_argument("--out", default="results/holdout", help="where holdout.md goes (default results/holdout)")
+    p_hold.add_argument("--work", help="cohort, bags and fits (default OUT/work); a re-run skips what is finished")
+    p_hold.set_defaults(func=holdout.command)
     return parser
 
 

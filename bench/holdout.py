@@ -1,0 +1,106 @@
+"""The shipped recipe on patients that chose nothing: `python benchmark.py holdout`.
+
+The demo (demo.py) judges its encoders on 120 scans, and its recipe (chest batches, the parenchyma window, the MIL
+trained every epoch) was chosen on a cohort of its own (docs/results.md, "Choices made on a cohort of their own").
+This runs the demo's steps again on a third cohort that no choice has seen, larger so that the CIs are tighter,
+with MoCo v3 pre-trained by the same recipe beside LeCL (the paper's comparison):
+
+    synth the held-out cohort (--n scans, --seed; no patient of the corpus, the demo's or the dev cohort)
+    extract it with each checkpoint (LeCL, MoCo v3, the supervised reference), at random init, as HU histograms
+    fit the demo's five tasks (demo.TASKS) on every set of bags (the histogram's: the three lung tasks), with the
+    attention-MIL and, on the lung tasks of the learnt bags, with `--pool mean --lr 0.01` (the linear head that
+    kept lung disease better on the dev cohort)
+
+and writes OUT/holdout.md: fold-mean AUROC [95 % patient-bootstrap CI] per task and encoder (the cohort, bags and
+fits go to --work). Each step is a plain clear.py command, printed before it runs; a re-run skips the finished ones
+(demo.finished), so an interrupted run continues. Nothing is tuned here: every fit has the demo's settings.
+"""
+import shlex
+from pathlib import Path
+
+import demo
+from files import ClearError, atomic_path
+
+N = 300  # scans: 2.5 times the demo's cohort, for tighter CIs (251 patients at seed 13)
+SEED = 13  # the held-out cohort: not the corpus (7), the demo's cohort (0), the dev cohort (11) nor their patients
+COLUMNS = (("lecl", "LeCL"), ("moco", "MoCo v3"), ("random", "random init"), ("supervised", "supervised reference"),
+           ("histogram", "HU histograms"))  # the bags, in the table's order
+LEARNT = ("lecl", "moco", "random", "supervised")  # whose lung tasks are fitted with --pool mean too
+SHIPPED = {m: str(demo.CHECKPOINTS[m]) for m in ("lecl", "supervised")}  # the demo's, the default checkpoints
+MEAN = ("--pool", "mean", "--lr", "0.01")  # cv.FitConfig.pool; the lr at which the linear head trains in 40 epochs
+
+
+def runs(column):
+    """(row name, run folder, fit options after --target) of one column's fits: demo.TASKS with the MIL, then the
+    lung tasks with MEAN (learnt bags only); the histogram's are the lung tasks alone, as in the demo."""
+    tasks = [t for t in demo.TASKS if column != "histogram" or t[0] in demo.LUNG]
+    out = [(name, f"fit-{name}", (target, *extra)) for name, target, extra in tasks]
+    if column in LEARNT:
+        out += [(f"{name}, mean", f"mean-{name}", (name, *MEAN)) for name in demo.LUNG]
+    return out
+
+
+def command_lines(work, n, seed, checkpoints):
+    """The held-out run as clear.py commands, into `work`; `checkpoints` maps lecl, moco and supervised to their
+    files."""
+    work = Path(work)
+    cohort = work / "cohort"
+    commands = [["synth", "--out", cohort, "--n", n, "--size", demo.SIZE, "--thickness", 4, 5, "--seed", seed]]
+    make = {m: ("--checkpoint", checkpoints[m]) for m in ("lecl", "moco", "supervised")}
+    make["random"] = (*demo.ENCODER, "--random-init", "--img-size", demo.IMG_SIZE, "--windows", *demo.WINDOWS)
+    make["histogram"] = ("--img-size", demo.IMG_SIZE,
+                         "--encoder-module", f"{demo.HERE / 'models' / 'reference.py'}:HUHistogram")
+    for col, _ in COLUMNS:
+        bags = work / col / "bags"
+        commands.append(["extract", "--data", cohort, "--out", bags, *make[col]])
+        commands += [["fit", "--bags", bags, "--labels", cohort / "labels.csv", "--out", work / col / run,
+                      "--target", *options] for _, run, options in runs(col)]
+    return [[str(a) for a in c] for c in commands]
+
+
+def cell(work, column, run):
+    """'0.727 [0.614, 0.829]' from a finished fit's metrics.json (demo.auroc: the macro row where there is one)."""
+    r = demo.auroc(Path(work) / column, run, "AUROC, fold mean")
+    return "n/a" if r["value"] is None else f"{r['value']:.3f}" + (
+        "" if r["ci_low"] is None else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+
+
+def table(work):
+    """Markdown: one row per task (and head), one column per set of bags."""
+    names = list(dict.fromkeys(name for col, _ in COLUMNS for name, _, _ in runs(col)))
+    lines = ["| task | " + " | ".join(title for _, title in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name in names:
+        cells = [next((cell(work, col, run) for n, run, _ in runs(col) if n == name), "") for col, _ in COLUMNS]
+        lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def command(args):
+    """Run (or continue) the held-out table and write OUT/holdout.md."""
+    import clear
+
+    checkpoints = {"lecl": args.lecl, "moco": args.moco, "supervised": args.supervised}
+    for method, path in checkpoints.items():
+        if not Path(path).is_file():
+            raise ClearError(f"{path}: no such checkpoint (--{method})")
+    out = Path(args.out)
+    work = Path(args.work or out / "work")
+    for c in command_lines(work, args.n, args.seed, checkpoints):
+        done = demo.finished(c)
+        if done is not None and done.exists():
+            print(f"[holdout] {done} exists, skipping: python clear.py {shlex.join(c)}")
+            continue
+        print(f"\n[holdout] python clear.py {shlex.join(c)}", flush=True)
+        if clear.main(c) != 0:
+            raise ClearError(f"step '{c[0]}' failed (see above); fix it and run the same command to continue")
+    made = ["python", "benchmark.py", "holdout", "--moco", args.moco]
+    made += [a for k, default in (("lecl", SHIPPED["lecl"]), ("supervised", SHIPPED["supervised"]), ("n", N),
+                                  ("seed", SEED)) if str(getattr(args, k)) != str(default)
+             for a in (f"--{k}", str(getattr(args, k)))]  # the options given, not --work: where files go
+    made = shlex.join(made + ["--out", str(out)])
+    text = (f"Fold-mean AUROC [95 % patient-bootstrap CI] on a held-out cohort ({args.n} scans, seed {args.seed}), "
+            f"the demo's fits (`clear.py fit` defaults; \"mean\": `{' '.join(MEAN)}`). Made by:\n\n    {made}\n\n"
+            + table(work) + "\n")
+    with atomic_path(out / "holdout.md") as tmp:
+        tmp.write_text(text)
+    print(text)

@@ -1,0 +1,78 @@
+"""bench/holdout.py: the held-out table's commands are the demo's steps on another cohort (each fit reads bags that
+an extract writes; the histogram fits the lung tasks alone; --pool mean on the learnt bags' lung tasks), a re-run
+skips every finished step, and each cell of holdout.md is the figure of its own run's metrics.json."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmark  # noqa: E402
+import demo  # noqa: E402
+from bench import holdout  # noqa: E402
+
+
+def option(command, flag):
+    return command[command.index(flag) + 1]
+
+
+def test_commands_are_the_demos_steps_on_a_cohort_of_its_own(tmp_path):
+    lines = holdout.command_lines(tmp_path, 300, holdout.SEED, {m: f"{m}.pt" for m in ("lecl", "moco", "supervised")})
+    synth, = [c for c in lines if c[0] == "synth"]
+    assert int(option(synth, "--seed")) not in (0, 11, demo.CORPUS_SEED)  # the demo's, the dev cohort, the corpus
+    extracts = {option(c, "--out"): c for c in lines if c[0] == "extract"}
+    fits = [c for c in lines if c[0] == "fit"]
+    assert all(option(c, "--bags") in extracts for c in fits)  # every fit reads bags an earlier extract writes
+    assert len({option(c, "--out") for c in fits}) == len(fits)  # no two runs share a folder
+    by_bags = {b: [c for c in fits if option(c, "--bags") == b] for b in extracts}
+    histogram = next(b for b, c in extracts.items() if "--encoder-module" in c)
+    assert sorted(option(c, "--target") for c in by_bags[histogram]) == sorted(demo.LUNG)
+    assert not any("--pool" in c for c in by_bags[histogram])
+    moco = next(b for b, c in extracts.items() if c[-2:] == ["--checkpoint", "moco.pt"])
+    mean = [c for c in by_bags[moco] if "--pool" in c]
+    assert sorted(option(c, "--target") for c in mean) == sorted(demo.LUNG)
+    assert all(option(c, "--pool") == "mean" and option(c, "--lr") == "0.01" for c in mean)
+    stage = next(c for c in by_bags[moco] if option(c, "--target") == "stage")
+    assert option(stage, "--task") == "ordinal"  # the demo's fit options come along
+
+
+def test_a_rerun_skips_finished_steps_and_the_table_reads_each_run(tmp_path, monkeypatch, capsys):
+    import clear
+
+    ran = []
+
+    def fake_main(command):  # what each clear.py command leaves: labels.csv, metrics.json (a figure per run)
+        ran.append(command)
+        out = Path(option(command, "--out"))
+        if command[0] == "synth":
+            out.mkdir(parents=True)
+            (out / "labels.csv").write_text("scan\n")
+        if command[0] == "fit":
+            out.mkdir(parents=True)
+            value = (len(ran) % 97) / 100  # a different figure for every run
+            rows = [{"metric": "AUROC, fold mean", "label": "x", "value": value, "ci_low": value - 0.1,
+                     "ci_high": value + 0.1}]
+            (out / "metrics.json").write_text(json.dumps({"rows": rows}))
+        return 0
+
+    monkeypatch.setattr(clear, "main", fake_main)
+    for m in ("lecl", "moco", "supervised"):
+        (tmp_path / f"{m}.pt").write_bytes(b"")
+    argv = ["holdout", "--moco", str(tmp_path / "moco.pt"), "--lecl", str(tmp_path / "lecl.pt"),
+            "--supervised", str(tmp_path / "supervised.pt"), "--n", "40", "--out", str(tmp_path / "out")]
+    assert benchmark.main(argv) == 0
+    first = list(ran)
+    assert [c[0] for c in first].count("fit") == sum(len(holdout.runs(col)) for col, _ in holdout.COLUMNS)
+    text = (tmp_path / "out" / "holdout.md").read_text()
+    assert f"--n 40 --out {tmp_path / 'out'}" in text.replace("'", "")  # the command that made it
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    for c in (c for c in first if c[0] == "fit"):
+        col_dir = Path(option(c, "--out")).parent.name
+        col = [k for k, _ in holdout.COLUMNS].index(col_dir)
+        name = next(n for n, run, _ in holdout.runs(col_dir) if run == Path(option(c, "--out")).name)
+        value = (first.index(c) + 1) % 97 / 100
+        assert rows[name.replace("_", " ")][col].strip(" |") == f"{value:.3f} [{value - 0.1:.3f}, {value + 0.1:.3f}]"
+    ran.clear()
+    assert benchmark.main(argv) == 0  # again: only the extracts run (they skip finished scans by themselves)
+    assert [c[0] for c in ran] == ["extract"] * len(holdout.COLUMNS)
+    assert capsys.readouterr().out.count("exists, skipping") == len(first) - len(holdout.COLUMNS)
