@@ -101,6 +101,7 @@ def command(args):
     text = (f"Fold-mean AUROC [95 % patient-bootstrap CI] on a held-out cohort ({args.n} scans, seed {args.seed}), "
             f"the demo's fits (`clear.py fit` defaults; \"mean\": `{' '.join(MEAN)}`). Made by:\n\n    {made}\n\n"
             + table(work) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "holdout.md") as tmp:
         tmp.write_text(text)
     print(text)

@@ -58,7 +58,8 @@ def test_a_rerun_skips_finished_steps_and_the_table_reads_each_run(tmp_path, mon
     for m in ("lecl", "moco", "supervised"):
         (tmp_path / f"{m}.pt").write_bytes(b"")
     argv = ["holdout", "--moco", str(tmp_path / "moco.pt"), "--lecl", str(tmp_path / "lecl.pt"),
-            "--supervised", str(tmp_path / "supervised.pt"), "--n", "40", "--out", str(tmp_path / "out")]
+            "--supervised", str(tmp_path / "supervised.pt"), "--n", "40", "--out", str(tmp_path / "out"),
+            "--work", str(tmp_path / "work")]  # the steps' files elsewhere: --out is made for holdout.md alone
     assert benchmark.main(argv) == 0
     first = list(ran)
     assert [c[0] for c in first].count("fit") == sum(len(holdout.runs(col)) for col, _ in holdout.COLUMNS)
@@ -67,7 +68,7 @@ def test_a_rerun_skips_finished_steps_and_the_table_reads_each_run(tmp_path, mon
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines()
             if line.startswith("| ") and "---" not in line}
     for c in (c for c in first if c[0] == "fit"):
-        col_dir = Path(option(c, "--out")).parent.name
+        col_dir = Path(option(c, "--out")).parent.name  # work/<column>/<run>
         col = [k for k, _ in holdout.COLUMNS].index(col_dir)
         name = next(n for n, run, _ in holdout.runs(col_dir) if run == Path(option(c, "--out")).name)
         value = (first.index(c) + 1) % 97 / 100
