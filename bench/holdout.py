@@ -19,6 +19,7 @@ import shlex
 from pathlib import Path
 
 import demo
+from checkpoint import load_checkpoint
 from files import ClearError, atomic_path
 
 N = 300  # scans: 2.5 times the demo's cohort, for tighter CIs (251 patients at seed 13)
@@ -80,9 +81,11 @@ def command(args):
     import clear
 
     checkpoints = {"lecl": args.lecl, "moco": args.moco, "supervised": args.supervised}
-    for method, path in checkpoints.items():
-        if not Path(path).is_file():
-            raise ClearError(f"{path}: no such checkpoint (--{method})")
+    for path in checkpoints.values():
+        demo.check_shipped(Path(path))  # a default must be the shipped file, byte for byte
+        ck = load_checkpoint(path)
+        if ck["step"] != ck["steps"]:  # e.g. benchmark.py learning's, taken while it still runs
+            raise ClearError(f"{path}: a pre-training stopped at step {ck['step']} of {ck['steps']}; finish it first")
     out = Path(args.out)
     work = Path(args.work or out / "work")
     for c in command_lines(work, args.n, args.seed, checkpoints):

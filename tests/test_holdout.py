@@ -1,14 +1,18 @@
 """bench/holdout.py: the held-out table's commands are the demo's steps on another cohort (each fit reads bags that
 an extract writes; the histogram fits the lung tasks alone; --pool mean on the learnt bags' lung tasks), a re-run
-skips every finished step, and each cell of holdout.md is the figure of its own run's metrics.json."""
+skips every finished step, each cell of holdout.md is the figure of its own run's metrics.json, and a checkpoint of a
+pre-training still running is refused."""
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmark  # noqa: E402
 import demo  # noqa: E402
 from bench import holdout  # noqa: E402
+from checkpoint import FORMAT  # noqa: E402
 
 
 def option(command, flag):
@@ -55,8 +59,8 @@ def test_a_rerun_skips_finished_steps_and_the_table_reads_each_run(tmp_path, mon
         return 0
 
     monkeypatch.setattr(clear, "main", fake_main)
-    for m in ("lecl", "moco", "supervised"):
-        (tmp_path / f"{m}.pt").write_bytes(b"")
+    for m in ("lecl", "moco", "supervised"):  # whole runs: every step taken
+        torch.save({"format": FORMAT, "step": 600, "steps": 600}, tmp_path / f"{m}.pt")
     argv = ["holdout", "--moco", str(tmp_path / "moco.pt"), "--lecl", str(tmp_path / "lecl.pt"),
             "--supervised", str(tmp_path / "supervised.pt"), "--n", "40", "--out", str(tmp_path / "out"),
             "--work", str(tmp_path / "work")]  # the steps' files elsewhere: --out is made for holdout.md alone
@@ -77,3 +81,12 @@ def test_a_rerun_skips_finished_steps_and_the_table_reads_each_run(tmp_path, mon
     assert benchmark.main(argv) == 0  # again: only the extracts run (they skip finished scans by themselves)
     assert [c[0] for c in ran] == ["extract"] * len(holdout.COLUMNS)
     assert capsys.readouterr().out.count("exists, skipping") == len(first) - len(holdout.COLUMNS)
+
+
+def test_a_pretraining_still_running_is_refused_in_one_line(tmp_path, capsys):
+    """benchmark.py learning writes its checkpoint every few hundred steps: taken mid-run, it is not the run's."""
+    torch.save({"format": FORMAT, "step": 200, "steps": 600}, tmp_path / "moco.pt")
+    assert benchmark.main(["holdout", "--moco", str(tmp_path / "moco.pt"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'moco.pt'}: a pre-training stopped at step 200 of 600; finish it first" in err
+    assert not (tmp_path / "out").exists()  # nothing run, nothing written
