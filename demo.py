@@ -27,6 +27,7 @@ from checkpoint import load_checkpoint
 from files import ClearError, atomic_path
 from phantom import SITES
 from pretrain import contrastive
+from report import ci_text
 
 HERE = Path(__file__).resolve().parent
 TASKS = (  # (run name, --target, extra fit options): the paper's three endpoints, and lung disease's two findings
@@ -193,7 +194,6 @@ def table(out):
         cells = []
         for col, _ in COLUMNS:
             r = auroc(out, RUNS[task, col], "AUROC, fold mean") if (task, col) in RUNS else None
-            cells.append("" if r is None else "n/a" if r["value"] is None else f"{r['value']:.3f}" + (
-                "" if r["ci_low"] is None else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"))
+            cells.append("" if r is None else ci_text(r))
         lines.append(f"{task:<16} " + " ".join(f"{c:<{width}}" for c in cells))
     return "\n".join(lines)

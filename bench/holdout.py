@@ -26,6 +26,7 @@ import demo
 import metrics
 from checkpoint import load_checkpoint
 from files import ClearError, atomic_path
+from report import ci_text
 
 N = 300  # scans: 2.5 times the demo's cohort, for tighter CIs (251 patients at seed 13)
 SEED = 13  # the held-out cohort: not the corpus (7), the demo's cohort (0), the dev cohort (11) nor their patients
@@ -64,19 +65,16 @@ def command_lines(work, n, seed, checkpoints):
     return [[str(a) for a in c] for c in commands]
 
 
-def cell(work, column, run):
-    """'0.727 [0.614, 0.829]' from a finished fit's metrics.json (demo.auroc: the macro row where there is one)."""
-    r = demo.auroc(Path(work) / column, run, "AUROC, fold mean")
-    return "n/a" if r["value"] is None else f"{r['value']:.3f}" + (
-        "" if r["ci_low"] is None else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
-
-
 def table(work):
-    """Markdown: one row per task (and head), one column per set of bags."""
+    """Markdown: one row per task (and head), one column per set of bags; each cell '0.727 [0.614, 0.829]', the
+    fold-mean AUROC of a finished fit's metrics.json (demo.auroc: the macro row where there is one)."""
+    def cell(column, run):
+        return ci_text(demo.auroc(Path(work) / column, run, "AUROC, fold mean"))
+
     names = list(dict.fromkeys(name for col, _ in COLUMNS for name, _, _ in runs(col)))
     lines = ["| task | " + " | ".join(title for _, title in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name in names:
-        cells = [next((cell(work, col, run) for n, run, _ in runs(col) if n == name), "") for col, _ in COLUMNS]
+        cells = [next((cell(col, run) for n, run, _ in runs(col) if n == name), "") for col, _ in COLUMNS]
         lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -86,7 +84,10 @@ def paired_difference(run_a, run_b, target, n_bootstrap=1000, seed=1337):
     binary target), with the 95 % CI of the difference over patient-bootstrap resamples drawn once for both: the
     scans are the same, so the pairing removes what the two share (which patients are easy) from the interval.
     -> (difference, low, high). The seed is cv.FitConfig's, as each run's own CI."""
-    rows = [list(csv.DictReader(open(Path(run) / "predictions.csv"))) for run in (run_a, run_b)]
+    rows = []
+    for run in (run_a, run_b):
+        with open(Path(run) / "predictions.csv", newline="") as f:
+            rows.append(list(csv.DictReader(f)))
     if [(r["scan"], r["fold"]) for r in rows[0]] != [(r["scan"], r["fold"]) for r in rows[1]]:
         raise ClearError(f"{run_a}, {run_b}: not the same scans in the same folds; no paired difference")
     y = np.array([float(r[f"true_{target}"]) for r in rows[0]])  # (N,)
