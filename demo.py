@@ -19,12 +19,16 @@ checkpoints that `--pretrain` makes (CHECKPOINTS, their SHA-256 checked); `--pre
 builds the commands, guards the output folder and reads the runs' metrics.json back into the demo's table and
 verdict; commands.cmd_demo runs the commands and prints.
 """
+import contextlib
 import hashlib
+import io
 import json
 from pathlib import Path
 
+import torch
+
 from checkpoint import load_checkpoint
-from files import ClearError, atomic_path
+from files import ClearError, atomic_path, forked_map, usable_cores
 from phantom import SITES
 from pretrain import contrastive
 from report import ci_text
@@ -102,8 +106,36 @@ def command_lines(out, n, corpus, steps, batch_size, pretrain, contrast, lesion_
                  ["extract", "--data", cohort, "--out", bags["histogram"], "--img-size", IMG_SIZE,
                   "--encoder-module", f"{HERE / 'models' / 'reference.py'}:HUHistogram"]]
     commands += [["fit", "--bags", bags[col], "--labels", cohort / "labels.csv", "--target", target, "--out", out / run,
-                  *extra] for col, _ in COLUMNS for task, target, extra in TASKS if (run := RUNS.get((task, col)))]
+                  *extra, "--workers", 1]  # one core each: fits_side_by_side runs one per core
+                 for col, _ in COLUMNS for task, target, extra in TASKS if (run := RUNS.get((task, col)))]
     return [[str(a) for a in c] for c in commands]
+
+
+def fits_side_by_side(fits, run_step):
+    """Run the fit commands (which read bags and write their own folder, nothing else) one per CPU core, each a whole
+    fit on one core: a fit's own fold workers would leave a core idle for its last of 5 folds on 2 cores.
+    Yields (command, exit code, what it printed with each progress bar at its end; None: printed as it ran), in
+    order."""
+    global _RUN_STEP
+    if usable_cores() == 1 or len(fits) == 1:
+        yield from ((c, run_step(c), None) for c in fits)  # printed as it runs
+        return
+    _RUN_STEP = run_step
+    try:
+        yield from forked_map(_captured, fits, usable_cores(), "demo fit")
+    finally:
+        _RUN_STEP = None
+
+
+_RUN_STEP = None  # what a forked worker runs (clear.main): set just before the fork, which copies it
+
+
+def _captured(command):
+    torch.set_num_threads(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = _RUN_STEP(command)
+    return command, code, "\n".join(line.rsplit("\r", 1)[-1] for line in out.getvalue().split("\n"))
 
 
 def finished(command):

@@ -153,6 +153,11 @@ def amp_dtype(device):
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
+def usable_cores():
+    """The CPU cores this process may run on (taskset, cpusets) where the OS tells, else all of the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 _FOLD_JOB = None  # what a forked worker runs: set just before the fork, which copies it (nothing is pickled)
 
 
@@ -167,9 +172,7 @@ def map_folds(job, n, workers, epochs, bar=None):
     own training, so the results are the same either way (tested), the timings are not. The bar ticks per epoch
     here, per finished fold from the workers; an error in a worker is raised here."""
     global _FOLD_JOB
-    # the cores this process may run on (taskset, cpusets) where the OS tells, else all of the machine's
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(n, workers or cores)
+    workers = min(n, workers or usable_cores())
     if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [job(k, bar.update if bar else lambda _: None) for k in range(n)]
     _FOLD_JOB, done = job, {}
