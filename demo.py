@@ -65,8 +65,8 @@ RUNS = {(task, col): f"fit-{task}" if col == "lecl" else f"fit-{col}-{task}"  # 
         for task, _, _ in TASKS for col, _ in COLUMNS if col != "histogram" or task in LUNG}
 CONTROL = RUNS["lung_disease", "histogram"]
 SETTINGS = ("n", "corpus", "steps", "batch_size", "pretrain", "contrast", "lesion_scale")  # command_lines' options
-DONE = {"synth": "labels.csv", "pretrain": "", "fit": "metrics.json"}  # step -> what under its --out marks it
-#       finished ("": the --out file itself); extract has none, it continues by itself where it stopped
+DONE = {"synth": "labels.csv", "pretrain": "", "fit": "report.html"}  # step -> what under its --out marks it
+#       finished, the last file it writes ("": the --out file itself); extract has none, it continues by itself
 
 
 def checkpoint(out, pretrain, method="lecl"):

@@ -86,7 +86,8 @@ def test_a_rerun_skips_finished_steps_and_the_table_reads_each_run(tmp_path, mon
 
     ran = []
 
-    def fake_main(command):  # what each clear.py command leaves: labels.csv, metrics.json (a figure per run)
+    def fake_main(command):  # what each clear.py command leaves: labels.csv; metrics.json (a figure per run) and
+        #                        report.html, a fit's last file
         ran.append(command)
         out = Path(option(command, "--out"))
         if command[0] == "synth":
@@ -98,6 +99,7 @@ def test_a_rerun_skips_finished_steps_and_the_table_reads_each_run(tmp_path, mon
             rows = [{"metric": "AUROC, fold mean", "label": "x", "value": value, "ci_low": value - 0.1,
                      "ci_high": value + 0.1}]
             (out / "metrics.json").write_text(json.dumps({"rows": rows}))
+            (out / "report.html").write_text("")
             write_predictions(out, option(command, "--target"), *cohort(seed=len(ran)))
         return 0
 
