@@ -13,7 +13,9 @@ gated CNN and SSM normalise every token or pixel that way. BatchNorm normalises 
 so the same features keep v, centred on the batch: a threshold ("denser than the usual lung") is there from the
 first step. Trained supervised on the corpus's mask labels, this network registers ground glass within 200 steps,
 where gcnn-micro does not in 600 (docs/results.md, "Which encoder can see the finding"); that is what makes it the
-demo's encoder and the learning curves' (bench/learning.py), whose ceiling has to be above chance.
+demo's encoder and the learning curves' (bench/learning.py), whose ceiling has to be above chance. A fourth input
+channel, the narrow parenchyma window (data.WINDOWS), is another affine function of v, so a lung pixel is no longer
+v times one vector and a LayerNorm keeps v: with it gcnn-micro learns too, later (the same section).
 
 Departure: BatchNorm makes a slice's embedding depend on its batch in training mode. Extraction runs in eval
 mode (running statistics). Pre-training on several GPUs converts it to SyncBatchNorm (pretrain.py), as MoCo v3's

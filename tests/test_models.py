@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models.ssm
+from data import named_windows, window
 from models import SIZES, build_encoder, count_flops, count_parameters, stem
 from models.gcnn import GatedCNNBlock
 from models.ssm import BiMamba, Direction, SSMConfig
@@ -177,20 +178,24 @@ def test_cnn_is_the_composition_of_its_convs_batchnorms_and_relus():
 
 def test_cnn_keeps_the_hu_level_that_a_pixel_layernorm_divides_out():
     """A lung slice in the lung window is one channel at v, the others 0 (models/cnn.py): normal lung at 0.33, ground
-    glass at 0.5. The gated CNN's per-pixel LayerNorm gives both nearly the same embedding; the CNN does not."""
-    def uniform(v):
-        x = torch.zeros(1, 3, 32, 32)
-        x[:, 0] = v
-        return x
+    glass at 0.5. The gated CNN's per-pixel LayerNorm gives both nearly the same embedding; the CNN does not. A
+    fourth channel, the parenchyma window, is another affine function of the HU, so the pixel is no longer v times
+    one vector and the LayerNorm keeps the difference (the demo's four windows)."""
+    def uniform(hu, names):
+        return window(torch.full((1, 32, 32), hu), named_windows(names))  # (1, C, 32, 32)
 
-    def relative_change(enc):
+    def relative_change(name, names):
+        torch.manual_seed(0)
+        enc = build_encoder(name, "micro", in_chans=len(names), img_size=32).eval()
         with torch.no_grad():
-            a, b = enc.eval()(uniform(0.33)), enc(uniform(0.5))
+            a, b = enc(uniform(-850.0, names)), enc(uniform(-600.0, names))
         return float((a - b).norm() / a.norm())
 
-    torch.manual_seed(0)
-    assert relative_change(build_encoder("gcnn", "micro", img_size=32)) < 1e-2
-    assert relative_change(build_encoder("cnn", "micro", img_size=32)) > 0.2
+    three, four = ("lung", "soft", "bone"), ("lung", "soft", "bone", "parenchyma")
+    assert uniform(-850.0, three)[0, :, 0, 0].tolist() == pytest.approx([1 / 3, 0, 0])
+    assert relative_change("gcnn", three) < 1e-2
+    assert relative_change("cnn", three) > 0.2
+    assert relative_change("gcnn", four) > 0.1
 
 
 def test_vit_mean_pool_averages_the_normalised_patch_tokens():
