@@ -4,7 +4,6 @@ options; a problem with the user's input is a ClearError, which clear.py prints 
 """
 import dataclasses
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from tqdm import tqdm
 
 from cli import (bar, config_from, end_bars, first_ctrl_c_asks_to_stop, prepare_out_dir, progress_bar,
                  removed_on_failure)
-from files import ClearError, usable_cores, write_csv
+from files import ClearError, write_csv
 
 
 def cmd_synth(args):
@@ -197,30 +196,12 @@ def cmd_predict(args):
     print(f"wrote predictions for {len(rows)} scans to {out}")
 
 
-def announce(command):
-    print(f"\n[demo] python clear.py {shlex.join(command)}", flush=True)
-    return command
-
-
 def cmd_demo(args):
     import demo
     import report
 
-    t0, fits = time.time(), []
-    for command, done in demo.steps(args.out, {k: getattr(args, k) for k in demo.SETTINGS}):
-        if done:  # a re-run continues where the last one stopped
-            print(f"\n[demo] {done} exists, skipping: python clear.py {shlex.join(command)}")
-        elif command[0] == "fit":  # the last steps, and independent: run side by side below
-            fits.append(command)
-        elif args.run_step(announce(command)) != 0:
-            raise ClearError(f"demo step '{command[0]}' failed (see above); fix it and run the demo again to continue")
-    if len(fits) > 1 and usable_cores() > 1:
-        print(f"\n[demo] {len(fits)} fits, {usable_cores()} at a time on one core each; each prints when it ends")
-    for command, code, printed in demo.fits_side_by_side(fits, lambda c: args.run_step(announce(c))):
-        if printed is not None:  # from a worker, which announced its command as well
-            print(printed, end="", flush=True)
-        if code != 0:
-            raise ClearError("demo step 'fit' failed (see above); fix it and run the demo again to continue")
+    t0 = time.time()
+    demo.run_steps(demo.steps(args.out, {k: getattr(args, k) for k in demo.SETTINGS}), args.run_step, "demo")
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Outputs in {args.out}: cohort/ (CT + masks + labels.csv), "
           "bags*/ (slice embeddings: LeCL, supervised reference, random init, HU histograms), fit-*/ (metrics, "
           "predictions, attention, report.html)")

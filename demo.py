@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import io
 import json
+import shlex
 from pathlib import Path
 
 import torch
@@ -109,6 +110,34 @@ def command_lines(out, n, corpus, steps, batch_size, pretrain, contrast, lesion_
                   *extra, "--workers", 1]  # one core each: fits_side_by_side runs one per core
                  for col, _ in COLUMNS for task, target, extra in TASKS if (run := RUNS.get((task, col)))]
     return [[str(a) for a in c] for c in commands]
+
+
+def run_steps(steps, run_step, tag):
+    """Run (command, done) pairs (steps' own, or a bench's) with `run_step` (clear.main), each printed first as
+    `[tag] python clear.py ...`: a done one is skipped, and the fits, the last steps and independent of one another,
+    run side by side. A failed step is one ClearError."""
+    def announced(command):
+        print(f"\n[{tag}] python clear.py {shlex.join(command)}", flush=True)
+        return run_step(command)
+
+    def check(command, code):
+        if code != 0:
+            raise ClearError(f"{tag} step '{command[0]}' failed (see above); fix it and run the same command again "
+                             "to continue")
+    fits = []
+    for command, done in steps:
+        if done:
+            print(f"\n[{tag}] {done} exists, skipping: python clear.py {shlex.join(command)}")
+        elif command[0] == "fit":
+            fits.append(command)
+        else:
+            check(command, announced(command))
+    if len(fits) > 1 and usable_cores() > 1:
+        print(f"\n[{tag}] {len(fits)} fits, {usable_cores()} at a time on one core each; each prints when it ends")
+    for command, code, printed in fits_side_by_side(fits, announced):
+        if printed is not None:  # from a worker, which announced its command as well
+            print(printed, end="", flush=True)
+        check(command, code)
 
 
 def fits_side_by_side(fits, run_step):

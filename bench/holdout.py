@@ -61,7 +61,7 @@ def command_lines(work, n, seed, checkpoints):
         bags = work / col / "bags"
         commands.append(["extract", "--data", cohort, "--out", bags, *make[col]])
         commands += [["fit", "--bags", bags, "--labels", cohort / "labels.csv", "--out", work / col / run,
-                      "--target", *options] for _, run, options in runs(col)]
+                      "--target", *options, "--workers", 1] for _, run, options in runs(col)]  # side by side
     return [[str(a) for a in c] for c in commands]
 
 
@@ -114,14 +114,9 @@ def command(args):
             raise ClearError(f"{path}: a pre-training stopped at step {ck['step']} of {ck['steps']}; finish it first")
     out = Path(args.out)
     work = Path(args.work or out / "work")
-    for c in command_lines(work, args.n, args.seed, checkpoints):
-        done = demo.finished(c)
-        if done is not None and done.exists():
-            print(f"[holdout] {done} exists, skipping: python clear.py {shlex.join(c)}")
-            continue
-        print(f"\n[holdout] python clear.py {shlex.join(c)}", flush=True)
-        if clear.main(c) != 0:
-            raise ClearError(f"step '{c[0]}' failed (see above); fix it and run the same command to continue")
+    steps = ((c, done if (done := demo.finished(c)) and done.exists() else None)
+             for c in command_lines(work, args.n, args.seed, checkpoints))
+    demo.run_steps(steps, clear.main, "holdout")
     made = ["python", "benchmark.py", "holdout", "--moco", args.moco]
     made += [a for k, default in (("lecl", SHIPPED["lecl"]), ("supervised", SHIPPED["supervised"]), ("n", N),
                                   ("seed", SEED)) if str(getattr(args, k)) != str(default)

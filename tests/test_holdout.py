@@ -104,6 +104,7 @@ def test_a_rerun_skips_finished_steps_and_the_table_reads_each_run(tmp_path, mon
         return 0
 
     monkeypatch.setattr(clear, "main", fake_main)
+    monkeypatch.setattr(demo, "usable_cores", lambda: 1)  # the fits here, in order, not in forked workers
     for m in ("lecl", "moco", "supervised"):  # whole runs: every step taken
         torch.save({"format": FORMAT, "step": 600, "steps": 600}, tmp_path / f"{m}.pt")
     argv = ["holdout", "--moco", str(tmp_path / "moco.pt"), "--lecl", str(tmp_path / "lecl.pt"),

@@ -204,6 +204,23 @@ def test_the_demo_fits_side_by_side_print_in_order_with_each_bar_at_its_end(monk
     assert capsys.readouterr().out == "ran a\nran bad\nran c\n"
 
 
+def test_the_demo_steps_skip_what_is_done_and_stop_at_a_failed_one(monkeypatch, capsys):
+    ran = []
+
+    def step(command):
+        ran.append(command[0])
+        return 2 if command[-1] == "bad" else 0
+
+    monkeypatch.setattr(demo, "usable_cores", lambda: 1)
+    demo.run_steps([(["synth"], None), (["extract"], "bags/x.pt"), (["fit", "a"], None)], step, "t")
+    assert ran == ["synth", "fit"]
+    assert "[t] bags/x.pt exists, skipping: python clear.py extract" in capsys.readouterr().out
+    ran.clear()
+    with pytest.raises(ClearError, match="t step 'extract' failed"):
+        demo.run_steps([(["extract", "bad"], None), (["fit", "a"], None)], step, "t")
+    assert ran == ["extract"]  # no fit after a failed extract
+
+
 def test_demo_passes_the_cohort_difficulty_to_synth(tmp_path):
     synth = demo.command_lines(tmp_path, **{**SETTINGS, "contrast": 3.0, "lesion_scale": 2.0})[0]
     args = clear.build_parser().parse_args(synth)
