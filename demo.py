@@ -10,14 +10,14 @@ It is nothing but the plain clear.py commands, in order (command_lines lists the
         (models/reference.py: nothing learnt)
     fit the MIL on the paper's three tasks (arXiv 2411.16803: tumour location, lung disease, staging) and on lung
         disease's two findings (ground glass, emphysema) with the LeCL, the reference and the random-init bags,
-        and on the three lung tasks with the histogram bags (the control)
+        and on the three lung tasks with the histogram bags (the control); one fit per CPU core, side by side
 
 Pre-training on the corpus, not on the cohort it is then evaluated on, is the paper's split (DeepLesion, then
 other cohorts) and the way to use the tool on real data: pre-train on a large lesion-annotated set, fit on your
 cohort. Pre-training that learns takes longer than the demo's five minutes on 2 CPU cores, so the demo uses the
 checkpoints that `--pretrain` makes (CHECKPOINTS, their SHA-256 checked); `--pretrain` makes them again. This module
-builds the commands, guards the output folder and reads the runs' metrics.json back into the demo's table and
-verdict; commands.cmd_demo runs the commands and prints.
+builds the commands, guards the output folder, runs them (run_steps, which benchmark.py holdout shares) and reads
+the runs' metrics.json back into the demo's table and verdict, which commands.cmd_demo prints.
 """
 import contextlib
 import hashlib
@@ -151,7 +151,7 @@ def fits_side_by_side(fits, run_step):
         return
     _RUN_STEP = run_step
     try:
-        yield from forked_map(_captured, fits, usable_cores(), "demo fit")
+        yield from forked_map(_captured, fits, usable_cores(), "fit")
     finally:
         _RUN_STEP = None
 
