@@ -6,7 +6,8 @@ This runs the demo's steps again on a third cohort that no choice has seen, larg
 with MoCo v3 pre-trained by the same recipe beside LeCL (the paper's comparison):
 
     synth the held-out cohort (--n scans, --seed; no patient of the corpus, the demo's or the dev cohort)
-    extract it with each checkpoint (LeCL, MoCo v3, the supervised reference), at random init, as HU histograms
+    extract it with each checkpoint (LeCL, MoCo v3, the supervised reference), with LeCL's encoder at random init,
+        and as HU histograms
     fit the demo's five tasks (demo.TASKS) on every set of bags (the histogram's: the three lung tasks), with the
     attention-MIL and, on the lung tasks of the learnt bags, with `--pool mean --lr 0.01` (the linear head that
     kept lung disease better on the dev cohort)
@@ -25,6 +26,7 @@ import numpy as np
 import demo
 import metrics
 from checkpoint import load_checkpoint
+from data import WINDOWS
 from files import ClearError, atomic_path
 from report import ci_text
 
@@ -47,14 +49,27 @@ def runs(column):
     return out
 
 
-def command_lines(work, n, seed, checkpoints):
+RANDOM_INIT = (*demo.ENCODER, "--random-init", "--img-size", demo.IMG_SIZE, "--windows", *demo.WINDOWS)  # the demo's
+
+
+def random_init(checkpoint):
+    """extract's options for the encoder of `checkpoint` (family, size, input windows) at random init: the floor
+    beside it, whichever encoder the checkpoints are of."""
+    cfg, names = load_checkpoint(checkpoint)["config"], {tuple(v): k for k, v in WINDOWS.items()}
+    if any(tuple(w) not in names for w in cfg["windows"]):
+        raise ClearError(f"{checkpoint}: input windows {cfg['windows']} are not all named in data.WINDOWS")
+    return ("--encoder", cfg["encoder"], "--size", cfg["size"], "--random-init", "--img-size", cfg["img_size"],
+            "--windows", *(names[tuple(w)] for w in cfg["windows"]))
+
+
+def command_lines(work, n, seed, checkpoints, random=RANDOM_INIT):
     """The held-out run as clear.py commands, into `work`; `checkpoints` maps lecl, moco and supervised to their
-    files."""
+    files, `random` is extract's options for the random-init column."""
     work = Path(work)
     cohort = work / "cohort"
     commands = [["synth", "--out", cohort, "--n", n, "--size", demo.SIZE, "--thickness", 4, 5, "--seed", seed]]
     make = {m: ("--checkpoint", checkpoints[m]) for m in ("lecl", "moco", "supervised")}
-    make["random"] = (*demo.ENCODER, "--random-init", "--img-size", demo.IMG_SIZE, "--windows", *demo.WINDOWS)
+    make["random"] = random
     make["histogram"] = ("--img-size", demo.IMG_SIZE,
                          "--encoder-module", f"{demo.HERE / 'models' / 'reference.py'}:HUHistogram")
     for col, _ in COLUMNS:
@@ -115,7 +130,7 @@ def command(args):
     out = Path(args.out)
     work = Path(args.work or out / "work")
     steps = ((c, done if (done := demo.finished(c)) and done.exists() else None)
-             for c in command_lines(work, args.n, args.seed, checkpoints))
+             for c in command_lines(work, args.n, args.seed, checkpoints, random_init(args.lecl)))
     demo.run_steps(steps, clear.main, "holdout")
     made = ["python", "benchmark.py", "holdout", "--moco", args.moco]
     made += [a for k, default in (("lecl", SHIPPED["lecl"]), ("supervised", SHIPPED["supervised"]), ("n", N),

@@ -81,6 +81,20 @@ def test_commands_are_the_demos_steps_on_a_cohort_of_its_own(tmp_path):
     assert option(stage, "--task") == "ordinal"  # the demo's fit options come along
 
 
+def test_the_random_init_column_is_the_lecl_checkpoints_encoder(tmp_path):
+    """The shipped LeCL checkpoint gives the demo's own random-init options; another family's gives its own."""
+    assert holdout.random_init(demo.CHECKPOINTS["lecl"]) == holdout.RANDOM_INIT
+    ck = torch.load(demo.CHECKPOINTS["lecl"], weights_only=True)
+    ck["config"] = {**ck["config"], "encoder": "gcnn", "windows": ck["config"]["windows"][:2]}
+    torch.save(ck, tmp_path / "g.pt")
+    assert holdout.random_init(tmp_path / "g.pt") == ("--encoder", "gcnn", "--size", "micro", "--random-init",
+                                                      "--img-size", 64, "--windows", "lung", "soft")
+    ck["config"]["windows"] = [[-700.0, 1000.0]]
+    torch.save(ck, tmp_path / "g.pt")
+    with pytest.raises(ClearError, match="not all named in data.WINDOWS"):
+        holdout.random_init(tmp_path / "g.pt")
+
+
 def test_a_rerun_skips_finished_steps_and_the_table_reads_each_run(tmp_path, monkeypatch, capsys):
     import clear
 
@@ -105,8 +119,9 @@ def test_a_rerun_skips_finished_steps_and_the_table_reads_each_run(tmp_path, mon
 
     monkeypatch.setattr(clear, "main", fake_main)
     monkeypatch.setattr(demo, "usable_cores", lambda: 1)  # the fits here, in order, not in forked workers
+    config = torch.load(demo.CHECKPOINTS["lecl"], weights_only=True)["config"]  # the encoder of the random column
     for m in ("lecl", "moco", "supervised"):  # whole runs: every step taken
-        torch.save({"format": FORMAT, "step": 600, "steps": 600}, tmp_path / f"{m}.pt")
+        torch.save({"format": FORMAT, "step": 600, "steps": 600, "config": config}, tmp_path / f"{m}.pt")
     argv = ["holdout", "--moco", str(tmp_path / "moco.pt"), "--lecl", str(tmp_path / "lecl.pt"),
             "--supervised", str(tmp_path / "supervised.pt"), "--n", "40", "--out", str(tmp_path / "out"),
             "--work", str(tmp_path / "work")]  # the steps' files elsewhere: --out is made for holdout.md alone
