@@ -107,7 +107,7 @@ def command_lines(out, n, corpus, steps, batch_size, pretrain, contrast, lesion_
                  ["extract", "--data", cohort, "--out", bags["histogram"], "--img-size", IMG_SIZE,
                   "--encoder-module", f"{HERE / 'models' / 'reference.py'}:HUHistogram"]]
     commands += [["fit", "--bags", bags[col], "--labels", cohort / "labels.csv", "--target", target, "--out", out / run,
-                  *extra, "--workers", 1]  # one core each: fits_side_by_side runs one per core
+                  *extra, "--workers", 1]  # one core each: run_steps runs one per core
                  for col, _ in COLUMNS for task, target, extra in TASKS if (run := RUNS.get((task, col)))]
     return [[str(a) for a in c] for c in commands]
 
@@ -132,26 +132,27 @@ def run_steps(steps, run_step, tag):
             fits.append(command)
         else:
             check(command, announced(command))
-    if len(fits) > 1 and usable_cores() > 1:
-        print(f"\n[{tag}] {len(fits)} fits, {usable_cores()} at a time on one core each; each prints when it ends")
-    for command, code, printed in fits_side_by_side(fits, announced):
+    workers = min(len(fits), usable_cores())
+    if workers > 1:
+        print(f"\n[{tag}] {len(fits)} fits, {workers} at a time on one core each; each prints when it ends")
+    for command, code, printed in fits_side_by_side(fits, announced, workers):
         if printed is not None:  # from a worker, which announced its command as well
             print(printed, end="", flush=True)
         check(command, code)
 
 
-def fits_side_by_side(fits, run_step):
-    """Run the fit commands (which read bags and write their own folder, nothing else) one per CPU core, each a whole
-    fit on one core: a fit's own fold workers would leave a core idle for its last of 5 folds on 2 cores.
+def fits_side_by_side(fits, run_step, workers):
+    """Run the fit commands (which read bags and write their own folder, nothing else) in `workers` forked processes,
+    each a whole fit on one core: a fit's own fold workers would leave a core idle for its last of 5 folds on 2 cores.
     Yields (command, exit code, what it printed with each progress bar at its end; None: printed as it ran), in
-    order."""
+    order; with one worker they run here."""
     global _RUN_STEP
-    if usable_cores() == 1 or len(fits) == 1:
+    if workers <= 1:
         yield from ((c, run_step(c), None) for c in fits)  # printed as it runs
         return
     _RUN_STEP = run_step
     try:
-        yield from forked_map(_captured, fits, usable_cores(), "fit")
+        yield from forked_map(_captured, fits, workers, "fit")
     finally:
         _RUN_STEP = None
 

@@ -52,10 +52,10 @@ def runs(column):
 RANDOM_INIT = (*demo.ENCODER, "--random-init", "--img-size", demo.IMG_SIZE, "--windows", *demo.WINDOWS)  # the demo's
 
 
-def random_init(checkpoint):
-    """extract's options for the encoder of `checkpoint` (family, size, input windows) at random init: the floor
-    beside it, whichever encoder the checkpoints are of."""
-    cfg, names = load_checkpoint(checkpoint)["config"], {tuple(v): k for k, v in WINDOWS.items()}
+def random_init(cfg, checkpoint):
+    """extract's options for the encoder of a checkpoint's run settings `cfg` (family, size, input windows) at random
+    init: the floor beside it, whichever encoder the checkpoints are of. `checkpoint` names the file in an error."""
+    names = {tuple(v): k for k, v in WINDOWS.items()}
     if any(tuple(w) not in names for w in cfg["windows"]):
         raise ClearError(f"{checkpoint}: input windows {cfg['windows']} are not all named in data.WINDOWS")
     return ("--encoder", cfg["encoder"], "--size", cfg["size"], "--random-init", "--img-size", cfg["img_size"],
@@ -122,15 +122,17 @@ def command(args):
     import clear
 
     checkpoints = {"lecl": args.lecl, "moco": args.moco, "supervised": args.supervised}
-    for path in checkpoints.values():
+    configs = {}
+    for method, path in checkpoints.items():
         demo.check_shipped(Path(path))  # a default must be the shipped file, byte for byte
         ck = load_checkpoint(path)
         if ck["step"] != ck["steps"]:  # e.g. benchmark.py learning's, taken while it still runs
             raise ClearError(f"{path}: a pre-training stopped at step {ck['step']} of {ck['steps']}; finish it first")
+        configs[method] = ck["config"]
     out = Path(args.out)
     work = Path(args.work or out / "work")
     steps = ((c, done if (done := demo.finished(c)) and done.exists() else None)
-             for c in command_lines(work, args.n, args.seed, checkpoints, random_init(args.lecl)))
+             for c in command_lines(work, args.n, args.seed, checkpoints, random_init(configs["lecl"], args.lecl)))
     demo.run_steps(steps, clear.main, "holdout")
     made = ["python", "benchmark.py", "holdout", "--moco", args.moco]
     made += [a for k, default in (("lecl", SHIPPED["lecl"]), ("supervised", SHIPPED["supervised"]), ("n", N),

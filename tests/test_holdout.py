@@ -81,18 +81,15 @@ def test_commands_are_the_demos_steps_on_a_cohort_of_its_own(tmp_path):
     assert option(stage, "--task") == "ordinal"  # the demo's fit options come along
 
 
-def test_the_random_init_column_is_the_lecl_checkpoints_encoder(tmp_path):
+def test_the_random_init_column_is_the_lecl_checkpoints_encoder():
     """The shipped LeCL checkpoint gives the demo's own random-init options; another family's gives its own."""
-    assert holdout.random_init(demo.CHECKPOINTS["lecl"]) == holdout.RANDOM_INIT
-    ck = torch.load(demo.CHECKPOINTS["lecl"], weights_only=True)
-    ck["config"] = {**ck["config"], "encoder": "gcnn", "windows": ck["config"]["windows"][:2]}
-    torch.save(ck, tmp_path / "g.pt")
-    assert holdout.random_init(tmp_path / "g.pt") == ("--encoder", "gcnn", "--size", "micro", "--random-init",
-                                                      "--img-size", 64, "--windows", "lung", "soft")
-    ck["config"]["windows"] = [[-700.0, 1000.0]]
-    torch.save(ck, tmp_path / "g.pt")
-    with pytest.raises(ClearError, match="not all named in data.WINDOWS"):
-        holdout.random_init(tmp_path / "g.pt")
+    shipped = torch.load(demo.CHECKPOINTS["lecl"], weights_only=True)["config"]
+    assert holdout.random_init(shipped, "l.pt") == holdout.RANDOM_INIT
+    gcnn = {**shipped, "encoder": "gcnn", "windows": shipped["windows"][:2]}
+    assert holdout.random_init(gcnn, "g.pt") == ("--encoder", "gcnn", "--size", "micro", "--random-init",
+                                                 "--img-size", 64, "--windows", "lung", "soft")
+    with pytest.raises(ClearError, match="g.pt: input windows .* are not all named in data.WINDOWS"):
+        holdout.random_init({**gcnn, "windows": [[-700.0, 1000.0]]}, "g.pt")
 
 
 def test_a_rerun_skips_finished_steps_and_the_table_reads_each_run(tmp_path, monkeypatch, capsys):

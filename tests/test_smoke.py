@@ -185,22 +185,20 @@ def test_the_demo_reads_its_table_from_the_metrics(tmp_path, lows, says):
                                                                              f"{min(control + 0.2, 1):.3f}]")
 
 
-def test_the_demo_fits_side_by_side_print_in_order_with_each_bar_at_its_end(monkeypatch, capsys):
-    """With two cores the fits run in two forked workers: each one's output comes back whole, in the commands'
-    order, a progress bar's redrawn line at its last state, and its exit code with it; with one core they run
-    here, printing as they go."""
+def test_the_demo_fits_side_by_side_print_in_order_with_each_bar_at_its_end(capsys):
+    """With two workers the fits run in forked processes: each one's output comes back whole, in the commands'
+    order, a progress bar's redrawn line at its last state, and its exit code with it; with one they run here,
+    printing as they go."""
     def step(command):
         print(f"ran {command[0]}")
         sys.stderr.write("fit: 1/2\rfit: 2/2\n")
         return 2 if command[0] == "bad" else 0
 
     fits = [["a"], ["bad"], ["c"]]
-    monkeypatch.setattr(demo, "usable_cores", lambda: 2)
-    assert list(demo.fits_side_by_side(fits, step)) == [(c, 2 if c == ["bad"] else 0, f"ran {c[0]}\nfit: 2/2\n")
-                                                        for c in fits]
+    assert list(demo.fits_side_by_side(fits, step, 2)) == [(c, 2 if c == ["bad"] else 0, f"ran {c[0]}\nfit: 2/2\n")
+                                                           for c in fits]
     assert capsys.readouterr().out == ""  # nothing printed by the workers themselves
-    monkeypatch.setattr(demo, "usable_cores", lambda: 1)
-    assert list(demo.fits_side_by_side(fits, step)) == [(c, 2 if c == ["bad"] else 0, None) for c in fits]
+    assert list(demo.fits_side_by_side(fits, step, 1)) == [(c, 2 if c == ["bad"] else 0, None) for c in fits]
     assert capsys.readouterr().out == "ran a\nran bad\nran c\n"
 
 
