@@ -26,12 +26,13 @@ import torch
 import cv
 from bench.baseline3d import ResNet3D, fit_cv_3d, load_volumes
 from bench.config import (TASKS, TUMOUR_LABELS, encoder_making, encoder_settings, extraction_device,
-                          fingerprint, histogram, pretrain_config, settings_3d, task_targets, training_flops)
+                          fingerprint, fit_3d, histogram, pretrain_config, settings_3d, task_targets,
+                          training_flops)
 from bench.probe import bags_rank, probe_bags
 from bench.report import kept, machine, write_report
 from bench.speed import Meter
 from checkpoint import load_checkpoint, plain
-from data import SliceConfig
+from data import SliceConfig, named_windows
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from files import ClearError
 from mil import load_bags
@@ -65,7 +66,7 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
         enc = histogram(cfg)
         identity = {"name": "hu-histogram", "bins": cfg.histogram_bins, "source": "accuracy.py",
                     "sha256": weights_sha256(enc)}
-        slices = SliceConfig(img_size=cfg.img_size)
+        slices = SliceConfig(named_windows(cfg.windows), img_size=cfg.img_size)
     else:
         if method != "random":
             pcfg = pretrain_config(cfg, encoder, method)
@@ -79,8 +80,9 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
                 earlier = r.run_seconds - r.seconds
             if earlier > 0:
                 meter.seconds["pretrain, earlier processes"] = earlier
-        enc, identity, slices = load_encoder(EncoderSpec(name=encoder, img_size=cfg.img_size) if method == "random"
-                                             else EncoderSpec(checkpoint=str(ckpt)))
+        spec = (EncoderSpec(name=encoder, img_size=cfg.img_size, windows=named_windows(cfg.windows))
+                if method == "random" else EncoderSpec(checkpoint=str(ckpt)))
+        enc, identity, slices = load_encoder(spec)
     slices = replace(slices, thickness_mm=cfg.thickness)
     bags_dir = work / f"bags-{tag}"
     failed = meter("extract", lambda: [why for status, _, why in extract_bags(cohort, enc, identity, slices, bags_dir,
@@ -111,7 +113,7 @@ def run_3d(cfg, cohort, volumes, fraction=1.0, keep=lambda task, fn: fn()):
     def fit_task(name):
         meter = Meter()
         targets, kind, _ = task_targets(cohort, name, cfg.fit.folds)
-        fit = replace(cfg.fit, targets=targets, task=kind, epochs=cfg.epochs_3d, train_fraction=fraction)
+        fit = replace(fit_3d(cfg), targets=targets, task=kind, epochs=cfg.epochs_3d, train_fraction=fraction)
         vol = volumes()  # read once for every task (run() caches it), outside the task's timing
         result = meter(f"fit {name}", lambda: fit_cv_3d(vol, cohort, fit, cfg.net))
         return {**_auroc(result["rows"]), "epochs": result["best_epochs"], "seconds": meter.seconds,

@@ -14,14 +14,14 @@ import torch
 import cv
 from bench.baseline3d import Net3DConfig, Volume3DConfig
 from checkpoint import plain, run_settings
-from data import SliceConfig
+from data import named_windows
 from extract import EncoderSpec
 from files import amp_dtype, pick_device
 from mil import AttentionMIL
 from models import build_encoder, count_flops
 from models.reference import HUHistogram
 from phantom import SITES, SynthConfig
-from pretrain import PretrainConfig
+from pretrain import PretrainConfig, contrastive
 from synth import SYNTH_FORMAT
 
 TUMOUR_LABELS = tuple(range(1, len(SITES) + 1))  # phantom.py's mask labels of tumours (9, 10: lung disease)
@@ -45,9 +45,16 @@ class AccuracyConfig:
     batch_size: int = 64
     lr: float = 3e-3  # AdamW at batch 256 (so 7.5e-4 here): stable for all three encoders at this batch
     mlp_dim: int = 1024  # heads' hidden width (MoCo v3: 4096; 1024 for CPU)
-    fit: cv.FitConfig = cv.FitConfig(targets=("x",), n_bootstrap=1000, val_fraction=0.2)  # targets set per task;
-    #                     the MIL and the 3D network early-stopped on a fifth of the training patients, as the table
-    #                     was made (clear.py fit trains all epochs by default)
+    windows: tuple = ("lung", "soft", "bone", "parenchyma")  # data.WINDOWS by name, one input channel each, for
+    #                  every 2D row: the demo's four; the narrow parenchyma window keeps a pixel's HU level through
+    #                  the LayerNorm of vit, gcnn and ssm (models/cnn.py)
+    matched_levels: bool = True  # LeCL's and MoCo v3's batches from one height of the scans (views.batch_ids),
+    #                              so negatives share their anatomy: the demo's recipe
+    levels: tuple | None = (0.52, 0.88)  # contrastive rows pre-train on the chest's slices alone (clear.py pretrain
+    #                                      --levels), as the demo's LeCL; the supervised ceiling on every slice
+    fit: cv.FitConfig = cv.FitConfig(targets=("x",), n_bootstrap=1000)  # targets set per task; the MIL trains
+    #                     every epoch, as clear.py fit does (early stopping on ~64 scans chooses by noise)
+    val_fraction_3d: float = 0.2  # the 3D network early-stops on a fifth of the training patients: its recipe
     volume: Volume3DConfig = Volume3DConfig()
     net: Net3DConfig = Net3DConfig()
     epochs_3d: int = 30  # the 3D network's epochs (early-stopped on validation AUROC like the MIL)
@@ -61,7 +68,7 @@ class AccuracyConfig:
 QUICK = AccuracyConfig(cohort=SynthConfig(n=40, size=48, thickness=(8.0, 10.0), workers=1), img_size=32,
                        corpus=SynthConfig(n=12, seed=7, size=48, thickness=(8.0, 10.0), workers=1),
                        encoders=("vit",), steps=3, batch_size=8, mlp_dim=64, epochs_3d=2, fractions=(0.5, 1.0),
-                       fit=cv.FitConfig(targets=("x",), folds=3, epochs=3, n_bootstrap=50, val_fraction=0.2),
+                       fit=cv.FitConfig(targets=("x",), folds=3, epochs=3, n_bootstrap=50),
                        volume=Volume3DConfig(depth=8, size=16), net=Net3DConfig(widths=(4, 8, 8, 8)))
 
 
@@ -83,6 +90,8 @@ def pretrain_config(cfg, encoder, method):
     """The pre-training of one row: the same budget for every encoder and method, then cfg.pretrain_changes."""
     pcfg = PretrainConfig(encoder=encoder, method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                           mlp_dim=cfg.mlp_dim, img_size=cfg.img_size, thickness=cfg.thickness,
+                          windows=named_windows(cfg.windows), matched_levels=cfg.matched_levels and contrastive(method),
+                          levels=cfg.levels if contrastive(method) else None,
                           checkpoint_every=max(1, cfg.steps // 4), seed=cfg.cohort.seed)
     for key, value in cfg.pretrain_changes:
         pcfg = changed(pcfg, key, value)
@@ -90,8 +99,8 @@ def pretrain_config(cfg, encoder, method):
 
 
 def histogram(cfg):
-    """The reference row's encoder: the HU histogram of each default window, nothing learnt."""
-    return HUHistogram(len(SliceConfig.windows), cfg.histogram_bins)
+    """The reference row's encoder: the HU histogram of each of the table's windows, nothing learnt."""
+    return HUHistogram(len(cfg.windows), cfg.histogram_bins)
 
 
 def training_flops(cfg, encoder, method, n_slices):
@@ -105,12 +114,12 @@ def training_flops(cfg, encoder, method, n_slices):
     if method == "none":
         enc = histogram(cfg)
     elif method == "random":
-        enc = build_encoder(encoder, img_size=img_size)
+        enc = build_encoder(encoder, in_chans=len(cfg.windows), img_size=img_size)
     else:
         p = pretrain_config(cfg, encoder, method)
         steps, batch, img_size = p.steps, p.batch_size, p.img_size
-        enc = build_encoder(encoder, p.size, img_size=img_size)
-    per_slice = count_flops(enc, torch.zeros(1, len(SliceConfig.windows), img_size, img_size))  # (1, C, S, S)
+        enc = build_encoder(encoder, p.size, in_chans=len(cfg.windows), img_size=img_size)
+    per_slice = count_flops(enc, torch.zeros(1, len(cfg.windows), img_size, img_size))  # (1, C, S, S)
     mil = AttentionMIL(enc.embed_dim, 8, cfg.fit.hidden, att_dim=cfg.fit.att_dim)
     per_bag_slice = count_flops(mil, torch.zeros(1, 100, enc.embed_dim)) / 100  # a bag of (1, 100, D)
     k = cfg.fit.folds
@@ -127,9 +136,9 @@ def encoder_making(cfg, encoder, method):
     """What a row's checkpoint and bags depend on: the cohort, the slices, and how its encoder is made (the whole
     pre-training config, crops and augmentations included; a random init; or the histogram's bins)."""
     if method == "random":
-        made = {"random": encoder, "seed": EncoderSpec.seed, "img_size": cfg.img_size}
+        made = {"random": encoder, "seed": EncoderSpec.seed, "img_size": cfg.img_size, "windows": cfg.windows}
     elif method == "none":
-        made = {"histogram": cfg.histogram_bins, "img_size": cfg.img_size}
+        made = {"histogram": cfg.histogram_bins, "img_size": cfg.img_size, "windows": cfg.windows}
     else:
         made = run_settings(pretrain_config(cfg, encoder, method))  # a switch that is off is left out (checkpoint.py)
     making = {"cohort": cohort_settings(cfg), "thickness": cfg.thickness, "encoder": made}
@@ -152,9 +161,14 @@ def encoder_settings(cfg, encoder, method):
     return {**encoder_making(cfg, encoder, method), "fit": asdict(replace(cfg.fit, workers=0))}
 
 
+def fit_3d(cfg):
+    """The fit settings of the 3D network: the MIL's, early-stopped on cfg.val_fraction_3d of the patients."""
+    return replace(cfg.fit, val_fraction=cfg.val_fraction_3d)
+
+
 def settings_3d(cfg):
     """What a task of the 3D baseline depends on: the cohort, the fit settings it reads (FIT_3D) and its own."""
-    fit = {k: getattr(cfg.fit, k) for k in FIT_3D}
+    fit = {k: getattr(fit_3d(cfg), k) for k in FIT_3D}
     return {"cohort": cohort_settings(cfg), "fit": fit, "volume": asdict(cfg.volume), "net": asdict(cfg.net),
             "epochs": cfg.epochs_3d}
 

@@ -21,6 +21,7 @@ from models import build_encoder, count_flops
 from extract import weights_sha256
 from mil import Bags
 from phantom import SynthConfig, make_phantom
+from pretrain import contrastive
 from synth import write_cohort
 from checkpoint import plain
 from views import ViewConfig
@@ -303,17 +304,20 @@ def _flat(cfg):
 
 def test_ablation_variants_change_only_what_they_say():
     """Each of ablation.py's variants pre-trains the ablation's row with exactly its own changes (moco and
-    supervised: their method), so no two share a fingerprint; random init shares the table's, so its bags are the
+    supervised: their method, and the supervised ceiling every slice in uniform batches, as the batch options are
+    the contrastive methods'), so no two share a fingerprint; random init shares the table's, so its bags are the
     table's."""
     base, encoder = ablation.AblationConfig().base, ablation.AblationConfig().encoder
     table = _flat(config.pretrain_config(base, encoder, "lecl"))
+    assert table["matched_levels"] and table["levels"] == list(base.levels)  # the demo's chest batches
     prints = set()
     for key, _, method, changes in ablation.VARIANTS:
         cfg = replace(base, pretrain_changes=changes)
         if method != "random":
             got = _flat(config.pretrain_config(cfg, encoder, method))
-            assert {k for k in got if got[k] != table[k]} == {k for k, _ in changes} | ({"method"} if method != "lecl"
-                                                                                       else set()), key
+            batches = set() if contrastive(method) else {"matched_levels", "levels"}
+            assert {k for k in got if got[k] != table[k]} == {k for k, _ in changes} | batches | (
+                {"method"} if method != "lecl" else set()), key
             assert all(got[k] == v for k, v in changes), key
         prints.add(config.fingerprint(config.encoder_settings(cfg, encoder, method)))
     assert len(prints) == len(ablation.VARIANTS)
@@ -322,8 +326,8 @@ def test_ablation_variants_change_only_what_they_say():
 
 
 def test_training_flops_follow_the_rows_settings_worked_by_formula():
-    cfg, n = config.QUICK, 100  # ViT at 32 px, 3 steps of batch 8; 100 bag slices
-    per_slice = count_flops(build_encoder("vit", img_size=32), torch.zeros(1, 3, 32, 32))
+    cfg, n = config.QUICK, 100  # ViT at 32 px, 3 steps of batch 8, the table's 4 windows; 100 bag slices
+    per_slice = count_flops(build_encoder("vit", in_chans=4, img_size=32), torch.zeros(1, 4, 32, 32))
     random = config.training_flops(cfg, "vit", "random", n)  # extraction and MIL fits only
     assert random > n * per_slice
     # pre-training adds steps x batch x 2 views x (3 + 1) forwards, and follows the row's own pre-training changes
