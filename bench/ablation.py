@@ -57,7 +57,7 @@ class AblationConfig:
     variants: tuple = VARIANTS
 
 
-QUICK = AblationConfig(base=config.QUICK)  # a smoke test: every variant, at config.QUICK's tiny size
+QUICK = AblationConfig(base=config.QUICK)  # a smoke test: every variant, at config.QUICK's small scale
 
 
 def run(cfg, out, work, progress, log=print):

@@ -80,7 +80,7 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
                 earlier = r.run_seconds - r.seconds
             if earlier > 0:
                 meter.seconds["pretrain, earlier processes"] = earlier
-        spec = (EncoderSpec(name=encoder, img_size=cfg.img_size, windows=named_windows(cfg.windows))
+        spec = (EncoderSpec(name=encoder, size=cfg.size, img_size=cfg.img_size, windows=named_windows(cfg.windows))
                 if method == "random" else EncoderSpec(checkpoint=str(ckpt)))
         enc, identity, slices = load_encoder(spec)
     slices = replace(slices, thickness_mm=cfg.thickness)

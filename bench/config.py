@@ -13,6 +13,7 @@ import torch
 
 import cv
 from bench.baseline3d import Net3DConfig, Volume3DConfig
+from bench.learning import LearningConfig
 from checkpoint import plain, run_settings
 from data import named_windows
 from extract import EncoderSpec
@@ -25,6 +26,8 @@ from pretrain import PretrainConfig, contrastive
 from synth import SYNTH_FORMAT
 
 TUMOUR_LABELS = tuple(range(1, len(SITES) + 1))  # phantom.py's mask labels of tumours (9, 10: lung disease)
+RECIPE = LearningConfig()  # the demo's pre-training recipe (its checkpoints are bench/learning.py's runs): the
+#                           table's rows pre-train the same way, each family at its CPU size
 TASKS = {"location": (tuple(f"loc_{s}" for s in SITES), None), "lung_disease": (("lung_disease",), None),
          "stage": (("stage",), "ordinal")}
 
@@ -36,20 +39,22 @@ class AccuracyConfig:
     #                     other patients than the cohort's (another seed), and more of them
     thickness: float = 10.0  # mm between the slices that pre-training and extraction see (a 2D pipeline's
     #                          usual 5-10 mm; 1-5 mm stored slices would cost 3x the extraction)
-    img_size: int = 64  # encoder input: 2x below the 128-px cohort, so that 2 CPU cores pre-train 9 encoders
-    encoders: tuple = ("cnn", "vit", "gcnn", "ssm")  # cnn first: the one family whose supervised ceiling is above
+    img_size: int = 64  # encoder input: 2x below the 128-px cohort, so that 2 CPU cores pre-train 12 encoders
+    encoders: tuple = ("cnn", "vit", "gcnn", "ssm")  # cnn first: the demo's family, whose supervised ceiling is above
     #                     chance at this budget (docs/results.md), so the data-efficiency curves are of a row that
     #                     can learn; then the paper's three
+    size: str = RECIPE.size  # micro for every family: the demo's cnn-micro on the table's cohort finds lung disease
+    #                          at 0.70 where cnn-tiny at batch 64 pre-trains to chance (docs/results.md)
     methods: tuple = ("lecl", "moco", "random", "supervised")  # supervised: the ceiling, on the corpus's masks
-    steps: int = 600  # pre-training steps per encoder (batch 64): equal for every encoder and method
-    batch_size: int = 64
-    lr: float = 3e-3  # AdamW at batch 256 (so 7.5e-4 here): stable for all three encoders at this batch
-    mlp_dim: int = 1024  # heads' hidden width (MoCo v3: 4096; 1024 for CPU)
-    windows: tuple = ("lung", "soft", "bone", "parenchyma")  # data.WINDOWS by name, one input channel each, for
-    #                  every 2D row: the demo's four; the narrow parenchyma window keeps a pixel's HU level through
-    #                  the LayerNorm of vit, gcnn and ssm (models/cnn.py)
-    matched_levels: bool = True  # LeCL's and MoCo v3's batches from one height of the scans (views.batch_ids),
-    #                              so negatives share their anatomy: the demo's recipe
+    steps: int = RECIPE.steps  # pre-training steps per encoder: equal for every encoder and method
+    batch_size: int = RECIPE.batch_size
+    lr: float = RECIPE.lr  # AdamW at batch 256 (pretrain.lr_at scales it)
+    mlp_dim: int = RECIPE.mlp_dim  # heads' hidden width (MoCo v3: 4096; 1024 for CPU)
+    windows: tuple = RECIPE.windows  # data.WINDOWS by name, one input channel each, for every 2D row: the narrow
+    #                  parenchyma window keeps a pixel's HU level through the LayerNorm of vit, gcnn and ssm
+    #                  (models/cnn.py)
+    matched_levels: bool = RECIPE.matched_levels  # LeCL's and MoCo v3's batches from one height of the scans
+    #                                               (views.batch_ids), so negatives share their anatomy
     levels: tuple | None = (0.52, 0.88)  # contrastive rows pre-train on the chest's slices alone (clear.py pretrain
     #                                      --levels), as the demo's LeCL; the supervised ceiling on every slice
     fit: cv.FitConfig = cv.FitConfig(targets=("x",), n_bootstrap=1000)  # targets set per task; the MIL trains
@@ -88,8 +93,8 @@ def changed(cfg, key, value):
 
 def pretrain_config(cfg, encoder, method):
     """The pre-training of one row: the same budget for every encoder and method, then cfg.pretrain_changes."""
-    pcfg = PretrainConfig(encoder=encoder, method=method, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                          mlp_dim=cfg.mlp_dim, img_size=cfg.img_size, thickness=cfg.thickness,
+    pcfg = PretrainConfig(encoder=encoder, size=cfg.size, method=method, steps=cfg.steps, batch_size=cfg.batch_size,
+                          lr=cfg.lr, mlp_dim=cfg.mlp_dim, img_size=cfg.img_size, thickness=cfg.thickness,
                           windows=named_windows(cfg.windows), matched_levels=cfg.matched_levels and contrastive(method),
                           levels=cfg.levels if contrastive(method) else None,
                           checkpoint_every=max(1, cfg.steps // 4), seed=cfg.cohort.seed)
@@ -114,7 +119,7 @@ def training_flops(cfg, encoder, method, n_slices):
     if method == "none":
         enc = histogram(cfg)
     elif method == "random":
-        enc = build_encoder(encoder, in_chans=len(cfg.windows), img_size=img_size)
+        enc = build_encoder(encoder, cfg.size, in_chans=len(cfg.windows), img_size=img_size)
     else:
         p = pretrain_config(cfg, encoder, method)
         steps, batch, img_size = p.steps, p.batch_size, p.img_size
@@ -136,7 +141,8 @@ def encoder_making(cfg, encoder, method):
     """What a row's checkpoint and bags depend on: the cohort, the slices, and how its encoder is made (the whole
     pre-training config, crops and augmentations included; a random init; or the histogram's bins)."""
     if method == "random":
-        made = {"random": encoder, "seed": EncoderSpec.seed, "img_size": cfg.img_size, "windows": cfg.windows}
+        made = {"random": encoder, "size": cfg.size, "seed": EncoderSpec.seed, "img_size": cfg.img_size,
+                "windows": cfg.windows}
     elif method == "none":
         made = {"histogram": cfg.histogram_bins, "img_size": cfg.img_size, "windows": cfg.windows}
     else:

@@ -326,8 +326,8 @@ def test_ablation_variants_change_only_what_they_say():
 
 
 def test_training_flops_follow_the_rows_settings_worked_by_formula():
-    cfg, n = config.QUICK, 100  # ViT at 32 px, 3 steps of batch 8, the table's 4 windows; 100 bag slices
-    per_slice = count_flops(build_encoder("vit", in_chans=4, img_size=32), torch.zeros(1, 4, 32, 32))
+    cfg, n = config.QUICK, 100  # ViT-micro at 32 px, 3 steps of batch 8, the table's 4 windows; 100 bag slices
+    per_slice = count_flops(build_encoder("vit", "micro", in_chans=4, img_size=32), torch.zeros(1, 4, 32, 32))
     random = config.training_flops(cfg, "vit", "random", n)  # extraction and MIL fits only
     assert random > n * per_slice
     # pre-training adds steps x batch x 2 views x (3 + 1) forwards, and follows the row's own pre-training changes
