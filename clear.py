@@ -18,6 +18,7 @@ import sys
 
 import commands
 from cli import add_options, add_windows, run_command
+from mil import KINDS, POOLS
 
 
 def lesion_fraction(text):
@@ -117,8 +118,7 @@ def add_fit(sub):
     add_options(p, cv.FitConfig, ("task", "folds", "epochs", "patience", "batch_size", "max_slices", "seed", "lr",
                                   "weight_decay", "dropout", "val_fraction", "train_fraction", "gated", "pool",
                                   "workers"),
-                task={"choices": ("binary", "multilabel", "multiclass", "ordinal")},
-                pool={"choices": ("attention", "mean")})
+                task={"choices": KINDS}, pool={"choices": POOLS})
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.set_defaults(func=commands.cmd_fit)
 

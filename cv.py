@@ -28,7 +28,7 @@ import torch
 import metrics
 from cohort import read_labels
 from files import ClearError, atomic_path, map_folds, write_csv
-from mil import MIL_FORMAT, AttentionMIL, Task, infer, pad_bags, torch_threads
+from mil import KINDS, MIL_FORMAT, POOLS, AttentionMIL, Task, infer, pad_bags, torch_threads
 
 # ----------------------------------------------------------------------------------------- task, folds
 
@@ -121,12 +121,11 @@ class FitConfig:
         sizes = dict(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, hidden=self.hidden,
                      att_dim=self.att_dim, max_slices=self.max_slices or 1, threads=self.threads or 1)
         for ok, why in [(self.targets, "--target: needs at least one column"),
-                        (self.task in (None, "binary", "multilabel", "multiclass", "ordinal"),
-                         "--task: must be binary, multilabel, multiclass or ordinal"),
+                        (self.task in (None, *KINDS), "--task: must be binary, multilabel, multiclass or ordinal"),
                         (0 <= self.val_fraction <= 0.5, "--val-fraction: must be in [0, 0.5]"),
                         (0 < self.train_fraction <= 1, "--train-fraction: must be in (0, 1]"),
                         (self.folds >= 2, "--folds: must be at least 2"), (self.lr > 0, "--lr: must be positive"),
-                        (self.pool in ("attention", "mean"), "--pool: must be attention or mean"),
+                        (self.pool in POOLS, "--pool: must be attention or mean"),
                         (self.workers >= 0, "--workers: must be 0 (one per CPU core) or more"),
                         (0 <= self.dropout < 1, "--dropout: must be in [0, 1)"),
                         *[(v >= 1, f"--{k.replace('_', '-')}: must be at least 1") for k, v in sizes.items()]]:

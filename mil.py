@@ -40,6 +40,8 @@ import metrics
 from files import ClearError, cause, load_untrusted
 
 MIL_FORMAT = "clear-mil-1"  # the `format` of a fold model that cv.save_run writes
+KINDS = ("binary", "multilabel", "multiclass", "ordinal")  # Task.kind: what is predicted (cv.make_task infers it)
+POOLS = ("attention", "mean")  # AttentionMIL's pool: Eq. 8/9, or a linear model of the bag's mean slice
 
 # --------------------------------------------------------------------------------------------- model
 
@@ -53,8 +55,7 @@ class CumulativeLink(nn.Module):
         self.cut0 = nn.Parameter(torch.tensor([-(n_cuts - 1) / 2]))  # cut-points start one logit apart around 0
         self.gaps = nn.Parameter(torch.full((n_cuts - 1,), math.log(math.e - 1)))  # softplus(gap) = 1
 
-    def thresholds(self):
-        """The cut-points (C-1,), increasing."""
+    def thresholds(self):  # the cut-points (C-1,), increasing
         return torch.cat([self.cut0, self.cut0 + torch.cumsum(F.softplus(self.gaps), 0)])
 
     def forward(self, g):
@@ -142,7 +143,7 @@ def infer(model, features, batch_size=32):
 class Task:
     """What is predicted, and how the head's logits are read. classes: the sorted values of a single target
     column; () for multilabel. cv.make_task infers it from the labels."""
-    kind: str  # binary | multilabel | multiclass | ordinal
+    kind: str  # one of KINDS
     targets: tuple
     classes: tuple
 
@@ -275,8 +276,7 @@ def load_run(run_dir):
         try:
             model = AttentionMIL(**saved["model"])
             model.load_state_dict(saved["state_dict"])
-            t = saved["task"]
-            task = Task(t["kind"], tuple(t["targets"]), tuple(t["classes"]))
+            task = Task(saved["task"]["kind"], *(tuple(saved["task"][k]) for k in ("targets", "classes")))
         except Exception as e:
             raise ClearError(f"{path}: not a CLEAR MIL model ({cause(e)})") from None
         if runs and (task, saved["encoder"]) != runs[0][:2]:
