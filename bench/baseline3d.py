@@ -31,7 +31,7 @@ from mil import CumulativeLink
 class Volume3DConfig:
     depth: int = 32  # slices after resampling the whole scan: neck to pelvis in ~16 mm steps
     size: int = 64  # in-plane grid: 2x coarser than the 128-px synthetic scans
-    windows: tuple = SliceConfig().windows  # the same three HU windows the 2D encoders see
+    windows: tuple = SliceConfig().windows  # three HU windows: the 2D rows' four less the parenchyma window
 
 
 @dataclass(frozen=True)
