@@ -1,20 +1,19 @@
-"""Why LeCL does not beat MoCo on the synthetic cohort: its settings, one at a time. `python benchmark.py ablate`.
+"""What each of LeCL's settings does: the table's cnn row with one setting changed. `python benchmark.py ablate`.
 
-When the accuracy table finds LeCL no better than MoCo v3 or random init, the settings that make LeCL what it
-is come first under suspicion: the lesion fraction, the lesion weight, the crop size and the temperature. This
-runs the table's cnn row (the same cohort, slices, MIL fits, folds and seeds: accuracy.run_encoder) once per
-variant below, each changing LeCL's settings (PretrainConfig: lecl.py's loss
+LeCL differs from MoCo v3 in a few settings: the lesion fraction, the lesion weight, the crop size and the
+temperature. This runs the table's cnn row (the same cohort, slices, MIL fits, folds and seeds:
+accuracy.run_encoder) once per variant below, each changing LeCL's settings (PretrainConfig: lecl.py's loss
 
     ℓ_i = -[ l_{i,p(i)} - log( Σ_j exp(l_ij) + Σ_{j ∈ lesion, j ≠ p(i)} exp(w · l_ij) ) ],   l_ij = q_i · k_j / τ
 
-and views.py's crops), at a quarter of the table's budget: 150 steps. The cnn row because it is the one
-family whose supervised ceiling is above chance in the table: a variant can only show a gain where one is
-possible. The supervised variant is that ceiling at the ablation's own budget. The lr warm-up
-is a share of the steps (15 here, 60 in the table), so these rows are compared with their own controls of the
-same budget (`lecl`, `moco`, `random`), not with the table. The table's settings are
-τ = 0.2 (MoCo v3's ViT recipe) and w = 1 (the official code's --sample-weight); the official code's τ is 1
-(KatherLab/CLEAR, main_moco.py's --moco-t), and its forward's own w is 10, whose lesion terms exp(w cos / τ) =
-exp(50 cos) outweigh everything else in the denominator for an encoder whose embeddings are alike.
+and views.py's crops), at a quarter of the table's budget: 150 steps. The cnn row because it is the family
+whose LeCL row learns most in the table: a variant can only show a loss or a gain where there is a signal. The
+supervised variant is the ceiling at the ablation's own budget. The lr warm-up is a share of the steps (15 here,
+60 in the table), so these rows are compared with their own controls of the same budget (`lecl`, `moco`,
+`random`), not with the table. The table's settings are τ = 0.2 (MoCo v3's ViT recipe) and w = 1 (the official
+code's --sample-weight); the official code's τ is 1 (KatherLab/CLEAR, main_moco.py's --moco-t), and its
+forward's own w is 10, whose lesion terms exp(w cos / τ) = exp(50 cos) outweigh everything else in the
+denominator for an encoder whose embeddings are alike.
 Rows are kept in `out`/rows/ as bench/accuracy.py keeps its own (random init's is the table's own row), so a killed run
 continues; the report is `out`/ablation.md and .json.
 """
@@ -29,31 +28,31 @@ from files import atomic_path
 VARIANTS = (  # (key, what changes, method, PretrainConfig changes as config.changed takes them)
     ("lecl", "nothing: LeCL at the table's settings (τ 0.2, w 1, lesion fraction 0.5, crop-min 0.08)", "lecl", ()),
     ("moco", "MoCo v3: no lesion crops, w 0 (lesion slices still half the batch)", "moco", ()),
+    ("random", "no pre-training: random init (the floor; the table's own row)", "random", ()),
+    ("supervised", "supervised on the corpus's mask labels per slice (the ceiling, at this budget)", "supervised",
+     ()),
     ("tau1", "temperature τ 1.0 (with w 1: the official code's defaults)", "lecl", (("temperature", 1.0),)),
     ("w10", "lesion weight w 10 (the official code's forward's default: exp(50 cos) per lesion key)", "lecl",
      (("lesion_weight", 10.0),)),
     ("w0", "lesion weight w 0: lesion crops, no hard-negative term", "lecl", (("lesion_weight", 0.0),)),
+    ("jitter", "MoCo v3's intensity jitter, with chance 0.8 (ColorJitter's part of its views: level ± 0.1 window "
+     "widths, contrast ± 40 %)", "lecl", (("views.jitter", 0.8),)),
     ("fcohort", "lesion fraction as in the cohort (13 % of its slices), no over-sampling", "lecl",
      (("lesion_fraction", None),)),
     ("crop03", "crop-min 0.3: larger random crops, lesion crops at least 0.55 of the side", "lecl",
      (("views.crop_min", 0.3),)),
-    ("random", "no pre-training: random init (the floor; the table's own row)", "random", ()),
-    ("supervised", "supervised on the corpus's mask labels per slice (the ceiling, at this budget)", "supervised",
-     ()),
     ("f09", "lesion fraction 0.9", "lecl", (("lesion_fraction", 0.9),)),
     ("cache128", "crops cut from the cohort's full 128-px slices (--cache-size 128), then resized to 64", "lecl",
      (("cache_size", 128),)),
     ("frozen", "first layer frozen at its random init (--freeze-stem; MoCo v3's remedy, its Sec. 5)", "lecl",
      (("freeze_stem", True),)),
-    ("jitter", "MoCo v3's intensity jitter, with chance 0.8 (ColorJitter's part of its views: level ± 0.1 window "
-     "widths, contrast ± 40 %)", "lecl", (("views.jitter", 0.8),)),
 )
 
 
 @dataclass(frozen=True)
 class AblationConfig:
     base: config.AccuracyConfig = replace(config.AccuracyConfig(), steps=150)  # the table's, at 150 steps
-    encoder: str = "cnn"  # the table's one family with a ceiling above chance (module docstring)
+    encoder: str = "cnn"  # the family whose LeCL row learns most in the table (module docstring)
     variants: tuple = VARIANTS
 
 
