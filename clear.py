@@ -78,6 +78,9 @@ def add_pretrain(sub):
     p.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint")
     p.add_argument("--slim", action="store_true", help="at the end, drop the training state from OUT: the encoder "
                    "and the run's record, to share or ship (no --resume)")
+    p.add_argument("--probe-every", type=int, default=200, metavar="K",
+                   help="every K steps, print a linear probe's AUROC for each mask label on held-out patients' "
+                   "slices: does the encoder see the findings yet? (watch.py; 0: never; default 200)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.set_defaults(func=commands.cmd_pretrain)
 

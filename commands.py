@@ -68,18 +68,22 @@ def pretrain_config(args):
 
 
 def cmd_pretrain(args):
-    from pretrain import pretrain, rank_trend
+    from pretrain import pretrain
+    from watch import rank_trend
 
     cfg = pretrain_config(args)
     out = Path(args.out)
     if out.is_dir():
         raise ClearError(f"{out}: is a folder; --out names the checkpoint file to write")
+    if args.probe_every < 0:
+        raise ClearError(f"expected --probe-every >= 0 (got {args.probe_every})")
     if out.exists() and not args.resume and not args.force:
         raise ClearError(f"{out}: exists (continue that run with --resume {out}, or overwrite it with --force)")
     how = f"continue with the same options plus --resume {out}"
     try:  # the first Ctrl-C ends the step, writes a checkpoint and stops; a second one stops at once
         with first_ctrl_c_asks_to_stop() as should_stop:
-            r = pretrain(cfg, args.data, out, args.resume, args.cache, progress=bar, should_stop=should_stop)
+            r = pretrain(cfg, args.data, out, args.resume, args.cache, progress=bar, should_stop=should_stop,
+                         probe_every=args.probe_every, log=tqdm.write)
     except KeyboardInterrupt:
         end_bars()
         print(f"clear.py pretrain: interrupted; "

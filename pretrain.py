@@ -1,5 +1,6 @@
 """How `clear.py pretrain` runs LeCL (lecl.py) on a cohort: the run's settings, the lr schedule, the training
-loop, checkpoints and resume, and torchrun. The slice cache is cache.py, the sampler and the two views views.py.
+loop, checkpoints and resume, and torchrun. The slice cache is cache.py, the sampler and the two views views.py,
+the probe that shows what the encoder sees as it learns watch.py.
 
     python clear.py pretrain --data data/synth --encoder vit --method lecl --out runs/vit-lecl.pt
     torchrun --nproc_per_node=K clear.py pretrain ...             # K processes: GPUs (nccl) or CPU (gloo)
@@ -17,14 +18,13 @@ Rank 0 writes a checkpoint (checkpoint.py: its format, and what --resume checks)
 of an uninterrupted one (exactly, on CPU).
 
 Distributed (torchrun): DDP on the trainable branch; each process takes its share of every global batch, and
-lecl.py gathers the keys and BatchNorm statistics of all; rank 0 builds the slice cache while the others wait.
-The heads' BatchNorm becomes SyncBatchNorm on CUDA (as MoCo v3); on CPU, where gloo has none, it stays
-lecl.GlobalBatchNorm1d.
+lecl.py gathers the keys and BatchNorm statistics of all; rank 0 builds the slice cache while the others wait. The
+heads' BatchNorm becomes SyncBatchNorm on CUDA (as MoCo v3); on CPU, where gloo has none, lecl.GlobalBatchNorm1d.
 
 Departures from the official code (KatherLab/CLEAR, a MoCo v3 fork): its `--sampling Lesion` path crashes on
-undefined arguments, so this follows the paper's description and is tested instead; slices come from a cache
-with a set share of lesion slices per batch (and, as an option, all from one height of the scans,
-`matched_levels`); the lr warm-up starts at lr/warm-up steps (MoCo v3: at 0).
+undefined arguments, so this follows the paper's description and is tested instead; slices come from a cache with
+a set share of lesion slices per batch (as an option all from one height of the scans, `matched_levels`); the lr
+warm-up starts at lr/warm-up steps (MoCo v3: at 0).
 """
 import math
 import os
@@ -46,6 +46,7 @@ from models import build_encoder, effective_rank, stem
 from cache import open_cache
 from supervised import SliceClassifier
 from views import ViewConfig, Views, batch_ids, level_pool, make_views, mix
+from watch import LabelProbe
 
 
 METHODS = ("lecl", "moco", "supervised")
@@ -139,16 +140,6 @@ class PretrainResult:
     interrupted: bool = False
 
 
-def rank_trend(ranks):
-    """(step of the first known rank, 1-based; that rank; the last one; collapsed: the last under a quarter of the
-    first) from a run's per-step ranks (NaN where unknown), or None if none is known."""
-    known = [(i + 1, v) for i, v in enumerate(ranks) if math.isfinite(v)]
-    if not known:
-        return None
-    (step, first), last = known[0], known[-1][1]
-    return step, first, last, last < first / 4
-
-
 def _join(name):
     """(device, rank, world, own_group): files.pick_device's device, CUDA as this process's LOCAL_RANK GPU; joins
     torchrun's processes (WORLD_SIZE > 1) unless a process group is up already: nccl on CUDA, gloo on CPU."""
@@ -195,14 +186,14 @@ def _open_data(cfg, cohort, folder, rank, world, progress, should_stop):
     return sc, {"folder": str(folder), "built": built}, info, total
 
 
-def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop=None):
+def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop=None, probe_every=0, log=print):
     """Pre-train an encoder on the cohort folder `data`; checkpoints go to `out` (atomically, by rank 0).
 
     resume: a checkpoint of this same run to continue. cache: the slice cache folder (default: `out` +
     ".cache", e.g. runs/vit.pt.cache). progress(desc, unit) -> ((iterable, total) -> iterable), e.g. a tqdm
     factory; a bar with `set_postfix_str` shows loss, effective rank, lr, momentum and slices/s. should_stop() is
-    polled after every step: true writes a checkpoint and returns with `interrupted`. Under torchrun it runs
-    distributed."""
+    polled after every step: true writes a checkpoint and returns with `interrupted`. probe_every: every so many
+    steps, rank 0 `log`s watch.LabelProbe's line (0: never). Under torchrun it runs distributed."""
     device, rank, world, own_group = _join(cfg.device)
     progress, out = progress if rank == 0 else None, Path(out)
     try:
@@ -253,6 +244,9 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             net = nn.parallel.DistributedDataParallel(  # BN statistics are global already: no buffer sync
                 net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
 
+        probe = LabelProbe.for_run(sc, cohort, cfg, probe_every, log) if rank == 0 else None
+        if probe and start == 0:
+            probe(-1, encoder, device)  # step 0: random init's figure, the baseline
         n, steps = cfg.batch_size // world, range(start, total)
         views = Views(cfg.img_size, cfg.method == "lecl", cfg.views)
         steps = progress("pretrain", "step")(steps, len(steps)) if progress else steps
@@ -283,6 +277,8 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
                 rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
                 postfix(f"loss={losses[-1]:.3f} rank={ranks[-1]:.1f} lr={lr:.2e} m={m:.4f} {rate:.1f} slices/s")
             interrupted = stats[1].item() > 0
+            if probe:
+                probe(step, encoder, device)
             if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted):
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(out, clean=True) as tmp:

@@ -239,7 +239,7 @@ def bench_ablate(args):
 
 
 def bench_probe(args):
-    """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (probe.slice_probe)."""
+    """Tumour-slice linear probe of one bag folder against its cohort's lesion masks (watch.slice_probe)."""
     from bench.probe import bags_rank, first_axis, masked_cohort, probe_bags
     from mil import load_bags
 

@@ -1,9 +1,9 @@
 """Diagnostics of a slice encoder: `python benchmark.py probe` on its bags, `benchmark.py twin` on synthetic twins,
 and columns of `benchmark.py accuracy`.
 
-- slice_probe: does the encoder see lesions? A linear probe of per-slice lesion flags (from the masks) on the
-  slice embeddings, in held-out patients. The MIL never sees slice labels; the probe is a diagnosis of the
-  encoder, not part of the method.
+- slice_probe (watch.py, where `clear.py pretrain --probe-every` uses it): does the encoder see lesions? A linear
+  probe of per-slice lesion flags (from the masks) on the slice embeddings, in held-out patients. The MIL never
+  sees slice labels; the probe is a diagnosis of the encoder, not part of the method.
 - first_axis: has it collapsed onto anatomy? The first principal axis's share of the variance and its
   correlation with slice height. models.effective_rank (RankMe) is the other half of that reading.
 - twin_probe: does it see a finding with everything else held fixed? Each synthetic scan against its twin, the
@@ -21,9 +21,7 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import cv
 from cohort import Cohort
 from data import canonical_grid, load_mask, named_windows, nearest_slices, prepare_slices, voxel_spacing
 from extract import embed_slices
@@ -31,6 +29,7 @@ from files import ClearError
 from metrics import auroc
 from models.common import effective_rank, evenly_spaced
 from phantom import make_phantom
+from watch import logistic, slice_probe
 
 
 def masked_cohort(data, bags):
@@ -57,44 +56,6 @@ def lesion_slice_flags(cohort, bags, labels=None):
         hit = hit != 0 if labels is None else torch.isin(hit, torch.tensor(list(labels)))
         out.append(hit.flatten(1).any(1)[nearest_slices(z_mm, voxel_spacing(affine)[2], shape[0])])  # (L,)
     return tuple(out)
-
-
-def logistic(x, y, l2, iters=200):
-    """argmin_w,b  mean_i BCE(x_i . w + b, y_i) + l2 |w|^2  by L-BFGS: x (N, F), y (N,) 0/1 -> (w (F,), b). The
-    objective is strictly convex, so L-BFGS reaches its one minimum (tests/test_readout.py checks the gradient)."""
-    x, y = x.double(), y.double()
-    wb = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)  # (F + 1,): w, then b
-    opt = torch.optim.LBFGS([wb], max_iter=iters, line_search_fn="strong_wolfe")
-
-    def objective():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(x @ wb[:-1] + wb[-1], y) + l2 * wb[:-1].pow(2).sum()
-        loss.backward()
-        return loss
-    opt.step(objective)
-    return wb[:-1].detach(), wb[-1].detach()
-
-
-def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
-    """Does the encoder see lesions? A linear probe: L2-regularised logistic regression (LBFGS) of the per-slice
-    lesion flags on the standardised slice embeddings, in `folds` patient folds stratified by whether a patient
-    has a lesion slice; the mean over folds of the held-out AUROC (NaN if no fold has both classes). features,
-    flags: per scan (L_i, D), (L_i,); patients: per scan. Slice labels are what the MIL never sees: the probe
-    diagnoses the encoder, it is not part of the method."""
-    has_lesion = np.array([[bool(f.any())] for f in flags], dtype=np.int64)  # (N, 1)
-    fold = cv.patient_folds(np.asarray(patients), has_lesion, folds, seed)  # (N,)
-    x = torch.cat([f.double() for f in features])  # (T, D)
-    y = torch.cat([torch.as_tensor(f, dtype=torch.float64) for f in flags])  # (T,)
-    fold = torch.cat([torch.full((len(f),), int(k)) for f, k in zip(features, fold)])  # (T,)
-    aucs = []
-    for k in range(folds):
-        test = fold == k
-        if len(set(y[test].tolist())) < 2 or len(set(y[~test].tolist())) < 2:
-            continue
-        z = (x - x[~test].mean(0)) / (x[~test].std(0) + 1e-6)  # (T, D), training slices' statistics
-        w, _ = logistic(z[~test], y[~test], l2)
-        aucs.append(auroc(y[test].numpy(), (z[test] @ w).numpy()))
-    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 def twin_slices(cfg, patients, findings, slices, min_voxels=4):

@@ -23,7 +23,7 @@ import torch
 
 import cv
 import metrics
-from bench.probe import logistic
+from watch import logistic
 from files import ClearError
 
 POOLS = {"mean": lambda x: x.mean(0), "max": lambda x: x.amax(0),

@@ -25,6 +25,7 @@ from pretrain import contrastive
 from synth import write_cohort
 from checkpoint import plain
 from views import ViewConfig
+from watch import slice_probe
 
 
 def probe_data(signal, n_patients=40, n_slices=30, dim=16, seed=0):
@@ -40,16 +41,16 @@ def probe_data(signal, n_patients=40, n_slices=30, dim=16, seed=0):
 
 def test_probe_finds_a_planted_direction_and_nothing_in_noise():
     feats, flags, patients = probe_data(signal=4.0)
-    assert probe.slice_probe(feats, flags, patients) > 0.97  # two classes 4 sd apart: AUROC Φ(4/√2) ≈ 0.998
+    assert slice_probe(feats, flags, patients) > 0.97  # two classes 4 sd apart: AUROC Φ(4/√2) ≈ 0.998
     feats, flags, patients = probe_data(signal=1.0)
-    assert 0.7 < probe.slice_probe(feats, flags, patients) < 0.85  # 1 sd apart: Φ(1/√2) = 0.76
-    aucs = [probe.slice_probe(*probe_data(signal=0.0, seed=s)) for s in range(5)]
+    assert 0.7 < slice_probe(feats, flags, patients) < 0.85  # 1 sd apart: Φ(1/√2) = 0.76
+    aucs = [slice_probe(*probe_data(signal=0.0, seed=s)) for s in range(5)]
     assert abs(np.mean(aucs) - 0.5) < 0.06
 
 
 def test_probe_is_undefined_without_both_classes_in_the_test_patients():
     feats, flags, patients = probe_data(signal=4.0)
-    assert np.isnan(probe.slice_probe(feats, [torch.zeros_like(f) for f in flags], patients))
+    assert np.isnan(slice_probe(feats, [torch.zeros_like(f) for f in flags], patients))
 
 
 def test_slice_flags_follow_the_mask_at_the_bag_slices_z(tmp_path, capsys):
@@ -305,8 +306,8 @@ def _flat(cfg):
 def test_ablation_variants_change_only_what_they_say():
     """Each of ablation.py's variants pre-trains the ablation's row with exactly its own changes (moco and
     supervised: their method, and the supervised ceiling every slice in uniform batches, as the batch options are
-    the contrastive methods'), so no two share a fingerprint; random init shares the table's, so its bags are the
-    table's."""
+    the contrastive methods'), so no two share a fingerprint; those that change nothing share the table's
+    fingerprints, so the ablation reuses its rows."""
     base, encoder = ablation.AblationConfig().base, ablation.AblationConfig().encoder
     table = _flat(config.pretrain_config(base, encoder, "lecl"))
     assert table["matched_levels"] and table["levels"] == list(base.levels)  # the demo's chest batches
@@ -321,8 +322,11 @@ def test_ablation_variants_change_only_what_they_say():
             assert all(got[k] == v for k, v in changes), key
         prints.add(config.fingerprint(config.encoder_settings(cfg, encoder, method)))
     assert len(prints) == len(ablation.VARIANTS)
-    assert config.fingerprint(config.encoder_settings(base, encoder, "random")) == \
-        config.fingerprint(config.encoder_settings(config.AccuracyConfig(), encoder, "random"))
+    same = [m for _, _, m, changes in ablation.VARIANTS if not changes]
+    assert sorted(same) == ["lecl", "moco", "random", "supervised"]
+    for method in same:
+        assert config.fingerprint(config.encoder_settings(base, encoder, method)) == \
+            config.fingerprint(config.encoder_settings(config.AccuracyConfig(), encoder, method))
 
 
 def test_training_flops_follow_the_rows_settings_worked_by_formula():

@@ -1,4 +1,4 @@
-"""bench/readout.py: the logistic regression (bench/probe.py's) reaches its minimum (the gradient worked by hand
+"""bench/readout.py: the logistic regression (watch.py's) reaches its minimum (the gradient worked by hand
 vanishes there), and the pooled readout scores on the folds of clear.py fit and reads a planted focal signal through
 max pooling."""
 import dataclasses
@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv  # noqa: E402
 import mil  # noqa: E402
-from bench.probe import logistic  # noqa: E402
+from watch import logistic  # noqa: E402
 from bench.readout import linear_readout  # noqa: E402
 from test_cv import FAST, cohort  # noqa: E402
 

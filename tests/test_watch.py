@@ -1,0 +1,81 @@
+"""watch.py: the probe that `clear.py pretrain --probe-every` prints scores each mask label as slice_probe does on
+the same slices, finds a planted label and not a random one, and leaves the run it watches unchanged."""
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import clear  # noqa: E402
+from pretrain import PretrainConfig, pretrain  # noqa: E402
+import test_pretrain  # noqa: E402
+from watch import LabelProbe, slice_probe  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these tensors are tiny
+cohort = test_pretrain.cohort  # the fixture: 8 synthetic scans at 32 px, one set for this module
+
+
+def fake_cache(n_scans=40, per_scan=12, seed=0):
+    """A slice cache's fields, made by hand: (T, 1, 4, 4) uint8 slices of noise; label 3 on a quarter of the slices,
+    which brightens pixel (0, 0); label 7 on another quarter, which changes nothing. Two scans per patient."""
+    g = np.random.default_rng(seed)
+    T = n_scans * per_scan
+    slices = g.integers(0, 100, (T, 1, 4, 4)).astype(np.uint8)
+    labels = g.random((T, 2)) < 0.25  # (T, 2): columns for the values 3 and 7
+    slices[labels[:, 0], 0, 0, 0] += 120
+    cache = types.SimpleNamespace(slices=slices, size=4, scan=torch.arange(n_scans).repeat_interleave(per_scan),
+                                  labels=torch.from_numpy(labels), label_values=[3, 7])
+    return cache, [f"P{i // 2}" for i in range(n_scans)]
+
+
+def test_the_probe_scores_each_label_as_slice_probe_does_and_finds_the_planted_one():
+    cache, patients = fake_cache()
+    lines = []
+    probe = LabelProbe(cache, torch.arange(len(cache.scan)), patients, 4, every=5, log=lines.append, n=10_000)
+    assert probe(3, nn.Flatten()) is None and not lines  # step 4 of a probe every 5: not yet
+    aucs = probe(4, nn.Flatten())
+    assert len(lines) == 1 and lines[0].startswith("step 5:") and "3=" in lines[0] and "7=" in lines[0]
+    # the same figures from the slices themselves, grouped by scan by hand
+    x = torch.from_numpy(cache.slices).float().flatten(1) / 255  # (T, 16)
+    by_scan = [cache.scan == s for s in range(40)]
+    for j, value in enumerate(cache.label_values):
+        want = slice_probe([x[m] for m in by_scan], [cache.labels[m, j] for m in by_scan], patients)
+        assert aucs[value] == pytest.approx(want, abs=1e-9)
+    assert aucs[3] > 0.95 and 0.35 < aucs[7] < 0.65, aucs  # the planted label, and one that changes nothing
+
+
+def test_the_probe_draws_its_slices_from_the_pool_alone():
+    cache, patients = fake_cache()
+    pool = torch.arange(0, len(cache.scan), 3)  # every third slice
+    probe = LabelProbe(cache, pool, patients, 4, every=1, log=lambda line: None, n=50)
+    assert len(probe.x) == 50 and probe.counts.sum() == 50
+    held = torch.from_numpy(cache.slices[pool.numpy()]).float() / 255  # (P, 1, 4, 4)
+    assert all((held == s).all((1, 2, 3)).any() for s in probe.x)  # each sampled slice is one of the pool's
+
+
+def test_a_run_with_the_probe_ends_with_the_weights_of_one_without(cohort):
+    """The probe embeds slices with the encoder between steps: in eval mode (BatchNorm's running statistics are
+    read, not updated), without gradients or draws from the global generator. cnn-micro has BatchNorm, so a probe
+    that ran in train mode, or left the encoder in eval mode, would change the weights and the statistics."""
+    cfg = PretrainConfig(encoder="cnn", size="micro", img_size=32, steps=6, batch_size=16, mlp_dim=64, proj_dim=32,
+                         device="cpu")
+    lines = []
+    runs = [pretrain(cfg, cohort / "c", cohort / f"{k}.pt", cache=cohort / "cache", probe_every=k, log=lines.append)
+            for k in (0, 2)]
+    assert [line.split(":")[0] for line in lines] == ["step 0", "step 2", "step 4", "step 6"]
+    plain, watched = (r.model.state_dict() for r in runs)
+    assert any("running_mean" in k for k in plain)
+    for k, v in plain.items():
+        assert torch.equal(v, watched[k]), k
+    assert runs[0].losses == runs[1].losses
+
+
+def test_a_negative_probe_interval_is_one_line(cohort, tmp_path, capsys):
+    code = clear.main(["pretrain", "--data", str(cohort / "c"), "--out", str(tmp_path / "x.pt"),
+                       "--probe-every", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--probe-every" in err[0], err

@@ -1,0 +1,118 @@
+"""What `clear.py pretrain` shows of learning as it runs, beside the loss: the effective rank's trend (rank_trend),
+and whether the encoder sees what the masks mark (LabelProbe). Every K steps (`--probe-every`), a linear probe of
+each mask label on the embeddings of a fixed sample of the slices pre-training draws from, on held-out patients.
+
+    once:     x = n slices of the pre-training pool, drawn with a seed of their own            (n, C, S, S)
+    step t:   E = encoder(x), in eval mode, without gradients                                   (n, D)
+              for each mask label v:  slice_probe(E, "the slice holds v", patients)
+
+slice_probe: the mean, over 4 patient folds, of the held-out AUROC of an L2-regularised logistic regression on the
+standardised embeddings (bench/probe.py builds the tumour-slice probe and the twin test on it too). The probe reads
+the run and changes nothing in it: no gradients, no draws from torch's global generator, BatchNorm's running
+statistics untouched (eval mode), so a run with the probe ends with the weights of one without
+(tests/test_pretrain.py). It diagnoses the encoder with slice labels that the method never trains on. A linear
+probe also reads what comes with a finding (emphysema lies in the upper lungs, so a slice's height gives it away
+in part), even from a random encoder: the first line, at step 0, is random init's figure, and learning is the
+rise above it. (bench/probe.py's twin test holds everything but the finding fixed, for synthetic data.)
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import cv
+from extract import embed_slices
+from metrics import auroc
+from views import level_pool
+
+
+def logistic(x, y, l2, iters=200):
+    """argmin_w,b  mean_i BCE(x_i . w + b, y_i) + l2 |w|^2  by L-BFGS: x (N, F), y (N,) 0/1 -> (w (F,), b). The
+    objective is strictly convex, so L-BFGS reaches its one minimum (tests/test_readout.py checks the gradient)."""
+    x, y = x.double(), y.double()
+    wb = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)  # (F + 1,): w, then b
+    opt = torch.optim.LBFGS([wb], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ wb[:-1] + wb[-1], y) + l2 * wb[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(objective)
+    return wb[:-1].detach(), wb[-1].detach()
+
+
+def slice_probe(features, flags, patients, seed=0, folds=4, l2=1e-3):
+    """Does the encoder see lesions? A linear probe: L2-regularised logistic regression (LBFGS) of the per-slice
+    lesion flags on the standardised slice embeddings, in `folds` patient folds stratified by whether a patient
+    has a lesion slice; the mean over folds of the held-out AUROC (NaN if no fold has both classes). features,
+    flags: per scan (L_i, D), (L_i,); patients: per scan. Slice labels are what the MIL never sees: the probe
+    diagnoses the encoder, it is not part of the method."""
+    has_lesion = np.array([[bool(f.any())] for f in flags], dtype=np.int64)  # (N, 1)
+    fold = cv.patient_folds(np.asarray(patients), has_lesion, folds, seed)  # (N,)
+    x = torch.cat([f.double() for f in features])  # (T, D)
+    y = torch.cat([torch.as_tensor(f, dtype=torch.float64) for f in flags])  # (T,)
+    fold = torch.cat([torch.full((len(f),), int(k)) for f, k in zip(features, fold)])  # (T,)
+    aucs = []
+    for k in range(folds):
+        test = fold == k
+        if len(set(y[test].tolist())) < 2 or len(set(y[~test].tolist())) < 2:
+            continue
+        z = (x - x[~test].mean(0)) / (x[~test].std(0) + 1e-6)  # (T, D), training slices' statistics
+        w, _ = logistic(z[~test], y[~test], l2)
+        aucs.append(auroc(y[test].numpy(), (z[test] @ w).numpy()))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def rank_trend(ranks):
+    """(step of the first known rank, 1-based; that rank; the last one; collapsed: the last under a quarter of the
+    first) from a run's per-step ranks (NaN where unknown), or None if none is known."""
+    known = [(i + 1, v) for i, v in enumerate(ranks) if math.isfinite(v)]
+    if not known:
+        return None
+    (step, first), last = known[0], known[-1][1]
+    return step, first, last, last < first / 4
+
+
+class LabelProbe:
+    """slice_probe of each of the slice cache's mask labels, every `every` steps, on the encoder's embeddings of
+    a fixed sample of the run's slices; `log` gets one line each time."""
+
+    def __init__(self, cache, pool, patients, img_size, every, log=print, n=1024, seed=0):
+        # n: a label on 5 % of the slices gives ~50 positives; cnn-micro embeds 1024 slices in ~2 s on 2 cores
+        g = torch.Generator().manual_seed(seed)
+        ids = pool[torch.randperm(len(pool), generator=g)[:n]].sort().values  # (n,) cache ids, in scan order
+        x = torch.from_numpy(cache.slices[ids.numpy()]).float() / 255  # (n, C, Sc, Sc) in [0, 1]
+        self.x = x if cache.size == img_size else F.interpolate(x, size=(img_size, img_size), mode="area")
+        scans, self.counts = torch.unique_consecutive(cache.scan[ids], return_counts=True)  # (m,) scans, slices
+        self.patients = [patients[int(s)] for s in scans]  # (m,)
+        self.labels, self.values = cache.labels[ids], list(cache.label_values)  # (n, L) bool, (L,)
+        self.every, self.log = every, log
+
+    @classmethod
+    def for_run(cls, cache, cohort, cfg, every, log=print):
+        """The probe of a pre-training run on `cohort` with PretrainConfig `cfg`: its slices are those the run
+        draws from (cfg.levels); None when it would never fire or the masks mark nothing."""
+        if not every or (every > cfg.steps and cfg.epochs is None) or not cache.label_values:
+            return None
+        pool = level_pool(cache, cfg.levels) if cfg.levels else torch.arange(len(cache))
+        return cls(cache, pool, [s.patient for s in cohort.scans], cfg.img_size, every, log)
+
+    def __call__(self, step, encoder, device="cpu"):
+        """After step `step` (0-based; -1: before the first): {mask label: AUROC, NaN where no fold holds both
+        classes}, or None between probes."""
+        if (step + 1) % self.every:
+            return None
+        was = encoder.training
+        encoder.eval()  # BatchNorm reads its running statistics, and leaves them
+        try:
+            e = embed_slices(encoder, self.x, 256, device)  # (n, D)
+        finally:
+            encoder.train(was)
+        split = self.counts.tolist()
+        aucs = {v: slice_probe(e.split(split), y.split(split), self.patients) for v, y in zip(self.values,
+                                                                                                self.labels.T)}
+        self.log(f"step {step + 1}: slice probe AUROC by mask label (held-out patients; - where too few hold it): "
+                 + "  ".join(f"{v}={'-' if math.isnan(a) else f'{a:.3f}'}" for v, a in aucs.items()))
+        return aucs
