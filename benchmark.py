@@ -82,12 +82,12 @@ def build_parser():
                        help="likewise for pre-training")
     add_scale(p_acc, 600)
     p_acc.set_defaults(func=commands.bench_accuracy)
-    p_abl = sub.add_parser("ablate", help="why LeCL does not beat MoCo here: its settings one at a time (cnn row)")
+    p_abl = sub.add_parser("ablate", help="what each of LeCL's settings does: one at a time on the table's cnn row")
     p_abl.add_argument("--quick", action="store_true", help="a tiny version (a smoke test)")
     p_abl.add_argument("--out", help="where ablation.md and ablation.json go (default as for accuracy)")
     p_abl.add_argument("--work", help="cohort, checkpoints and bags (default OUT/work); benchmark.py accuracy's "
-                       "work folder shares its cohort, cache and random-init bags")
-    add_scale(p_abl, 150)
+                       "work folder shares its cohort, cache and the rows that change nothing")
+    add_scale(p_abl, 600)
     p_abl.set_defaults(func=commands.bench_ablate)
     p_probe = sub.add_parser("probe", help="does an encoder see lesions? slice-level linear probe on its bags, "
                                            "and the embeddings' effective rank")
