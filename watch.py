@@ -79,8 +79,10 @@ class LabelProbe:
     """slice_probe of each of the slice cache's mask labels, every `every` steps, on the encoder's embeddings of
     a fixed sample of the run's slices; `log` gets one line each time."""
 
-    def __init__(self, cache, pool, patients, img_size, every, log=print, n=1024, seed=0):
-        # n: a label on 5 % of the slices gives ~50 positives; cnn-micro embeds 1024 slices in ~2 s on 2 cores
+    def __init__(self, cache, pool, patients, img_size, every, log=print, n=1024, seed=0, least=20):
+        # n: a label on 5 % of the slices gives ~50 positives; cnn-micro embeds 1024 slices in ~2 s on 2 cores.
+        # least: a label on fewer of the sampled slices is not scored (NaN): each held-out fold would hold a
+        # handful of its slices, and their AUROC would be noise (0.08 for one such label of the corpus)
         g = torch.Generator().manual_seed(seed)
         ids = pool[torch.randperm(len(pool), generator=g)[:n]].sort().values  # (n,) cache ids, in scan order
         x = torch.from_numpy(cache.slices[ids.numpy()]).float() / 255  # (n, C, Sc, Sc) in [0, 1]
@@ -88,7 +90,7 @@ class LabelProbe:
         scans, self.counts = torch.unique_consecutive(cache.scan[ids], return_counts=True)  # (m,) scans, slices
         self.patients = [patients[int(s)] for s in scans]  # (m,)
         self.labels, self.values = cache.labels[ids], list(cache.label_values)  # (n, L) bool, (L,)
-        self.every, self.log = every, log
+        self.every, self.log, self.least = every, log, least
 
     @classmethod
     def for_run(cls, cache, cohort, cfg, every, log=print):
@@ -100,8 +102,8 @@ class LabelProbe:
         return cls(cache, pool, [s.patient for s in cohort.scans], cfg.img_size, every, log)
 
     def __call__(self, step, encoder, device="cpu"):
-        """After step `step` (0-based; -1: before the first): {mask label: AUROC, NaN where no fold holds both
-        classes}, or None between probes."""
+        """After step `step` (0-based; -1: before the first): {mask label: AUROC, NaN for a label on fewer than
+        `least` sampled slices or where no fold holds both classes}, or None between probes."""
         if (step + 1) % self.every:
             return None
         was = encoder.training
@@ -111,8 +113,10 @@ class LabelProbe:
         finally:
             encoder.train(was)
         split = self.counts.tolist()
-        aucs = {v: slice_probe(e.split(split), y.split(split), self.patients) for v, y in zip(self.values,
-                                                                                                self.labels.T)}
-        self.log(f"step {step + 1}: slice probe AUROC by mask label (held-out patients; - where too few hold it): "
-                 + "  ".join(f"{v}={'-' if math.isnan(a) else f'{a:.3f}'}" for v, a in aucs.items()))
+        aucs = {v: slice_probe(e.split(split), y.split(split), self.patients) if y.sum() >= self.least else math.nan
+                for v, y in zip(self.values, self.labels.T)}
+        few = [str(v) for v, a in aucs.items() if math.isnan(a)]
+        self.log(f"step {step + 1}: slice probe AUROC by mask label, held-out patients: "
+                 + "  ".join(f"{v}={a:.3f}" for v, a in aucs.items() if not math.isnan(a))
+                 + (f"  (not scored, on too few slices: {', '.join(few)})" if few else ""))
         return aucs

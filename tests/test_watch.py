@@ -21,14 +21,16 @@ cohort = test_pretrain.cohort  # the fixture: 8 synthetic scans at 32 px, one se
 
 def fake_cache(n_scans=40, per_scan=12, seed=0):
     """A slice cache's fields, made by hand: (T, 1, 4, 4) uint8 slices of noise; label 3 on a quarter of the slices,
-    which brightens pixel (0, 0); label 7 on another quarter, which changes nothing. Two scans per patient."""
+    which brightens pixel (0, 0); label 7 on another quarter, which changes nothing; label 9 on too few slices to
+    score. Two scans per patient."""
     g = np.random.default_rng(seed)
     T = n_scans * per_scan
     slices = g.integers(0, 100, (T, 1, 4, 4)).astype(np.uint8)
-    labels = g.random((T, 2)) < 0.25  # (T, 2): columns for the values 3 and 7
+    labels = g.random((T, 3)) < 0.25  # (T, 3): columns for the values 3, 7 and 9
+    labels[:, 2] = np.arange(T) < 19  # label 9 on 19 slices: one fewer than the probe scores
     slices[labels[:, 0], 0, 0, 0] += 120
     cache = types.SimpleNamespace(slices=slices, size=4, scan=torch.arange(n_scans).repeat_interleave(per_scan),
-                                  labels=torch.from_numpy(labels), label_values=[3, 7])
+                                  labels=torch.from_numpy(labels), label_values=[3, 7, 9])
     return cache, [f"P{i // 2}" for i in range(n_scans)]
 
 
@@ -38,11 +40,12 @@ def test_the_probe_scores_each_label_as_slice_probe_does_and_finds_the_planted_o
     probe = LabelProbe(cache, torch.arange(len(cache.scan)), patients, 4, every=5, log=lines.append, n=10_000)
     assert probe(3, nn.Flatten()) is None and not lines  # step 4 of a probe every 5: not yet
     aucs = probe(4, nn.Flatten())
-    assert len(lines) == 1 and lines[0].startswith("step 5:") and "3=" in lines[0] and "7=" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("step 5:") and f"3={aucs[3]:.3f}  7={aucs[7]:.3f}" in lines[0]
+    assert lines[0].endswith("(not scored, on too few slices: 9)") and np.isnan(aucs[9])
     # the same figures from the slices themselves, grouped by scan by hand
     x = torch.from_numpy(cache.slices).float().flatten(1) / 255  # (T, 16)
     by_scan = [cache.scan == s for s in range(40)]
-    for j, value in enumerate(cache.label_values):
+    for j, value in enumerate(cache.label_values[:2]):
         want = slice_probe([x[m] for m in by_scan], [cache.labels[m, j] for m in by_scan], patients)
         assert aucs[value] == pytest.approx(want, abs=1e-9)
     assert aucs[3] > 0.95 and 0.35 < aucs[7] < 0.65, aucs  # the planted label, and one that changes nothing
