@@ -95,7 +95,8 @@ class LabelProbe:
     @classmethod
     def for_run(cls, cache, cohort, cfg, every, log=print):
         """The probe of a pre-training run on `cohort` with PretrainConfig `cfg`: its slices are those the run
-        draws from (cfg.levels); None when it would never fire or the masks mark nothing."""
+        draws from (cfg.levels); None for a run shorter than `every` steps (a smoke test) or masks that mark
+        nothing."""
         if not every or (every > cfg.steps and cfg.epochs is None) or not cache.label_values:
             return None
         pool = level_pool(cache, cfg.levels) if cfg.levels else torch.arange(len(cache))
