@@ -244,7 +244,7 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
             net = nn.parallel.DistributedDataParallel(  # BN statistics are global already: no buffer sync
                 net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
 
-        probe = LabelProbe.for_run(sc, cohort, cfg, probe_every, log) if rank == 0 else None
+        probe = LabelProbe.for_run(sc, cohort, cfg, total, probe_every, log) if rank == 0 else None
         if probe and start == 0:
             probe(-1, encoder, device)  # step 0: random init's figure, the baseline
         n, steps = cfg.batch_size // world, range(start, total)
@@ -277,8 +277,9 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
                 rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
                 postfix(f"loss={losses[-1]:.3f} rank={ranks[-1]:.1f} lr={lr:.2e} m={m:.4f} {rate:.1f} slices/s")
             interrupted = stats[1].item() > 0
-            if probe:
-                probe(step, encoder, device)
+            probed = time.perf_counter()
+            if probe and probe(step, encoder, device) is not None:
+                t0 += time.perf_counter() - probed  # the probe's time is not training time
             if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total or interrupted):
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(out, clean=True) as tmp:

@@ -10,7 +10,7 @@ slice_probe: the mean, over 4 patient folds, of the held-out AUROC of an L2-regu
 standardised embeddings (bench/probe.py builds the tumour-slice probe and the twin test on it too). The probe reads
 the run and changes nothing in it: no gradients, no draws from torch's global generator, BatchNorm's running
 statistics untouched (eval mode), so a run with the probe ends with the weights of one without
-(tests/test_pretrain.py). It diagnoses the encoder with slice labels that the method never trains on. A linear
+(tests/test_watch.py). It diagnoses the encoder with slice labels that the method never trains on. A linear
 probe also reads what comes with a finding (emphysema lies in the upper lungs, so a slice's height gives it away
 in part), even from a random encoder: the first line, at step 0, is random init's figure, and learning is the
 rise above it. (bench/probe.py's twin test holds everything but the finding fixed, for synthetic data.)
@@ -81,26 +81,25 @@ class LabelProbe:
 
     def __init__(self, cache, pool, patients, img_size, every, log=print, n=1024, seed=0, least=20):
         # n: a label on 5 % of the slices gives ~50 positives; cnn-micro embeds 1024 slices in ~2 s on 2 cores.
-        # least: a label on fewer of the sampled slices is not scored (NaN): each held-out fold would hold a
-        # handful of its slices, and their AUROC would be noise (0.08 for one such label of the corpus)
+        # least: a label on fewer of the sampled slices, or missing from fewer, is not scored (NaN): each held-out
+        # fold would hold a handful of them, and their AUROC would be noise (0.08 for one such label of the corpus)
         g = torch.Generator().manual_seed(seed)
         ids = pool[torch.randperm(len(pool), generator=g)[:n]].sort().values  # (n,) cache ids, in scan order
-        x = torch.from_numpy(cache.slices[ids.numpy()]).float() / 255  # (n, C, Sc, Sc) in [0, 1]
-        self.x = x if cache.size == img_size else F.interpolate(x, size=(img_size, img_size), mode="area")
+        self.x = torch.from_numpy(cache.slices[ids.numpy()])  # (n, C, Sc, Sc) uint8: 0.2 GB at 224 px, 4 windows
+        self.size = img_size
         scans, self.counts = torch.unique_consecutive(cache.scan[ids], return_counts=True)  # (m,) scans, slices
         self.patients = [patients[int(s)] for s in scans]  # (m,)
         self.labels, self.values = cache.labels[ids], list(cache.label_values)  # (n, L) bool, (L,)
         self.every, self.log, self.least = every, log, least
 
     @classmethod
-    def for_run(cls, cache, cohort, cfg, every, log=print):
-        """The probe of a pre-training run on `cohort` with PretrainConfig `cfg`: its slices are those the run
-        draws from (cfg.levels); None for a run shorter than `every` steps (a smoke test) or masks that mark
-        nothing."""
-        if not every or (every > cfg.steps and cfg.epochs is None) or not cache.label_values:
+    def for_run(cls, cache, cohort, cfg, total, every, log=print):
+        """The probe of a pre-training run of `total` steps on `cohort` with PretrainConfig `cfg`: its slices are
+        those the run draws from (cfg.levels); None for a run shorter than `every` steps (a smoke test) or masks
+        that mark nothing."""
+        if not every or every > total or not cache.label_values:
             return None
-        pool = level_pool(cache, cfg.levels) if cfg.levels else torch.arange(len(cache))
-        return cls(cache, pool, [s.patient for s in cohort.scans], cfg.img_size, every, log)
+        return cls(cache, level_pool(cache, cfg.levels), [s.patient for s in cohort.scans], cfg.img_size, every, log)
 
     def __call__(self, step, encoder, device="cpu"):
         """After step `step` (0-based; -1: before the first): {mask label: AUROC, NaN for a label on fewer than
@@ -110,14 +109,19 @@ class LabelProbe:
         was = encoder.training
         encoder.eval()  # BatchNorm reads its running statistics, and leaves them
         try:
-            e = embed_slices(encoder, self.x, 256, device)  # (n, D)
+            e = torch.cat([embed_slices(encoder, self.floats(chunk), 256, device) for chunk in self.x.split(256)])
         finally:
             encoder.train(was)
         split = self.counts.tolist()
-        aucs = {v: slice_probe(e.split(split), y.split(split), self.patients) if y.sum() >= self.least else math.nan
-                for v, y in zip(self.values, self.labels.T)}
+        aucs = {v: slice_probe(e.split(split), y.split(split), self.patients)
+                if min(y.sum(), (~y).sum()) >= self.least else math.nan for v, y in zip(self.values, self.labels.T)}
         few = [str(v) for v, a in aucs.items() if math.isnan(a)]
         self.log(f"step {step + 1}: slice probe AUROC by mask label, held-out patients: "
                  + "  ".join(f"{v}={a:.3f}" for v, a in aucs.items() if not math.isnan(a))
-                 + (f"  (not scored, on too few slices: {', '.join(few)})" if few else ""))
+                 + (f"  (not scored, too few slices with or without them: {', '.join(few)})" if few else ""))
         return aucs
+
+    def floats(self, x):
+        """(b, C, Sc, Sc) uint8 -> (b, C, S, S) float in [0, 1], as the encoder takes them."""
+        x = x.float() / 255
+        return x if x.shape[-1] == self.size else F.interpolate(x, size=(self.size, self.size), mode="area")

@@ -68,15 +68,23 @@ def run(cfg, out, work, progress, log=print):
     for key, what, method, changes in cfg.variants:
         log(f"[ablation] {key}: {what}")
         vcfg = replace(cfg.base, pretrain_changes=cfg.base.pretrain_changes + changes)
-        settings = config.encoder_settings(vcfg, cfg.encoder, method)
-        name = f"ablation-{cfg.encoder}-{key}" if changes else f"{cfg.encoder}-{method}"  # no change: the table's row
-        row = report.kept(out / "rows" / f"{name}.json", config.fingerprint(settings),
+        fingerprint = config.fingerprint(config.encoder_settings(vcfg, cfg.encoder, method))
+        table = out / "rows" / f"{cfg.encoder}-{method}.json"  # no change: the table's own row, unless the table
+        #                                                         kept one of other settings there (another scale)
+        own = out / "rows" / f"ablation-{cfg.encoder}-{key}.json"
+        path = table if not changes and _free(table, fingerprint) else own
+        row = report.kept(path, fingerprint,
                           lambda: accuracy.run_encoder(vcfg, work, cohort, cfg.encoder, method, progress, flags),
                           log, "ablation")
         made["rows"].append({"variant": key, "changes": what, "pretrain": plain(changes), **row,
                              "train_flops": config.training_flops(vcfg, cfg.encoder, method, row["slices"])})
         write_report(made, out)
     return made
+
+
+def _free(path, fingerprint):
+    """Whether a row of `fingerprint` may be kept at `path`: nothing there yet, or a row of the same settings."""
+    return not path.exists() or json.loads(path.read_text()).get("fingerprint") == fingerprint
 
 
 def write_report(made, out):

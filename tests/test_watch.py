@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clear  # noqa: E402
@@ -39,9 +40,11 @@ def test_the_probe_scores_each_label_as_slice_probe_does_and_finds_the_planted_o
     lines = []
     probe = LabelProbe(cache, torch.arange(len(cache.scan)), patients, 4, every=5, log=lines.append, n=10_000)
     assert probe(3, nn.Flatten()) is None and not lines  # step 4 of a probe every 5: not yet
+    rng = torch.get_rng_state()
     aucs = probe(4, nn.Flatten())
+    assert torch.equal(rng, torch.get_rng_state())  # it draws nothing from the global generator
     assert len(lines) == 1 and lines[0].startswith("step 5:") and f"3={aucs[3]:.3f}  7={aucs[7]:.3f}" in lines[0]
-    assert lines[0].endswith("(not scored, on too few slices: 9)") and np.isnan(aucs[9])
+    assert lines[0].endswith("(not scored, too few slices with or without them: 9)") and np.isnan(aucs[9])
     # the same figures from the slices themselves, grouped by scan by hand
     x = torch.from_numpy(cache.slices).float().flatten(1) / 255  # (T, 16)
     by_scan = [cache.scan == s for s in range(40)]
@@ -56,14 +59,16 @@ def test_the_probe_draws_its_slices_from_the_pool_alone():
     pool = torch.arange(0, len(cache.scan), 3)  # every third slice
     probe = LabelProbe(cache, pool, patients, 4, every=1, log=lambda line: None, n=50)
     assert len(probe.x) == 50 and probe.counts.sum() == 50
-    held = torch.from_numpy(cache.slices[pool.numpy()]).float() / 255  # (P, 1, 4, 4)
+    held = torch.from_numpy(cache.slices[pool.numpy()])  # (P, 1, 4, 4) uint8, as the probe keeps them
     assert all((held == s).all((1, 2, 3)).any() for s in probe.x)  # each sampled slice is one of the pool's
+    small = LabelProbe(cache, pool, patients, 2, every=1, log=lambda line: None, n=50)  # a cache larger than S
+    assert torch.allclose(small.floats(small.x), F.avg_pool2d(small.x.float() / 255, 2))  # area: 2 x 2 means
 
 
 def test_a_run_with_the_probe_ends_with_the_weights_of_one_without(cohort):
-    """The probe embeds slices with the encoder between steps: in eval mode (BatchNorm's running statistics are
-    read, not updated), without gradients or draws from the global generator. cnn-micro has BatchNorm, so a probe
-    that ran in train mode, or left the encoder in eval mode, would change the weights and the statistics."""
+    """The probe embeds slices with the encoder between steps, in eval mode: BatchNorm's running statistics are
+    read, not updated. cnn-micro has BatchNorm, so a probe that ran in train mode, or left the encoder in eval
+    mode, would change the weights and the statistics."""
     cfg = PretrainConfig(encoder="cnn", size="micro", img_size=32, steps=6, batch_size=16, mlp_dim=64, proj_dim=32,
                          device="cpu")
     lines = []
