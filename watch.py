@@ -2,8 +2,8 @@
 and whether the encoder sees what the masks mark (LabelProbe). Every K steps (`--probe-every`), a linear probe of
 each mask label on the embeddings of a fixed sample of the slices pre-training draws from, on held-out patients.
 
-    once:     x = n slices of the pre-training pool, drawn with a seed of their own            (n, C, S, S)
-    step t:   E = encoder(x), in eval mode, without gradients                                   (n, D)
+    once:     ids = n slices of the pre-training pool, drawn with a seed of their own                    (n,)
+    step t:   E = encoder(the cache's slices ids), in eval mode, without gradients              (n, D)
               for each mask label v:  slice_probe(E, "the slice holds v", patients)
 
 slice_probe: the mean, over 4 patient folds, of the held-out AUROC of an L2-regularised logistic regression on the
@@ -84,12 +84,11 @@ class LabelProbe:
         # least: a label on fewer of the sampled slices, or missing from fewer, is not scored (NaN): each held-out
         # fold would hold a handful of them, and their AUROC would be noise (0.08 for one such label of the corpus)
         g = torch.Generator().manual_seed(seed)
-        ids = pool[torch.randperm(len(pool), generator=g)[:n]].sort().values  # (n,) cache ids, in scan order
-        self.x = torch.from_numpy(cache.slices[ids.numpy()])  # (n, C, Sc, Sc) uint8: 0.2 GB at 224 px, 4 windows
-        self.size = img_size
-        scans, self.counts = torch.unique_consecutive(cache.scan[ids], return_counts=True)  # (m,) scans, slices
+        self.ids = pool[torch.randperm(len(pool), generator=g)[:n]].sort().values  # (n,) cache ids, in scan order
+        self.cache, self.size = cache, img_size  # the slices are read from the cache at each probe, not kept
+        scans, self.counts = torch.unique_consecutive(cache.scan[self.ids], return_counts=True)  # (m,) scans, slices
         self.patients = [patients[int(s)] for s in scans]  # (m,)
-        self.labels, self.values = cache.labels[ids], list(cache.label_values)  # (n, L) bool, (L,)
+        self.labels, self.values = cache.labels[self.ids], list(cache.label_values)  # (n, L) bool, (L,)
         self.every, self.log, self.least = every, log, least
 
     @classmethod
@@ -109,7 +108,8 @@ class LabelProbe:
         was = encoder.training
         encoder.eval()  # BatchNorm reads its running statistics, and leaves them
         try:
-            e = torch.cat([embed_slices(encoder, self.floats(chunk), 256, device) for chunk in self.x.split(256)])
+            e = torch.cat([embed_slices(encoder, self.slices(chunk, device), 256, device)
+                           for chunk in self.ids.split(256)])  # (n, D)
         finally:
             encoder.train(was)
         split = self.counts.tolist()
@@ -121,7 +121,7 @@ class LabelProbe:
                  + (f"  (not scored, too few slices with or without them: {', '.join(few)})" if few else ""))
         return aucs
 
-    def floats(self, x):
-        """(b, C, Sc, Sc) uint8 -> (b, C, S, S) float in [0, 1], as the encoder takes them."""
-        x = x.float() / 255
+    def slices(self, ids, device="cpu"):
+        """The cache's slices `ids` (b,) as the encoder takes them: (b, C, S, S) float in [0, 1] on `device`."""
+        x = self.cache.read(ids, torch.device(device))  # (b, C, Sc, Sc)
         return x if x.shape[-1] == self.size else F.interpolate(x, size=(self.size, self.size), mode="area")

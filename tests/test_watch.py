@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clear  # noqa: E402
+from cache import SliceCache  # noqa: E402
 from pretrain import PretrainConfig, pretrain  # noqa: E402
 import test_pretrain  # noqa: E402
 from watch import LabelProbe, slice_probe  # noqa: E402
@@ -32,6 +33,7 @@ def fake_cache(n_scans=40, per_scan=12, seed=0):
     slices[labels[:, 0], 0, 0, 0] += 120
     cache = types.SimpleNamespace(slices=slices, size=4, scan=torch.arange(n_scans).repeat_interleave(per_scan),
                                   labels=torch.from_numpy(labels), label_values=[3, 7, 9])
+    cache.read = lambda ids, device: SliceCache.read(cache, ids, device)  # the cache's own reader
     return cache, [f"P{i // 2}" for i in range(n_scans)]
 
 
@@ -58,11 +60,12 @@ def test_the_probe_draws_its_slices_from_the_pool_alone():
     cache, patients = fake_cache()
     pool = torch.arange(0, len(cache.scan), 3)  # every third slice
     probe = LabelProbe(cache, pool, patients, 4, every=1, log=lambda line: None, n=50)
-    assert len(probe.x) == 50 and probe.counts.sum() == 50
-    held = torch.from_numpy(cache.slices[pool.numpy()])  # (P, 1, 4, 4) uint8, as the probe keeps them
-    assert all((held == s).all((1, 2, 3)).any() for s in probe.x)  # each sampled slice is one of the pool's
+    assert len(probe.ids) == 50 == len(set(probe.ids.tolist())) and probe.counts.sum() == 50
+    assert set(probe.ids.tolist()) <= set(pool.tolist())  # each sampled slice is one of the pool's
+    x = torch.from_numpy(cache.slices[probe.ids.numpy()]).float() / 255  # (50, 1, 4, 4), read by hand
+    assert torch.equal(probe.slices(probe.ids), x)
     small = LabelProbe(cache, pool, patients, 2, every=1, log=lambda line: None, n=50)  # a cache larger than S
-    assert torch.allclose(small.floats(small.x), F.avg_pool2d(small.x.float() / 255, 2))  # area: 2 x 2 means
+    assert torch.allclose(small.slices(small.ids), F.avg_pool2d(x, 2))  # area: 2 x 2 means
 
 
 def test_a_run_with_the_probe_ends_with_the_weights_of_one_without(cohort):
