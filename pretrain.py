@@ -287,6 +287,7 @@ def pretrain(cfg, data, out, resume=None, cache=None, progress=None, should_stop
                                                before + time.perf_counter() - t0), tmp)
             if interrupted:
                 break
+        getattr(steps, "close", lambda: None)()  # a bar stopped early ends its line: the next one starts below
         done, seconds = (step + 1 if total > start else start), time.perf_counter() - t0
         return PretrainResult(model, start, done, total, losses, ranks, seconds, run_seconds=before + seconds,
                               slices_per_s=(done - start) * cfg.batch_size / max(seconds, 1e-9),

@@ -20,7 +20,7 @@ from pathlib import Path
 from bench.probe import twin_probe, twin_slices
 from cache import open_cache
 from checkpoint import load_checkpoint, run_settings
-from cli import progress_bar
+from cli import bar
 from data import SliceConfig, named_windows
 from extract import EncoderSpec, load_encoder
 from files import ClearError, atomic_path
@@ -104,7 +104,8 @@ def curve_key(cfg, method):
 
 def run(cfg, out, work, progress=None, log=lambda text: None):
     """Every curve of `cfg` -> Curves; learning.json is rewritten after each point, so a re-run continues, and
-    holds the curves of every method run into `out`, whichever ran last."""
+    holds the curves of every method run into `out`, whichever ran last. progress(desc, unit) -> ((iterable,
+    total) -> iterable), as pretrain's: the corpus, the cache and each stretch of pre-training between tests."""
     if cfg.every < 1 or cfg.steps < 1:
         raise ClearError(f"--every {cfg.every}, --steps {cfg.steps}: both must be at least 1")
     out, work = Path(out), Path(work)
@@ -125,7 +126,7 @@ def run(cfg, out, work, progress=None, log=lambda text: None):
     corpus = work / "corpus"
     if not (corpus / "labels.csv").exists():
         log(f"drawing the corpus: {cfg.corpus.n} scans (seed {cfg.corpus.seed}) into {corpus}")
-    corpus_scans = drawn(cfg.corpus, corpus, *([progress("corpus")] if progress else []))
+    corpus_scans = drawn(cfg.corpus, corpus, *([progress("corpus", "scan")] if progress else []))
     twins = twin_slices(cfg.cohort, range(cfg.patients), FINDINGS, SliceConfig(cfg.hu_windows(), cfg.img_size))
 
     def save():
@@ -148,14 +149,15 @@ def run(cfg, out, work, progress=None, log=lambda text: None):
         if step and not curves.has(method, step):  # stopped between its checkpoint and its twin test
             point(method, step, load_encoder(EncoderSpec(checkpoint=str(ckpt)))[0])
         cache = SliceConfig(pcfg.windows, pcfg.cache_size or pcfg.img_size, pcfg.thickness)  # pretrain's own
-        open_cache(corpus_scans, work / "cache", cache, pcfg.lesion_labels, progress and progress("cache"))
+        open_cache(corpus_scans, work / "cache", cache, pcfg.lesion_labels, progress and progress("cache", "scan"))
         while step < cfg.steps:  # the cache is built above, so pretrain asks should_stop after each step alone
             left = [min(cfg.steps, (step // cfg.every + 1) * cfg.every) - step]
 
             def should_stop():
                 left[0] -= 1
                 return left[0] <= 0
-            pretrain(pcfg, corpus, ckpt, resume=ckpt if step else None, cache=work / "cache", should_stop=should_stop)
+            pretrain(pcfg, corpus, ckpt, resume=ckpt if step else None, cache=work / "cache", progress=progress,
+                     should_stop=should_stop)
             step = load_checkpoint(ckpt)["step"]
             point(method, step, load_encoder(EncoderSpec(checkpoint=str(ckpt)))[0])
     return curves
@@ -286,8 +288,6 @@ def command_line(cfg, out):
 def command(args):
     """Learning curves of LeCL, MoCo v3 and the supervised ceiling (bench/learning.py): results/learning.md."""
     cfg, out = config_from(args), args.out or "results"
-    curves = run(cfg, out, args.work or f"{out}/work-learning",
-                 progress=lambda desc: lambda it, total: progress_bar(it, total=total, desc=desc, unit="scan"),
-                 log=print)
+    curves = run(cfg, out, args.work or f"{out}/work-learning", progress=bar, log=print)
     write_report(curves, cfg, out, command_line(cfg, out))
     print(f"learning curves in {out}/learning.md")
