@@ -8,18 +8,19 @@
     python benchmark.py ablate      # LeCL's settings one at a time on its cnn row: results/ablation.md
     python benchmark.py probe --data COHORT --bags BAGS   # does an encoder see the lesions of the masks?
     python benchmark.py twin --checkpoint E.pt  # ... and with anatomy and noise held fixed (synthetic twins)?
+    python benchmark.py detectability  # ... and could an ideal observer, told where to look? (d' per finding)
     python benchmark.py learning    # twin test against pre-training steps: LeCL, MoCo, supervised ceiling
     python benchmark.py readout --bags BAGS --labels L.csv --target T  # the MIL beside a pooled linear readout
     python benchmark.py holdout --moco M.pt  # the demo's table, with MoCo v3, on 300 scans that chose nothing
 
 The experiments are bench/ (bench/README.md: what each command measures and where its results go); this file
 only reads the options and hands them to bench/commands.py, or to an experiment's own command (learning, probe's
-twin, readout, holdout).
+twin, readout, holdout, detectability).
 """
 import argparse
 import sys
 
-from bench import commands, holdout, learning, probe, readout
+from bench import commands, detectability, holdout, learning, probe, readout
 from bench.config import AccuracyConfig
 from cli import add_windows, run_command
 from models import SIZES
@@ -144,6 +145,11 @@ def build_parser():
     p_read.add_argument("--labels", required=True, help="labels.csv of the bags' scans")
     p_read.add_argument("--target", required=True, help="a binary label column, e.g. lung_disease")
     p_read.set_defaults(func=readout.command, resumes=False)
+    p_det = sub.add_parser("detectability", help="the ideal observer's d' for each finding on its slices, at the "
+                                                 "cohort's 128 px and the encoders' 64 px: could anything see it?")
+    p_det.add_argument("--patients", type=int, default=60, help="the demo cohort's first patients (default 60)")
+    p_det.add_argument("--out", default="results/detectability", help="where detectability.md goes")
+    p_det.set_defaults(func=detectability.command, resumes=False)
     p_hold = sub.add_parser("holdout", help="the demo's table, with MoCo v3 beside LeCL, on a cohort that no choice "
                                             "has seen")
     p_hold.add_argument("--moco", required=True, help="MoCo v3 checkpoint of the demo's recipe (benchmark.py "

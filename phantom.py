@@ -64,6 +64,7 @@ class Phantom:
     affine: np.ndarray  # (4, 4) voxel (x, y, z) -> RAS+ mm
     labels: dict  # endpoint -> int
     lesions: list  # (site, diameter_mm) per tumour lesion
+    noise_hu: float = 0.0  # sigma of the white scanner noise before the blur (HU); drawn per scan
 
 
 def stage_of(lesions):
@@ -235,6 +236,7 @@ def _lesion(cv, rng, site, diameter, contrast):
     return False
 
 
+BLUR_PX = 0.7  # in-plane Gaussian blur sigma (pixels) after the noise: partial volume, correlated noise
 HOST_HU = {LUNG: -850.0, MEDIASTINUM: -80.0}  # hosts of the lesions given in absolute HU
 
 
@@ -250,10 +252,11 @@ def _blur(hu, sigma_px):
     return hu
 
 
-def make_phantom(cfg, patient, scan=0, findings=True):
+def make_phantom(cfg, patient, scan=0, findings=True, noise=True):
     """One scan of one patient: anatomy and findings from (seed, patient), acquisition from the scan.
     findings=False: its twin, the same scan with the findings drawn but not painted (same anatomy, placement and
-    noise, labels all 0): probe.twin_slices compares the two."""
+    noise, labels all 0): probe.twin_slices compares the two. noise=False: the same scan without its noise field
+    (noise_hu still says how much it would have), for the ideal observer of bench/detectability.py."""
     rng_f, rng_a, rng_s = (np.random.default_rng([cfg.seed, patient, k, scan * (k == 2)]) for k in range(3))
     lesions, disease = draw_findings(rng_f, cfg)
     height, girth = rng_a.uniform(480, 560), rng_a.uniform(0.85, 1.1)
@@ -270,13 +273,13 @@ def make_phantom(cfg, patient, scan=0, findings=True):
     placed = [(s, d) for s, d in lesions if _lesion(cv, rng_s, s, d, cfg.contrast)]
     if healthy is not None:  # every random draw made as above, so the noise below is the same
         (cv.hu, cv.mask), disease, placed = healthy, 0, []
-    noise = rng_s.uniform(8, 20) * 2.5  # HU before the blur, which lowers it about 2.5x
-    hu = cv.hu + rng_s.standard_normal(cv.hu.shape, dtype=np.float32) * noise
-    hu = np.clip(np.rint(_blur(hu, 0.7)), -1024, 3071).astype(np.float32)
+    sigma = rng_s.uniform(8, 20) * 2.5  # HU before the blur, which lowers it about 2.5x
+    hu = cv.hu + rng_s.standard_normal(cv.hu.shape, dtype=np.float32) * (sigma if noise else 0.0)
+    hu = np.clip(np.rint(_blur(hu, BLUR_PX)), -1024, 3071).astype(np.float32)
     labels = {"lung_disease": int(disease > 0), "stage": stage_of(placed)}
     labels.update({name: int(disease == kind) if disease in (0, kind) else None  # None: the other finding
                    for name, kind in (("ground_glass", LUNG_GGO), ("emphysema", LUNG_EMPHYSEMA))})
     labels.update({f"loc_{s}": int(any(p == s for p, _ in placed)) for s in SITES})
     affine = np.diag([pixel, pixel, dz, 1.0])
     affine[:3, 3] = origin[::-1]  # (x, y, z) of voxel 0
-    return Phantom(hu, cv.mask, cv.tissue, (dz, pixel, pixel), affine, labels, placed)
+    return Phantom(hu, cv.mask, cv.tissue, (dz, pixel, pixel), affine, labels, placed, float(sigma))

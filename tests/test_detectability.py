@@ -1,0 +1,72 @@
+"""The ideal observer of bench/detectability.py: its matrices are the phantom's blur and the pipeline's resize, its
+d' is the Kronecker form of s^T K^-1 s, and a simulated matched filter in the phantom's own noise scores the AUROC
+that d' predicts."""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import phantom as P
+from bench.detectability import NAMES, blur_matrix, dprime, measure, phi, resize_matrix
+from metrics import auroc
+
+
+def test_the_matrices_are_the_blur_and_the_resize_they_stand_for():
+    x = np.random.default_rng(0).normal(size=(1, 20, 20)).astype(np.float32)
+    b = blur_matrix(20)  # (20, 20)
+    assert np.allclose((b @ torch.as_tensor(x[0], dtype=torch.float64) @ b.T).numpy(), P._blur(x, P.BLUR_PX)[0],
+                       atol=1e-5)
+    r = resize_matrix(20, 8)  # (8, 20)
+    seen = F.interpolate(torch.as_tensor(x, dtype=torch.float64)[None], size=(8, 8), mode="bilinear",
+                         antialias=True, align_corners=False)[0, 0]  # data.prepare_slices's resize
+    assert torch.allclose(r @ torch.as_tensor(x[0], dtype=torch.float64) @ r.T, seen, atol=1e-10)
+
+
+def test_dprime_is_s_K_inverse_s_with_the_full_covariance():
+    rng = np.random.default_rng(1)
+    m1 = resize_matrix(12, 6) @ blur_matrix(12)  # (6, 12)
+    s = torch.as_tensor(rng.normal(size=(6, 6)))
+    k = 9.0 * torch.kron(m1, m1) @ torch.kron(m1, m1).T  # (36, 36): sigma 3, row-major vec
+    want = math.sqrt(float(s.flatten() @ torch.linalg.solve(k, s.flatten())))
+    assert math.isclose(dprime(s, 3.0, m1), want, rel_tol=1e-9)
+
+
+def test_a_matched_filter_in_the_phantoms_noise_scores_the_auroc_that_dprime_predicts():
+    n, sigma, trials = 16, 30.0, 4000
+    yy, xx = np.mgrid[:n, :n]
+    disk = ((yy - 7.5) ** 2 + (xx - 8.2) ** 2 <= 4).astype(np.float32) * -12.0  # a faint dark lesion, pre-blur
+    signal = P._blur(disk[None], P.BLUR_PX)[0]  # (n, n) as the image shows it
+    blur = blur_matrix(n)
+    d = dprime(signal, sigma, blur)
+    assert 1.0 < d < 3.0  # a figure where the AUROC is far from 0.5 and from 1
+    rng = np.random.default_rng(2)
+    noise = P._blur(rng.standard_normal((2 * trials, n, n)).astype(np.float32) * sigma, P.BLUR_PX)  # the phantom's
+    a_inv = torch.linalg.inv(blur @ blur.T)
+    template = (a_inv @ torch.as_tensor(signal, dtype=torch.float64) @ a_inv).numpy()  # K^-1 s, up to sigma^2
+    score = (noise.astype(np.float64) * template).sum((1, 2))  # (2T,) the prewhitening matched filter
+    score[:trials] += (signal * template).sum()  # the first half holds the lesion
+    found = auroc(np.arange(2 * trials) < trials, score)
+    assert abs(found - phi(d / math.sqrt(2))) < 0.02
+
+
+def test_without_noise_the_phantom_is_the_same_scan_and_says_its_noise():
+    cfg = P.SynthConfig(n=4, size=48, thickness=(4.0, 5.0), workers=1)
+    a, quiet = P.make_phantom(cfg, 1), P.make_phantom(cfg, 1, noise=False)
+    assert np.array_equal(a.mask, quiet.mask) and a.labels == quiet.labels and a.noise_hu == quiet.noise_hu
+    assert 20.0 <= a.noise_hu <= 50.0
+    k = np.exp(-0.5 * (np.arange(-2, 3) / P.BLUR_PX) ** 2)
+    gain = (k ** 2).sum() / k.sum() ** 2  # per axis: the blur scales white noise's sd by sqrt(gain)
+    inside = (a.hu > -1000) & (a.hu < 3000) & (quiet.hu > -1000) & (quiet.hu < 3000)  # unclipped
+    sd = float((a.hu - quiet.hu)[:, 3:-3, 3:-3][inside[:, 3:-3, 3:-3]].std())
+    assert abs(sd / (a.noise_hu * gain) - 1) < 0.05
+
+
+def test_measure_finds_each_finding_of_a_scan_and_a_bright_nodule_is_far_above_a_faint_one():
+    cfg = P.SynthConfig(n=4, size=48, thickness=(4.0, 5.0), workers=1)
+    found = measure(cfg, [1], 24)
+    ph = P.make_phantom(cfg, 1)
+    held = {int(v) for v in np.unique(ph.mask) if v and (ph.mask == v).reshape(len(ph.mask), -1).sum(1).max() >= 4}
+    assert set(found) == {NAMES[v] for v in held}
+    for rows in found.values():
+        assert all(r[4] >= r[5] > 0 for r in rows)  # the resize loses information, never adds it
