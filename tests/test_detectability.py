@@ -30,6 +30,10 @@ def test_dprime_is_s_K_inverse_s_with_the_full_covariance():
     k = 9.0 * torch.kron(m1, m1) @ torch.kron(m1, m1).T  # (36, 36): sigma 3, row-major vec
     want = math.sqrt(float(s.flatten() @ torch.linalg.solve(k, s.flatten())))
     assert math.isclose(dprime(s, 3.0, m1), want, rel_tol=1e-9)
+    m1, s = blur_matrix(12), torch.as_tensor(rng.normal(size=(12, 12)))  # square, edges included: the blur alone
+    k = 9.0 * torch.kron(m1, m1) @ torch.kron(m1, m1).T  # (144, 144)
+    want = math.sqrt(float(s.flatten() @ torch.linalg.solve(k, s.flatten())))
+    assert math.isclose(dprime(s, 3.0, m1), want, rel_tol=1e-9)
 
 
 def test_a_matched_filter_in_the_phantoms_noise_scores_the_auroc_that_dprime_predicts():
@@ -62,11 +66,30 @@ def test_without_noise_the_phantom_is_the_same_scan_and_says_its_noise():
     assert abs(sd / (a.noise_hu * gain) - 1) < 0.05
 
 
-def test_measure_finds_each_finding_of_a_scan_and_a_bright_nodule_is_far_above_a_faint_one():
+def test_measure_matches_the_full_covariance_built_from_the_phantoms_own_blur_and_the_pipelines_resize():
     cfg = P.SynthConfig(n=4, size=48, thickness=(4.0, 5.0), workers=1)
-    found = measure(cfg, [1], 24)
-    ph = P.make_phantom(cfg, 1)
+    found = measure(cfg, [0], 24)  # patient 0: a liver tumour and emphysema
+    ph, twin = P.make_phantom(cfg, 0, noise=False), P.make_phantom(cfg, 0, findings=False, noise=False)
     held = {int(v) for v in np.unique(ph.mask) if v and (ph.mask == v).reshape(len(ph.mask), -1).sum(1).max() >= 4}
-    assert set(found) == {NAMES[v] for v in held}
-    for rows in found.values():
-        assert all(r[4] >= r[5] > 0 for r in rows)  # the resize loses information, never adds it
+    assert set(found) == {NAMES[v] for v in held} and len(held) >= 2
+    n = cfg.size  # the full operators, one basis image at a time: _blur and F.interpolate themselves, edges included
+    basis = np.eye(n * n, dtype=np.float32).reshape(n * n, n, n)
+    full = torch.as_tensor(P._blur(basis, P.BLUR_PX), dtype=torch.float64).reshape(n * n, n * n).T  # (n^2, n^2)
+    small = F.interpolate(full.T.reshape(n * n, 1, n, n), size=(24, 24), mode="bilinear", antialias=True,
+                          align_corners=False).reshape(n * n, 576).T  # (576, n^2): resize o blur
+    for name, rows in found.items():
+        label = next(v for v in held if NAMES[v] == name)
+        patient, z, voxels, _, d_full, d_small = rows[0]
+        on = ph.mask[z] == label  # (Y, X)
+        near = np.zeros_like(on)
+        for dy in range(-2, 3):  # the 5 x 5 reach, by shifts
+            for dx in range(-2, 3):
+                near |= np.roll(np.roll(np.pad(on, 2), dy, 0), dx, 1)[2:-2, 2:-2]
+        s = torch.as_tensor(np.where(near, ph.hu[z].astype(np.float64) - twin.hu[z], 0.0)).flatten()  # (n^2,)
+        cov = ph.noise_hu ** 2 * full @ full.T
+        assert math.isclose(d_full, math.sqrt(float(s @ torch.linalg.solve(cov, s))), rel_tol=1e-6)
+        seen = F.interpolate(s.reshape(1, 1, n, n), size=(24, 24), mode="bilinear", antialias=True,
+                             align_corners=False).flatten()  # (576,)
+        cov = ph.noise_hu ** 2 * small @ small.T
+        assert math.isclose(d_small, math.sqrt(float(seen @ torch.linalg.solve(cov, seen))), rel_tol=1e-6)
+        assert voxels == int(on.sum()) and 0 < d_small <= d_full
