@@ -100,12 +100,14 @@ class Watch:
     def until(self, proc, done, timeout=120):
         """Watch while `proc` runs, until done() is true; fails if the process ends first."""
         t0 = time.time()
-        while not done():
-            assert proc.poll() is None, f"the process ended (exit {proc.returncode}) before the moment to stop it"
-            assert time.time() - t0 < timeout
+        while True:
+            ended = proc.poll() is not None  # first: a process that ends between the two checks is not early
             self()
+            if done():
+                return
+            assert not ended, f"the process ended (exit {proc.returncode}) before the moment to stop it"
+            assert time.time() - t0 < timeout
             time.sleep(0.01)
-        self()
 
 
 def step_of(path):
