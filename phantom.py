@@ -64,7 +64,7 @@ class Phantom:
     affine: np.ndarray  # (4, 4) voxel (x, y, z) -> RAS+ mm
     labels: dict  # endpoint -> int
     lesions: list  # (site, diameter_mm) per tumour lesion
-    noise_hu: float = 0.0  # sigma of the white scanner noise before the blur (HU); drawn per scan
+    noise_hu: float  # sigma of the white scanner noise before the blur (HU); drawn per scan
 
 
 def stage_of(lesions):
