@@ -141,7 +141,7 @@ def run(cfg, out, work, progress, log=print):
     """The whole experiment. Every finished row is kept in `out`/rows/ (a small JSON file beside the report) and
     the report rewritten after it, so a killed run loses at most the row it was in, and running the same command
     again continues: also on another machine, from a copy of `out` alone (the cohort, checkpoints and bags in
-    `work` are made again where they are needed)."""
+    `work` are made again where they are needed). Until the run ends the report names the parts still to come."""
     out, work = Path(out), Path(work)
     out.mkdir(parents=True, exist_ok=True)
     cohort = open_cohort(cfg, work, progress)
@@ -153,12 +153,18 @@ def run(cfg, out, work, progress, log=print):
 
     flags = {}  # the probe's slice flags, read from the masks once for all rows
     made = [(e, m) for e in cfg.encoders for m in cfg.methods] + ([("hist", "none")] if cfg.histogram else [])
+    report["pending"] = [*("HU histogram" if e == "hist" else f"{e} / {m}" for e, m in made), "3D ResNet",
+                         *(f"data efficiency at {f:.0%}" for f in (cfg.fractions if made else ()))]
+
+    def done():  # the next part of the run is finished: off the list of those to come, and the report rewritten
+        report["pending"].pop(0)
+        write_report(report, out)
     for encoder, method in made:
         log(f"[accuracy] {encoder} / {method}")
         r = row(f"{encoder}-{method}", encoder_settings(cfg, encoder, method),
                 lambda: run_encoder(cfg, work, cohort, encoder, method, progress, flags))
         report["rows"].append({**r, "train_flops": training_flops(cfg, encoder, method, r["slices"])})
-        write_report(report, out)
+        done()
 
     @functools.cache
     def volumes():  # read once, and only if a 3D row is still to run
@@ -167,7 +173,7 @@ def run(cfg, out, work, progress, log=print):
     log("[accuracy] 3D baseline")
     full_3d = run_3d(cfg, cohort, volumes, 1.0, lambda task, fn: row(f"3d-{task}", settings_3d(cfg), fn))
     report["rows"].append(full_3d)
-    write_report(report, out)
+    done()
     if not made:  # no slice-pipeline row to draw the curve of
         return report
     (first_encoder, first_method), first = made[0], report["rows"][0]
@@ -186,5 +192,5 @@ def run(cfg, out, work, progress, log=print):
             net = run_3d(cfg, cohort, volumes, fraction,
                          lambda task, fn: row(f"3d-{task}-{fraction}", settings_3d(cfg), fn))["tasks"]
         report["efficiency"].append({"fraction": fraction, f"{first_tag} + MIL": mil, "3D ResNet": net})
-        write_report(report, out)
+        done()
     return report

@@ -68,5 +68,8 @@ def write_report(report, out):
         for e in report["efficiency"]:
             values = [e[k][n]["value"] for k in keys for n in TASKS]
             lines.append(md_row([f"{e['fraction']:.0%}", *("n/a" if v is None else f"{v:.3f}" for v in values)]))
+    if report.get("pending"):  # a run still going, or stopped: the tables above are not yet the whole report
+        lines += ["", f"Still to run: {', '.join(report['pending'])}. The same command continues from the rows above "
+                  "(kept in rows/)."]
     with atomic_path(Path(out) / "accuracy.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")

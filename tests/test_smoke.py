@@ -6,6 +6,7 @@ import math
 import re
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import clear
 import cv
 import demo
 from bench.baseline3d import Net3DConfig, Volume3DConfig
+from bench.report import write_report
 from files import ClearError
 from phantom import SynthConfig
 
@@ -236,11 +238,22 @@ TINY = config.AccuracyConfig(
     volume=Volume3DConfig(depth=8, size=16), net=Net3DConfig(widths=(4, 4, 4, 4)))
 
 
-def test_accuracy_benchmark_writes_a_complete_report(tmp_path):
+def test_accuracy_benchmark_writes_a_complete_report(tmp_path, monkeypatch):
     cfg = TINY
-    logged = []
+    logged, reports = [], []
+
+    def write_and_read(report, out):  # each report as a reader finds it while the run goes on
+        write_report(report, out)
+        reports.append((Path(out) / "accuracy.md").read_text())
+    monkeypatch.setattr(accuracy, "write_report", write_and_read)
     report = accuracy.run(cfg, tmp_path / "results", tmp_path / "work", lambda desc, unit: lambda it, total: it,
                           log=logged.append)
+    # until the run ends, the report names what is still to come: a stopped run's report is not taken for the whole
+    assert len(reports) == 2 + 1 + 1 + 2  # two slice rows, the histogram, the 3D network, two data fractions
+    assert ("Still to run: vit / random, HU histogram, 3D ResNet, data efficiency at 50%, data efficiency at 100%."
+            in reports[0])
+    assert "Still to run: data efficiency at 100%." in reports[-2] and "Still to run" not in reports[-1]
+    monkeypatch.undo()
     saved = json.loads((tmp_path / "results" / "accuracy.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(report["rows"]))
     rows = saved["rows"]
