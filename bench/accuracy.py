@@ -32,6 +32,7 @@ from bench.probe import bags_rank, probe_bags
 from bench.report import kept, machine, write_report
 from bench.speed import Meter
 from checkpoint import load_checkpoint, plain
+from cli import first_ctrl_c_asks_to_stop
 from data import SliceConfig, named_windows
 from extract import EncoderSpec, extract_bags, load_encoder, weights_sha256
 from files import ClearError
@@ -57,7 +58,7 @@ def _fit_tasks(bags, labels, cfg, cohort, meter, fraction=1.0):
 
 
 def make_bags(cfg, work, cohort, encoder, method, progress, meter):
-    """pretrain (unless random init or the histogram; continues a killed run) -> extract -> the bags (mil.Bags).
+    """pretrain (unless random init or the histogram; continues a stopped run) -> extract -> the bags (mil.Bags).
     Stages are timed by `meter`. The work files carry the fingerprint of encoder_making, so a checkpoint or bags
     made otherwise are never picked up, and a change of the fits alone re-uses them."""
     tag = f"{encoder}-{method}-{fingerprint(encoder_making(cfg, encoder, method))[:8]}"
@@ -75,8 +76,12 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
             if kept is None or kept["step"] < cfg.steps:  # resumes a killed run
                 cache = work / ("cache" if pcfg.cache_size is None else f"cache-{pcfg.cache_size}")  # one per size
                 corpus = open_cohort(cfg, work, progress, "corpus").root
-                r = meter("pretrain", lambda: pretrain(pcfg, corpus, ckpt, ckpt if kept else None, cache,
-                                                       progress=progress))
+                # the first Ctrl-C ends the step and writes a checkpoint (the SSM's rows run for hours on a CPU)
+                with first_ctrl_c_asks_to_stop() as should_stop:
+                    r = meter("pretrain", lambda: pretrain(pcfg, corpus, ckpt, ckpt if kept else None, cache,
+                                                           progress=progress, should_stop=should_stop))
+                if r.interrupted:  # its checkpoint is written: the same command continues from that step
+                    raise KeyboardInterrupt
                 earlier = r.run_seconds - r.seconds
             if earlier > 0:
                 meter.seconds["pretrain, earlier processes"] = earlier

@@ -1,6 +1,7 @@
 """Smoke tests of the long commands, at a tiny size: `clear.py demo`, `benchmark.py accuracy` and `ablate`. They
 check that each finishes and writes well-formed results (every table cell present and in range), never the accuracy
 itself: at this size every AUROC is noise, and the real figures come from the full commands (README)."""
+import contextlib
 import json
 import math
 import re
@@ -17,6 +18,8 @@ import cv
 import demo
 from bench.baseline3d import Net3DConfig, Volume3DConfig
 from bench.report import write_report
+from bench.speed import Meter
+from checkpoint import load_checkpoint
 from files import ClearError
 from phantom import SynthConfig
 
@@ -311,6 +314,29 @@ def test_accuracy_benchmark_writes_a_complete_report(tmp_path, monkeypatch):
     # a work folder whose cohort was drawn otherwise is refused, in one line, not silently used
     with pytest.raises(ClearError, match="drawn with other settings"):
         accuracy.run(replace(cfg, cohort=replace(cfg.cohort, seed=1)), tmp_path / "results", tmp_path / "work", quiet)
+
+
+def test_ctrl_c_in_a_rows_pre_training_keeps_its_steps_and_the_same_call_continues(tmp_path, monkeypatch):
+    """The first Ctrl-C in a row's pre-training ends the step and writes a checkpoint, then the row stops; the same
+    call continues from that step, to the bags of a run never stopped (an SSM row takes hours on a CPU)."""
+    cfg, quiet = replace(TINY, steps=3), lambda desc, unit: lambda it, total: it
+    whole = accuracy.make_bags(cfg, tmp_path / "a", accuracy.open_cohort(cfg, tmp_path / "a", quiet), "vit", "lecl",
+                               quiet, Meter())
+
+    @contextlib.contextmanager
+    def pressed_in_the_first_step():  # Ctrl-C once the slice cache is built (a Ctrl-C before stops its build)
+        yield lambda: (tmp_path / "b" / "cache" / "cache.json").exists()
+    monkeypatch.setattr(accuracy, "first_ctrl_c_asks_to_stop", pressed_in_the_first_step)
+    cohort = accuracy.open_cohort(cfg, tmp_path / "b", quiet)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.make_bags(cfg, tmp_path / "b", cohort, "vit", "lecl", quiet, Meter())
+    [ckpt] = (tmp_path / "b").glob("vit-lecl-*.pt")
+    assert load_checkpoint(ckpt)["step"] == 1 and not list((tmp_path / "b").glob("bags-*"))
+    monkeypatch.undo()
+    resumed = accuracy.make_bags(cfg, tmp_path / "b", cohort, "vit", "lecl", quiet, Meter())
+    assert load_checkpoint(ckpt)["step"] == 3
+    assert resumed.scans == whole.scans
+    assert all(torch.equal(a, b) for a, b in zip(resumed.features, whole.features, strict=True))
 
 
 def test_ablation_writes_a_complete_report_and_trains_each_variant_as_asked(tmp_path):
