@@ -80,8 +80,8 @@ def make_bags(cfg, work, cohort, encoder, method, progress, meter):
                 with first_ctrl_c_asks_to_stop() as should_stop:
                     r = meter("pretrain", lambda: pretrain(pcfg, corpus, ckpt, ckpt if kept else None, cache,
                                                            progress=progress, should_stop=should_stop))
-                if r.interrupted:  # its checkpoint is written: the same command continues from that step
-                    raise KeyboardInterrupt
+                if r.interrupted or should_stop():  # also a Ctrl-C after the last step's check: the checkpoint is
+                    raise KeyboardInterrupt  # written, and the same command continues from it
                 earlier = r.run_seconds - r.seconds
             if earlier > 0:
                 meter.seconds["pretrain, earlier processes"] = earlier
@@ -163,7 +163,10 @@ def run(cfg, out, work, progress, log=print):
 
     def done():  # the next part of the run is finished: off the list of those to come, and the report rewritten
         report["pending"].pop(0)
+        if not report["pending"]:  # the run's last part: a finished report has no such list
+            del report["pending"]
         write_report(report, out)
+    write_report(report, out)  # from the start the report is this run's (an empty table, all to come)
     for encoder, method in made:
         log(f"[accuracy] {encoder} / {method}")
         r = row(f"{encoder}-{method}", encoder_settings(cfg, encoder, method),
