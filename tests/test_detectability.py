@@ -23,17 +23,19 @@ def test_the_matrices_are_the_blur_and_the_resize_they_stand_for():
     assert torch.allclose(r @ torch.as_tensor(x[0], dtype=torch.float64) @ r.T, seen, atol=1e-10)
 
 
+def full_dprime(s, sigma, m):
+    """The definition, with no Kronecker shortcut: sqrt(s^T K^-1 s), K = sigma^2 M M^T, for a flattened signal s
+    (P,) and the whole operator M (P, Q) from white noise to the seen image."""
+    return math.sqrt(float(s @ torch.linalg.solve(sigma**2 * m @ m.T, s)))
+
+
 def test_dprime_is_s_K_inverse_s_with_the_full_covariance():
     rng = np.random.default_rng(1)
-    m1 = resize_matrix(12, 6) @ blur_matrix(12)  # (6, 12)
-    s = torch.as_tensor(rng.normal(size=(6, 6)))
-    k = 9.0 * torch.kron(m1, m1) @ torch.kron(m1, m1).T  # (36, 36): sigma 3, row-major vec
-    want = math.sqrt(float(s.flatten() @ torch.linalg.solve(k, s.flatten())))
-    assert math.isclose(dprime(s, 3.0, m1), want, rel_tol=1e-9)
-    m1, s = blur_matrix(12), torch.as_tensor(rng.normal(size=(12, 12)))  # square, edges included: the blur alone
-    k = 9.0 * torch.kron(m1, m1) @ torch.kron(m1, m1).T  # (144, 144)
-    want = math.sqrt(float(s.flatten() @ torch.linalg.solve(k, s.flatten())))
-    assert math.isclose(dprime(s, 3.0, m1), want, rel_tol=1e-9)
+    for m1 in (resize_matrix(12, 6) @ blur_matrix(12),  # (6, 12)
+               blur_matrix(12)):  # square, edges included: the blur alone
+        s = torch.as_tensor(rng.normal(size=(len(m1), len(m1))))
+        want = full_dprime(s.flatten(), 3.0, torch.kron(m1, m1))  # row-major vec
+        assert math.isclose(dprime(s, 3.0, m1), want, rel_tol=1e-9)
 
 
 def test_a_matched_filter_in_the_phantoms_noise_scores_the_auroc_that_dprime_predicts():
@@ -86,10 +88,8 @@ def test_measure_matches_the_full_covariance_built_from_the_phantoms_own_blur_an
             for dx in range(-2, 3):
                 near |= np.roll(np.roll(np.pad(on, 2), dy, 0), dx, 1)[2:-2, 2:-2]
         s = torch.as_tensor(np.where(near, ph.hu[z].astype(np.float64) - twin.hu[z], 0.0)).flatten()  # (n^2,)
-        cov = ph.noise_hu ** 2 * full @ full.T
-        assert math.isclose(d_full, math.sqrt(float(s @ torch.linalg.solve(cov, s))), rel_tol=1e-6)
+        assert math.isclose(d_full, full_dprime(s, ph.noise_hu, full), rel_tol=1e-6)
         seen = F.interpolate(s.reshape(1, 1, n, n), size=(24, 24), mode="bilinear", antialias=True,
                              align_corners=False).flatten()  # (576,)
-        cov = ph.noise_hu ** 2 * small @ small.T
-        assert math.isclose(d_small, math.sqrt(float(seen @ torch.linalg.solve(cov, seen))), rel_tol=1e-6)
+        assert math.isclose(d_small, full_dprime(seen, ph.noise_hu, small), rel_tol=1e-6)
         assert voxels == int(on.sum()) and 0 < d_small <= d_full
